@@ -1,0 +1,1 @@
+"""The federated runtime: datasets, partitioning, LoRA ViT clients, rounds, ``livar-fed``."""

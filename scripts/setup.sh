@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: the offline Fashion-MNIST files and the Python packages.
+# Idempotent; safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } \
+    || echo "warning: could not install dataset-fashion-mnist; fashion-mnist runs need --data-root" >&2
+fi
+python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[flower,dev]"
