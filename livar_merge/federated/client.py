@@ -1,0 +1,227 @@
+"""Local training of one client: AdamW on LoRA + head, with LIVAR's signals attached.
+
+The same function serves ``livar-fed``, the Flower ClientApp and the calibration pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from livar_merge.aggregation import ClientUpdate
+from livar_merge.federated.data import BatchSource, derive_seed
+from livar_merge.federated.model import forward_with_features, head_module
+from livar_merge.signals import ClassFeatureStats, ImportanceTracker
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What local training needs from the run configuration."""
+
+    local_epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    augment: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    omega_reduction: str = "matrix"
+    omega_cumulative: bool = False
+    sigma_samples: str = "correct"
+    sigma_pass: str = "final"
+    eval_batch_size: int = 256
+
+
+@dataclass
+class ClientMemory:
+    """Per-client state kept across rounds (the cumulative omega totals of the released code)."""
+
+    tracker_state: dict[str, Any] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainReport:
+    """Training metrics of one client round."""
+
+    loss: float
+    accuracy: float
+    steps: int
+    seconds: float
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA factors as in ``get_peft_model_state_dict`` (adapter name dropped), detached copies."""
+    out = {}
+    for name, param in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            out[name.replace(".default.", ".")] = param.detach().clone()
+    return out
+
+
+@torch.no_grad()
+def collect_class_stats(
+    model: torch.nn.Module,
+    source: BatchSource,
+    indices: np.ndarray,
+    num_classes: int,
+    settings: TrainSettings,
+) -> ClassFeatureStats:
+    """sigma^(c) from a pass over the client's data after training (or, for ``pretrained``,
+    with the LoRA and trained head disabled and all samples, as the released code)."""
+    stats = ClassFeatureStats(num_classes, only_correct=settings.sigma_samples == "correct")
+    was_training = model.training
+    model.eval()
+    context = (
+        model.disable_adapter()
+        if settings.sigma_pass == "pretrained"
+        else (contextlib.nullcontext())
+    )
+    with context, autocast_context(settings.precision, source.device):
+        for x, y in source.batches(indices, settings.eval_batch_size):
+            features, logits = forward_with_features(model, x)
+            stats.update(features.float(), y, logits.float())
+    model.train(was_training)
+    return stats
+
+
+def train_client(
+    model: torch.nn.Module,
+    source: BatchSource,
+    indices: np.ndarray,
+    *,
+    client_id: str,
+    num_classes: int,
+    settings: TrainSettings,
+    seed: int,
+    round_index: int,
+    needs: frozenset[str] = frozenset({"omega", "sigma"}),
+    memory: ClientMemory | None = None,
+) -> tuple[ClientUpdate, TrainReport]:
+    """Train ``model`` (already holding the global state) on ``indices`` and build the update.
+
+    Randomness (shuffling, augmentation, dropout) is derived from ``(seed, round, client)`` so a
+    resumed run repeats it exactly.
+    """
+    if len(indices) == 0:
+        raise ValueError(f"client {client_id!r} has no training samples")
+    torch.manual_seed(derive_seed(seed, round_index, client_id, "torch"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    tracker = None
+    if "omega" in needs:
+        tracker = ImportanceTracker(
+            model, reduction=settings.omega_reduction, cumulative=settings.omega_cumulative
+        )
+        if memory is not None and memory.tracker_state is not None:
+            tracker.load_state_dict(memory.tracker_state)
+        tracker.start_round()
+        tracker.attach(optimizer)
+    scaler = torch.amp.GradScaler(source.device.type, enabled=settings.precision == "fp16")
+    stats = None
+    if "sigma" in needs and settings.sigma_pass == "last-epoch":
+        stats = ClassFeatureStats(num_classes, only_correct=settings.sigma_samples == "correct")
+
+    model.train()
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=source.device)
+    correct = torch.zeros((), dtype=torch.int64, device=source.device)
+    seen, steps = 0, 0
+    for epoch in range(settings.local_epochs):
+        last = epoch == settings.local_epochs - 1
+        batch_seed = derive_seed(seed, round_index, client_id, "epoch", epoch)
+        for x, y in source.batches(
+            indices, settings.batch_size, shuffle=True, seed=batch_seed, augment=settings.augment
+        ):
+            with autocast_context(settings.precision, source.device):
+                features, logits = forward_with_features(model, x)
+                loss = torch.nn.functional.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            steps += 1
+            if last:
+                loss_sum += loss.detach().double() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+            if stats is not None and last:
+                stats.update(features.detach().float(), y, logits.detach().float())
+    if tracker is not None:
+        tracker.detach()
+    if "sigma" in needs and stats is None:
+        stats = collect_class_stats(model, source, indices, num_classes, settings)
+
+    head = head_module(model)
+    update = ClientUpdate(
+        client_id=client_id,
+        num_samples=len(indices),
+        lora=lora_state(model),
+        head_weight=head.weight.detach().clone(),
+        head_bias=None if head.bias is None else head.bias.detach().clone(),
+    )
+    if tracker is not None:
+        importance = tracker.result()
+        update.layer_names = importance.layer_names
+        update.omega_a, update.omega_b = importance.omega_a, importance.omega_b
+        if memory is not None:
+            memory.tracker_state = tracker.state_dict()
+    if stats is not None:
+        result = stats.result()
+        update.class_sigma = result.sigma
+        update.class_present = result.present
+        update.class_counts = result.count
+    report = TrainReport(
+        loss=float(loss_sum / max(seen, 1)),
+        accuracy=float(correct) / max(seen, 1),
+        steps=steps,
+        seconds=time.perf_counter() - start,
+    )
+    return update, report
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    source: BatchSource,
+    indices: np.ndarray,
+    *,
+    batch_size: int,
+    precision: str = "fp32",
+) -> tuple[float, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``indices``.
+
+    The LoRA is merged into the weights for the pass (faster on CPU) and the exact original
+    weights are restored afterwards, so evaluation never perturbs training.
+    """
+    model.eval()
+    saved = None
+    if hasattr(model, "merge_adapter"):
+        saved = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+        model.merge_adapter()
+    try:
+        correct, loss, n = 0, 0.0, 0
+        with autocast_context(precision, source.device):
+            for x, y in source.batches(indices, batch_size):
+                logits = model(x).float()
+                loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(1) == y).sum())
+                n += len(y)
+    finally:
+        if saved is not None:
+            model.unmerge_adapter()
+            params = dict(model.named_parameters())
+            for name, value in saved.items():
+                params[name].data.copy_(value)
+    return correct / max(n, 1), loss / max(n, 1)

@@ -1,0 +1,164 @@
+"""timm ViT + peft LoRA on exactly the block Linears (attn.qkv, attn.proj, mlp.fc1, mlp.fc2).
+
+Pretrained weights come from the local Hugging Face cache or a user-given file (safetensors, or a
+state dict read by timm with ``torch.load(weights_only=True)``); nothing is downloaded here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LORA_TARGET_REGEX = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """How the backbone was initialised and its input normalisation."""
+
+    name: str
+    weights: str  # "random", "hf-cache:<path>" or "file:<path>"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    lora_layers: tuple[str, ...]
+    feature_dim: int
+
+
+def _cached_weights_file(model_name: str) -> str | None:
+    """Path of ``model_name``'s weights in the local Hugging Face cache, or None (no network)."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def create_backbone(
+    model_name: str,
+    num_classes: int,
+    *,
+    weights: str = "auto",
+    image_size: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[torch.nn.Module, str]:
+    """A timm model with a ``num_classes`` head. Returns ``(model, weights description)``.
+
+    ``weights``: ``"random"``; ``"auto"`` (cache if present, else random with a warning);
+    ``"hf-cache"`` (cache or an error); or a path to a ``.safetensors``/``.pth`` file.
+    ``overrides`` (patch_size, embed_dim, depth, num_heads) need random initialisation.
+    """
+    import timm
+
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if image_size is not None:
+        kwargs["img_size"] = image_size
+    arch = {k: v for k, v in (overrides or {}).items() if v is not None}
+    kwargs.update(arch)
+    source: str | None = None
+    if weights not in ("random", "auto", "hf-cache"):
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"--weights file {path} does not exist")
+        source = str(path.resolve())
+        description = f"file:{source}"
+    elif weights in ("auto", "hf-cache"):
+        source = _cached_weights_file(model_name)
+        if source is None:
+            message = (
+                f"no pretrained weights for {model_name} in the local Hugging Face cache "
+                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); pass a file with --weights"
+            )
+            if weights == "hf-cache":
+                raise FileNotFoundError(message)
+            warnings.warn(message + "; using random initialisation", RuntimeWarning, stacklevel=2)
+        description = f"hf-cache:{source}" if source else "random (no cached weights)"
+    else:
+        description = "random"
+    if source is not None and arch:
+        raise ValueError(f"architecture overrides {sorted(arch)} need weights='random'")
+    if source is not None:
+        model = timm.create_model(
+            model_name, pretrained=True, pretrained_cfg_overlay={"file": source}, **kwargs
+        )
+    else:
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    return model, description
+
+
+def add_lora(
+    model: torch.nn.Module, *, rank: int, alpha: float, dropout: float = 0.0
+) -> torch.nn.Module:
+    """peft LoRA (A Kaiming-uniform, B zero) on every block's qkv/proj/fc1/fc2; head trained."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=LORA_TARGET_REGEX,
+        modules_to_save=["head"],
+    )
+    return peft.get_peft_model(model, config)
+
+
+def build_model(
+    model_name: str,
+    num_classes: int,
+    *,
+    weights: str,
+    image_size: int,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[torch.nn.Module, ModelInfo]:
+    """The peft-wrapped timm model and its :class:`ModelInfo`."""
+    from livar_merge.signals import find_lora_parameters
+
+    backbone, description = create_backbone(
+        model_name, num_classes, weights=weights, image_size=image_size, overrides=overrides
+    )
+    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+    mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
+    std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+    model = add_lora(backbone, rank=rank, alpha=alpha, dropout=dropout)
+    layers = tuple(find_lora_parameters(model))
+    expected = 4 * len(backbone.blocks)
+    if len(layers) != expected:
+        raise RuntimeError(f"LoRA landed on {len(layers)} layers, expected {expected}")
+    info = ModelInfo(model_name, description, mean, std, layers, backbone.num_features)  # type: ignore[arg-type]
+    return model, info
+
+
+def timm_core(model: torch.nn.Module) -> torch.nn.Module:
+    """The timm model inside a peft wrapper."""
+    return model.base_model.model  # type: ignore[union-attr,return-value]
+
+
+def forward_with_features(
+    model: torch.nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pre-logit features [N, D], logits [N, C])`` in one forward pass."""
+    core = timm_core(model)
+    features = core.forward_head(core.forward_features(x), pre_logits=True)
+    return features, core.head(features)
+
+
+def head_module(model: torch.nn.Module) -> torch.nn.Linear:
+    """The trainable head (peft's modules_to_save copy)."""
+    head = timm_core(model).head
+    return head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head

@@ -1,0 +1,146 @@
+"""Splitting a labelled dataset across federated clients: Dirichlet label skew and IID.
+
+The Dirichlet protocol (as used by the LIVAR authors): for each class c, client proportions
+``p_c ~ Dir(beta * 1_M)``; every sample of class c goes to a client drawn from ``p_c``. Small
+``beta`` gives strongly skewed clients, large ``beta`` near-uniform ones.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from livar_merge.errors import LivarError
+
+if TYPE_CHECKING:
+    import pandas
+
+__all__ = ["PartitionError", "class_count_table", "dirichlet_partition", "iid_partition"]
+
+
+class PartitionError(LivarError):
+    """A partition was asked for with impossible parameters or could not be drawn."""
+
+
+def _check_count(name: str, value: int, low: int) -> int:
+    """``value`` as an int >= low, else PartitionError."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise PartitionError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels as a 1-D array [N]."""
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise PartitionError(f"labels must be a 1-D array, got shape {arr.shape}")
+    return arr
+
+
+def _dirichlet_owners(
+    class_indices: list[np.ndarray], num_samples: int, alpha: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Client id [N] of every sample: per class p ~ Dir(alpha), per-sample draw from p.
+
+    Drawing each sample's client iid from p is a multinomial draw of the class's client counts
+    followed by handing the class's shuffled samples out in blocks of those counts.
+    """
+    owner = np.empty(num_samples, dtype=np.int64)
+    clients = np.arange(alpha.shape[0])
+    for members in class_indices:
+        p = rng.dirichlet(alpha)
+        p = p / p.sum()
+        counts = rng.multinomial(members.shape[0], p)
+        owner[rng.permutation(members)] = np.repeat(clients, counts)
+    return owner
+
+
+def dirichlet_partition(
+    labels: np.ndarray,
+    num_clients: int,
+    beta: float,
+    *,
+    seed: int,
+    min_samples: int = 1,
+    max_attempts: int = 1000,
+) -> list[np.ndarray]:
+    """Dirichlet(beta) label-skew split of ``labels`` [N] -> num_clients sorted index arrays.
+
+    The whole split is redrawn until every client holds >= ``min_samples`` samples (at most
+    ``max_attempts`` draws). The arrays are disjoint and cover ``range(N)``. Same seed, same split.
+    """
+    labels = _check_labels(labels)
+    num_clients = _check_count("num_clients", num_clients, 1)
+    min_samples = _check_count("min_samples", min_samples, 0)
+    max_attempts = _check_count("max_attempts", max_attempts, 1)
+    n = labels.shape[0]
+    if not (np.isfinite(beta) and beta > 0):
+        raise PartitionError(f"beta must be a finite number > 0, got {beta!r}")
+    if num_clients * min_samples > n:
+        raise PartitionError(
+            f"cannot give {num_clients} clients at least {min_samples} samples each from a "
+            f"dataset of {n}; lower num_clients or min_samples"
+        )
+    rng = np.random.default_rng(seed)
+    _, inverse = np.unique(labels, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse))[:-1] if n else []
+    class_indices = np.split(order, bounds) if n else []
+    alpha = np.full(num_clients, float(beta))
+    best = -1
+    for _ in range(max_attempts):
+        owner = _dirichlet_owners(class_indices, n, alpha, rng)
+        counts = np.bincount(owner, minlength=num_clients)
+        if counts.min() >= min_samples:
+            return [np.flatnonzero(owner == m) for m in range(num_clients)]
+        best = max(best, int(counts.min()))
+    raise PartitionError(
+        f"no Dirichlet split with every client holding >= {min_samples} samples after "
+        f"{max_attempts} attempts (best achieved minimum: {best} samples; num_clients="
+        f"{num_clients}, beta={beta}, dataset size {n}, {len(class_indices)} classes); raise "
+        f"beta, lower num_clients or min_samples, or allow more max_attempts"
+    )
+
+
+def iid_partition(num_samples: int, num_clients: int, *, seed: int) -> list[np.ndarray]:
+    """Uniformly random split of ``range(num_samples)`` into num_clients sorted index arrays.
+
+    Client sizes differ by at most one.
+    """
+    num_samples = _check_count("num_samples", num_samples, 0)
+    num_clients = _check_count("num_clients", num_clients, 1)
+    if num_clients > num_samples:
+        raise PartitionError(
+            f"cannot split {num_samples} samples across {num_clients} clients without leaving "
+            "a client empty; lower num_clients"
+        )
+    perm = np.random.default_rng(seed).permutation(num_samples)
+    return [np.sort(part) for part in np.array_split(perm, num_clients)]
+
+
+def class_count_table(
+    parts: list[np.ndarray], labels: np.ndarray, num_classes: int
+) -> pandas.DataFrame:
+    """Per-client class counts: rows client_0..client_{M-1}, int columns 0..K-1 and 'total'."""
+    import pandas as pd
+
+    labels = _check_labels(labels)
+    num_classes = _check_count("num_classes", num_classes, 1)
+    if labels.size and (
+        not np.issubdtype(labels.dtype, np.integer)
+        or labels.min() < 0
+        or labels.max() >= num_classes
+    ):
+        raise PartitionError(f"labels must be integers in [0, {num_classes})")
+    counts = np.zeros((len(parts), num_classes), dtype=np.int64)
+    for m, part in enumerate(parts):
+        idx = np.asarray(part, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= labels.shape[0]):
+            raise PartitionError(f"client {m} holds indices outside [0, {labels.shape[0]})")
+        counts[m] = np.bincount(labels[idx], minlength=num_classes)
+    table = pd.DataFrame(
+        counts, index=[f"client_{m}" for m in range(len(parts))], columns=list(range(num_classes))
+    )
+    table["total"] = counts.sum(axis=1)
+    return table

@@ -1,0 +1,468 @@
+"""Federated rounds: partition, local training, aggregation, evaluation, checkpoints.
+
+One results folder per run::
+
+    config.json        resolved options, preset, config hash
+    provenance.json    package versions, git commit, table name/version/checksum, model weights
+    partition.csv      clients x classes sample counts of the Dirichlet split
+    metrics.csv/.json  per round: test top-1, test loss, train/aggregation seconds
+    clients.csv        per round and client: samples, train loss/accuracy, steps, seconds
+    alpha.csv          per round, client and layer: omega_A, omega_B, bins, LoRA weight
+    head_weights.csv   per round, client and class: head merge weight
+    summary.json       final and best accuracy, wall time
+    checkpoint/        global state after the last completed round (for --resume)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from livar_merge.aggregation import AggregationResult, ClientUpdate, make_aggregator
+from livar_merge.federated.client import (
+    ClientMemory,
+    TrainSettings,
+    evaluate,
+    lora_state,
+    train_client,
+)
+from livar_merge.federated.config import FedConfig
+from livar_merge.federated.data import BatchSource, derive_seed
+from livar_merge.federated.model import build_model, head_module
+from livar_merge.federated.results import provenance, write_csv, write_json
+from livar_merge.lora import peft_scalings, to_peft_state_dict
+
+log = logging.getLogger(__name__)
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class RunState:
+    """Everything a resumed run needs besides the tensors in the checkpoint."""
+
+    completed_rounds: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    alpha: list[dict[str, Any]] = field(default_factory=list)
+    head_weights: list[dict[str, Any]] = field(default_factory=list)
+    memories: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def settings_from(config: FedConfig, precision: str) -> TrainSettings:
+    return TrainSettings(
+        local_epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        augment=config.augment,
+        precision=precision,
+        omega_reduction=config.omega_reduction,
+        omega_cumulative=config.omega_cumulative,
+        sigma_samples=config.sigma_samples,
+        sigma_pass=config.sigma_pass,
+        eval_batch_size=config.eval_batch_size,
+    )
+
+
+class FederatedRun:
+    """A ``livar-fed`` run. ``run()`` trains all remaining rounds and writes the folder."""
+
+    def __init__(self, config: FedConfig, out: Path, *, resume: bool = False) -> None:
+        from livar_merge.federated.datasets import load_dataset, stratified_subsample, subset
+        from livar_merge.federated.partition import class_count_table, dirichlet_partition
+
+        self.config = config
+        self.out = Path(out)
+        self.resume = resume
+        self._check_folder()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.settings = settings_from(config, self.precision)
+
+        splits = load_dataset(
+            config.dataset, config.data_root, image_size=config.image_size, seed=config.seed
+        )
+        train, test = splits.train, splits.test
+        if config.max_train is not None and config.max_train < len(train):
+            train = subset(train, stratified_subsample(train.labels, config.max_train, config.seed))
+        if config.max_test is not None and config.max_test < len(test):
+            test = subset(test, stratified_subsample(test.labels, config.max_test, config.seed))
+        self.num_classes = splits.num_classes
+        self.dataset_source = splits.source
+        labels = np.asarray(train.labels)
+        self.parts = dirichlet_partition(
+            labels,
+            config.num_clients,
+            config.beta,
+            seed=config.seed,
+            min_samples=config.min_client_samples,
+        )
+        self.partition_table = class_count_table(self.parts, labels, self.num_classes)
+        self.client_ids = [f"client_{m}" for m in range(config.num_clients)]
+
+        torch.manual_seed(derive_seed(config.seed, "model-init"))
+        overrides = {
+            "patch_size": config.patch_size,
+            "embed_dim": config.embed_dim,
+            "depth": config.depth,
+            "num_heads": config.num_heads,
+        }
+        self.model, self.info = build_model(
+            config.model,
+            self.num_classes,
+            weights=config.weights,
+            image_size=config.image_size,
+            rank=config.lora_rank,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            overrides=overrides,
+        )
+        self.model.to(self.device)
+        self.scalings = peft_scalings(self.model)
+        self.aggregator = make_aggregator(
+            config.method, table=config.table, lora_merge=config.lora_merge
+        )
+        source = {
+            "mean": self.info.mean,
+            "std": self.info.std,
+            "device": self.device,
+            "num_workers": config.num_workers,
+        }
+        self.train_source = BatchSource(train, **source)
+        self.test_source = BatchSource(test, **source)
+        self.test_indices = np.arange(len(test))
+        self.state = RunState()
+
+    # ---------------------------------------------------------------- folder
+    def _check_folder(self) -> None:
+        config_path = self.out / "config.json"
+        if self.resume:
+            if not config_path.is_file():
+                raise FileNotFoundError(f"--resume: {config_path} does not exist")
+            import json
+
+            saved = json.loads(config_path.read_text())
+            if saved["config_hash"] != self.config.config_hash():
+                diff = {
+                    k: (saved["config"].get(k), v)
+                    for k, v in self.config.to_dict().items()
+                    if saved["config"].get(k) != v and k not in ("out", "progress")
+                }
+                raise ValueError(
+                    f"--resume with a different configuration than {config_path}: {diff}"
+                )
+        elif (self.out / "checkpoint").exists() or (self.out / "summary.json").exists():
+            raise FileExistsError(
+                f"{self.out} already holds a run; pass --resume to continue it or choose --out"
+            )
+
+    def _write_static(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(
+            self.out / "config.json",
+            {
+                "config": self.config.to_dict(),
+                "config_hash": self.config.config_hash(),
+            },
+        )
+        write_json(
+            self.out / "provenance.json",
+            provenance(
+                {
+                    "seed": self.config.seed,
+                    "aggregator": self.aggregator.describe(),
+                    "table": self.aggregator.describe().get("table"),
+                    "model_weights": self.info.weights,
+                    "dataset_source": self.dataset_source,
+                    "device": str(self.device),
+                    "precision": self.precision,
+                    "threads": torch.get_num_threads(),
+                }
+            ),
+        )
+        self.partition_table.to_csv(self.out / "partition.csv", index_label="client")
+
+    # ------------------------------------------------------------ checkpoint
+    def _global_tensors(self) -> dict[str, torch.Tensor]:
+        head = head_module(self.model)
+        tensors = {f"lora/{k}": v for k, v in lora_state(self.model).items()}
+        tensors["head/weight"] = head.weight.detach()
+        if head.bias is not None:
+            tensors["head/bias"] = head.bias.detach()
+        for name, param in self.model.named_parameters():
+            if "base_layer" in name and self.config.lora_merge == "product":
+                tensors[f"base/{name}"] = param.detach()
+        return {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+    def save_checkpoint(self) -> None:
+        from safetensors.torch import save_file
+
+        folder = self.out / "checkpoint"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "global.safetensors.tmp"
+        save_file(
+            self._global_tensors(), str(tmp), metadata={"round": str(self.state.completed_rounds)}
+        )
+        tmp.replace(folder / "global.safetensors")
+        write_json(
+            folder / "state.json",
+            {
+                "checkpoint_version": CHECKPOINT_VERSION,
+                "config_hash": self.config.config_hash(),
+                **self.state.__dict__,
+            },
+        )
+
+    def load_checkpoint(self) -> None:
+        import json
+
+        from safetensors.torch import load_file
+
+        folder = self.out / "checkpoint"
+        state_path = folder / "state.json"
+        if not state_path.is_file():
+            log.info("no checkpoint in %s; starting from round 1", folder)
+            return
+        data = json.loads(state_path.read_text())
+        if data.get("checkpoint_version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{state_path}: unsupported checkpoint_version")
+        tensors = load_file(str(folder / "global.safetensors"))
+        params = dict(self.model.named_parameters())
+        head = head_module(self.model)
+        with torch.no_grad():
+            for key, value in tensors.items():
+                kind, name = key.split("/", 1)
+                if kind == "lora":
+                    params[
+                        name.replace(".lora_A.", ".lora_A.default.").replace(
+                            ".lora_B.", ".lora_B.default."
+                        )
+                    ].copy_(value)
+                elif kind == "base":
+                    params[name].copy_(value)
+                elif kind == "head":
+                    getattr(head, name).copy_(value)
+        data.pop("checkpoint_version")
+        data.pop("config_hash")
+        self.state = RunState(**data)
+
+    # ----------------------------------------------------------------- round
+    def _global_trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _restore_trainable(self, saved: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+    def apply(self, result: AggregationResult, round_index: int) -> None:
+        """Install the merged LoRA and head as the next global model."""
+        head = head_module(self.model)
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            head.weight.copy_(result.head.weight)
+            if head.bias is not None and result.head.bias is not None:
+                head.bias.copy_(result.head.bias)
+            if self.config.lora_merge == "product":
+                # Eq. 3 exactly: fold sum_m alpha_m s B_m A_m into the frozen weight, restart LoRA.
+                for layer, delta in result.lora.items():
+                    base = modules[layer].base_layer.weight
+                    base.add_(delta.to_dense().to(base.dtype))
+                torch.manual_seed(derive_seed(self.config.seed, round_index, "lora-restart"))
+                for layer in result.lora:
+                    modules[layer].reset_lora_parameters("default", True)
+            else:
+                state = to_peft_state_dict(result.lora, adapter_name="default")
+                params = dict(self.model.named_parameters())
+                for key, value in state.items():
+                    params[key].copy_(value.to(params[key].dtype))
+
+    def run_round(self, round_index: int, progress: Any = None) -> dict[str, Any]:
+        """Train every client from the global model, aggregate, evaluate."""
+        start = time.perf_counter()
+        global_state = self._global_trainable()
+        updates: list[ClientUpdate] = []
+        for m, client_id in enumerate(self.client_ids):
+            self._restore_trainable(global_state)
+            memory = ClientMemory(**self.state.memories.get(client_id, {}))
+            if memory.tracker_state is not None:
+                memory.tracker_state = {
+                    **memory.tracker_state,
+                    "omega": torch.tensor(memory.tracker_state["omega"]),
+                }
+            update, report = train_client(
+                self.model,
+                self.train_source,
+                self.parts[m],
+                client_id=client_id,
+                num_classes=self.num_classes,
+                settings=self.settings,
+                seed=self.config.seed,
+                round_index=round_index,
+                needs=self.aggregator.needs,
+                memory=memory,
+            )
+            if memory.tracker_state is not None:
+                self.state.memories[client_id] = {
+                    "tracker_state": {
+                        **memory.tracker_state,
+                        "omega": memory.tracker_state["omega"].tolist(),
+                    }
+                }
+            updates.append(update)
+            self.state.clients.append(
+                {
+                    "round": round_index,
+                    "client": client_id,
+                    "num_samples": update.num_samples,
+                    "train_loss": report.loss,
+                    "train_accuracy": report.accuracy,
+                    "steps": report.steps,
+                    "seconds": report.seconds,
+                }
+            )
+            if progress is not None:
+                progress.update(1)
+        train_seconds = time.perf_counter() - start
+        self._restore_trainable(global_state)
+        head = head_module(self.model)
+        previous = (
+            head.weight.detach().clone(),
+            None if head.bias is None else head.bias.detach().clone(),
+        )
+        agg_start = time.perf_counter()
+        result = self.aggregator.aggregate(updates, previous_head=previous, scaling=self.scalings)
+        self.apply(result, round_index)
+        agg_seconds = time.perf_counter() - agg_start
+        self._log_aggregation(round_index, updates, result)
+        accuracy, loss = evaluate(
+            self.model,
+            self.test_source,
+            self.test_indices,
+            batch_size=self.config.eval_batch_size,
+            precision=self.precision,
+        )
+        row = {
+            "round": round_index,
+            "test_accuracy": accuracy,
+            "test_loss": loss,
+            "train_seconds": train_seconds,
+            "aggregation_seconds": agg_seconds,
+            "uncovered_classes": len(result.head.uncovered),
+        }
+        self.state.metrics.append(row)
+        return row
+
+    def _log_aggregation(
+        self, round_index: int, updates: list[ClientUpdate], result: AggregationResult
+    ) -> None:
+        d = result.details
+        for m, update in enumerate(updates):
+            for l, layer in enumerate(result.layer_names):
+                row = {
+                    "round": round_index,
+                    "client": update.client_id,
+                    "layer": layer,
+                    "weight": float(result.lora_weights[m, l]),
+                }
+                if "omega_a" in d:
+                    row.update(
+                        omega_a=float(d["omega_a"][m, l]),
+                        omega_b=float(d["omega_b"][m, l]),
+                        bin_a=int(d["bin_a"][m, l]),
+                        bin_b=int(d["bin_b"][m, l]),
+                    )
+                self.state.alpha.append(row)
+            for c in range(result.head.class_weights.shape[1]):
+                self.state.head_weights.append(
+                    {
+                        "round": round_index,
+                        "client": update.client_id,
+                        "class": c,
+                        "weight": float(result.head.class_weights[m, c]),
+                        "sigma": None
+                        if update.class_sigma is None
+                        else float(update.class_sigma[c]),
+                        "count": None
+                        if update.class_counts is None
+                        else int(update.class_counts[c]),
+                    }
+                )
+
+    def _write_tables(self) -> None:
+        write_csv(self.out / "metrics.csv", self.state.metrics)
+        write_json(self.out / "metrics.json", self.state.metrics)
+        write_csv(self.out / "clients.csv", self.state.clients)
+        write_csv(self.out / "alpha.csv", self.state.alpha)
+        write_csv(self.out / "head_weights.csv", self.state.head_weights)
+
+    def run(self, *, stop_after: int | None = None) -> dict[str, Any]:
+        """Run the remaining rounds (all, or up to round ``stop_after``) and return the summary."""
+        from tqdm.auto import tqdm
+
+        wall = time.perf_counter()
+        self._write_static()
+        if self.resume:
+            self.load_checkpoint()
+        first = self.state.completed_rounds + 1
+        last = self.config.rounds if stop_after is None else min(stop_after, self.config.rounds)
+        total = max(0, last - first + 1) * len(self.client_ids)
+        with tqdm(
+            total=total,
+            disable=not self.config.progress,
+            unit="client",
+            desc=self.config.run_name(),
+        ) as bar:
+            for r in range(first, last + 1):
+                row = self.run_round(r, progress=bar)
+                self.state.completed_rounds = r
+                self._write_tables()
+                self.save_checkpoint()
+                bar.set_postfix(round=r, acc=f"{row['test_accuracy']:.4f}")
+        accuracies = [m["test_accuracy"] for m in self.state.metrics]
+        summary = {
+            "run": self.config.run_name(),
+            "completed_rounds": self.state.completed_rounds,
+            "rounds": self.config.rounds,
+            "final_accuracy": accuracies[-1] if accuracies else None,
+            "best_accuracy": max(accuracies) if accuracies else None,
+            "accuracy_per_round": accuracies,
+            "wall_seconds_this_invocation": time.perf_counter() - wall,
+            "model": self.info.__dict__,
+        }
+        if self.state.completed_rounds == self.config.rounds:
+            write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def run_federated(
+    config: FedConfig,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a federated experiment; returns the summary dict."""
+    folder = Path(out or config.out or Path("runs") / config.run_name())
+    return FederatedRun(config, folder, resume=resume).run(stop_after=stop_after)

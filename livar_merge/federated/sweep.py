@@ -1,0 +1,183 @@
+"""Grids of ``livar-fed`` runs (methods x betas x seeds) and their mean/std tables.
+
+    python -m livar_merge.federated.sweep --preset cpu --dataset fashion-mnist \\
+        --methods fedavg livar-alpha livar-sigma livar --betas 0.05 0.5 --seeds 0 1 2 \\
+        --root runs/fashion-table
+
+Each run gets its own results folder under ``--root``; finished runs are skipped and interrupted
+ones resumed, so the command can be re-run after an interruption. The table is written as CSV
+and Markdown (``table.csv``, ``table.md``); a missing cell is marked, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+MISSING_CELL = "—"
+
+
+def run_grid(
+    root: Path,
+    *,
+    preset: str | None,
+    methods: Sequence[str],
+    betas: Sequence[float],
+    seeds: Sequence[int],
+    overrides: dict[str, Any],
+) -> list[Path]:
+    """Run every (method, beta, seed) not finished yet; returns the run folders."""
+    from livar_merge.federated.config import resolve_config
+    from livar_merge.federated.runner import run_federated
+
+    folders = []
+    for beta in betas:
+        for seed in seeds:
+            for method in methods:
+                config = resolve_config(
+                    preset, None, {**overrides, "method": method, "beta": beta, "seed": seed}
+                )
+                folder = root / config.run_name()
+                folders.append(folder)
+                if (folder / "summary.json").is_file():
+                    continue
+                start = time.perf_counter()
+                resume = (folder / "checkpoint" / "state.json").is_file()
+                summary = run_federated(config, folder, resume=resume)
+                print(
+                    f"{config.run_name()}: {summary['final_accuracy']:.4f} "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
+    return folders
+
+
+def collect_results(root: Path) -> list[dict[str, Any]]:
+    """One row per finished run under ``root``: method, dataset, beta, seed, accuracies."""
+    rows = []
+    for summary_path in sorted(root.glob("*/summary.json")):
+        config = json.loads((summary_path.parent / "config.json").read_text())["config"]
+        summary = json.loads(summary_path.read_text())
+        rows.append(
+            {
+                "dataset": config["dataset"],
+                "method": config["method"],
+                "beta": config["beta"],
+                "seed": config["seed"],
+                "final_accuracy": summary["final_accuracy"],
+                "best_accuracy": summary["best_accuracy"],
+                "run": summary_path.parent.name,
+            }
+        )
+    return rows
+
+
+def results_table(
+    rows: list[dict[str, Any]],
+    *,
+    methods: Sequence[str] | None = None,
+    betas: Sequence[float] | None = None,
+    value: str = "final_accuracy",
+    scale: float = 100.0,
+):  # -> tuple[pandas.DataFrame, pandas.DataFrame]
+    """``(cells, stats)``: methods x betas cells "mean (std)" over seeds, in percent, and the
+    long-form statistics (mean, std with ddof=1, n). Missing combinations read "—"."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=["method", "beta", "seed", value])
+    methods = list(methods) if methods else sorted(frame["method"].unique())
+    betas = list(betas) if betas else sorted(frame["beta"].unique(), reverse=True)
+    stats = (
+        frame.groupby(["method", "beta"])[value]
+        .agg(mean="mean", std=lambda s: s.std(ddof=1) if len(s) > 1 else float("nan"), n="count")
+        .reset_index()
+    )
+    cells = pd.DataFrame(
+        MISSING_CELL,
+        index=pd.Index(methods, name="method"),
+        columns=pd.Index([f"beta={b:g}" for b in betas], name=None),
+    )
+    for _, row in stats.iterrows():
+        if row["method"] in methods and row["beta"] in betas:
+            std = "" if pd.isna(row["std"]) else f" ({scale * row['std']:.2f})"
+            cells.loc[row["method"], f"beta={row['beta']:g}"] = (
+                f"{scale * row['mean']:.2f}{std}" + ("" if row["n"] > 1 else " [n=1]")
+            )
+    return cells, stats
+
+
+def write_table(root: Path, methods: Sequence[str] | None, betas: Sequence[float] | None) -> str:
+    cells, stats = results_table(collect_results(root), methods=methods, betas=betas)
+    cells.to_csv(root / "table.csv")
+    stats.to_csv(root / "table_stats.csv", index=False)
+    markdown = cells.to_markdown() if _has_tabulate() else _markdown(cells)
+    (root / "table.md").write_text(markdown + "\n")
+    return markdown
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _markdown(frame) -> str:
+    header = "| " + " | ".join([frame.index.name or "", *map(str, frame.columns)]) + " |"
+    rule = "|" + "---|" * (len(frame.columns) + 1)
+    body = ["| " + " | ".join([str(i), *map(str, r)]) + " |" for i, r in frame.iterrows()]
+    return "\n".join([header, rule, *body])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="livar-sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--root", required=True, type=Path, help="folder of the grid's runs")
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument(
+        "--methods", nargs="+", default=["fedavg", "livar-alpha", "livar-sigma", "livar"]
+    )
+    parser.add_argument("--betas", nargs="+", type=float, default=[0.05, 0.5])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--table-only", action="store_true", help="only rebuild the table")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="livar-fed options for every run, e.g. dataset=fashion-mnist",
+    )
+    parser.add_argument("--dataset", default=None, help="shorthand for --set dataset=NAME")
+    args = parser.parse_args(argv)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
+    if args.dataset:
+        overrides["dataset"] = args.dataset
+    overrides.setdefault("progress", "false")
+    args.root.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if not args.table_only:
+        run_grid(
+            args.root,
+            preset=args.preset,
+            methods=args.methods,
+            betas=args.betas,
+            seeds=args.seeds,
+            overrides=overrides,
+        )
+    print(write_table(args.root, args.methods, args.betas))
+    print(f"wall time {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
