@@ -192,9 +192,9 @@ class WeightedAggregator(Aggregator):
             info["table"] = self.table.identity()
         return info
 
-    def lora_weights(self, updates: Sequence[ClientUpdate], layers: Sequence[str]) -> tuple[
-        np.ndarray, dict[str, Any]
-    ]:
+    def lora_weights(
+        self, updates: Sequence[ClientUpdate], layers: Sequence[str]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """``[clients, layers]`` LoRA merge weights and details."""
         if self.lora_weighting == "samples":
             w = fedavg_weights([u.num_samples for u in updates])

@@ -156,9 +156,10 @@ class FederatedRun:
     # ---------------------------------------------------------------- folder
     def _check_folder(self) -> None:
         config_path = self.out / "config.json"
+        if self.resume and not config_path.is_file():
+            log.warning("--resume: no run in %s yet; starting from round 1", self.out)
+            self.resume = False
         if self.resume:
-            if not config_path.is_file():
-                raise FileNotFoundError(f"--resume: {config_path} does not exist")
             import json
 
             saved = json.loads(config_path.read_text())
