@@ -1,0 +1,222 @@
+"""The calibration pipeline, stage by stage, with every stage cached in the run folder.
+
+    1 proxy training   proxy/<b-s>/round_<r>.{safetensors,csv}          (resumable per round)
+    2 NNLS (Eq. 4)      rows.csv: omega_A, omega_B, n, lambda, q_A, q_B per (repeat, client, layer)
+    3 random forest     forest.skops (+ forest_samples.skops with the sample count), forest.json
+    4 SHAP              shap_values.csv (+ shap_values_samples.csv), shap.json (base values)
+    5 discretisation    table/<name>.v<N>.json (Appendix A)
+    6 quality report    quality.csv, quality_summary.csv: reconstruction error of the joint delta
+    figures             figures/figure2.{png,pdf}, figures/figureA.{png,pdf}
+
+Stages 2-6 are deterministic functions of stage 1 and the seed, so ``--resume`` after an
+interruption at any point produces the same table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from livar_calib.config import CalibConfig
+from livar_calib.proxy import proxy_runs, run_proxy_training
+
+
+def collect_rows(config: CalibConfig, root: Path) -> Any:  # -> pandas.DataFrame
+    """Stage 2: rows of every repeat with their NNLS lambda and quantile features."""
+    import pandas as pd
+
+    from livar_calib.deltas import load_repeat
+    from livar_calib.features import add_quantile_features
+    from livar_calib.nnls import nnls_repeat
+
+    frames = []
+    for run in proxy_runs(config):
+        folder = root / "proxy" / run.run_id
+        for r in range(1, config.rounds + 1):
+            rows = pd.read_csv(folder / f"round_{r}.csv")
+            lam = nnls_repeat(load_repeat(folder / f"round_{r}.safetensors"))
+            frames.append(rows.merge(lam, on=["repeat_id", "client", "layer"], how="left",
+                                     validate="one_to_one"))
+    rows = pd.concat(frames, ignore_index=True)
+    if rows["lam"].isna().any():
+        raise RuntimeError("NNLS produced no lambda for some rows (mismatched client/layer ids)")
+    return add_quantile_features(rows)
+
+
+def load_repeats(config: CalibConfig, root: Path, repeat_ids: list[str]) -> list[Any]:
+    from livar_calib.deltas import load_repeat
+
+    wanted = set(repeat_ids)
+    out = []
+    for run in proxy_runs(config):
+        for r in range(1, config.rounds + 1):
+            if run.repeat_id(r) in wanted:
+                out.append(load_repeat(root / "proxy" / run.run_id / f"round_{r}.safetensors"))
+    return out
+
+
+def _save_forest(result: Any, path: Path) -> None:
+    import skops.io as sio
+
+    sio.dump(result.model, path)
+
+
+def run_calibration(config: CalibConfig, root: Path, *, publish_dir: Path | None = None,
+                    log: Any = print) -> dict[str, Any]:
+    """Run (or resume) every stage; returns the summary written to ``summary.json``."""
+    from livar_calib.discretise import build_table
+    from livar_calib.explain import shap_analysis
+    from livar_calib.figures import plot_shap_summary
+    from livar_calib.forest import WITH_SAMPLES, fit_forest, split_repeats
+    from livar_calib.quality import reconstruction_report, summarise_report
+    from livar_merge.federated.results import provenance, write_json
+    from livar_merge.tables import GShapTable
+
+    root.mkdir(parents=True, exist_ok=True)
+    _check_config(config, root)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    run_proxy_training(config, root)
+    timings["proxy_training"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    rows = collect_rows(config, root)
+    rows.to_csv(root / "rows.csv", index=False)
+    timings["nnls"] = time.perf_counter() - start
+    log(f"NNLS: {rows['repeat_id'].nunique()} repeats, {len(rows)} rows; "
+        f"median relative residual {rows['relative_residual'].median():.3f}")
+
+    start = time.perf_counter()
+    train_ids, test_ids = split_repeats(rows["repeat_id"], holdout_fraction=config.holdout_fraction,
+                                        seed=config.seed)
+    forest_options = {"seed": config.seed, "n_estimators": config.n_estimators,
+                      "min_samples_leaf": config.min_samples_leaf, "holdout_repeats": test_ids,
+                      "n_jobs": 2}
+    forest = fit_forest(rows, **forest_options)
+    _save_forest(forest, root / "forest.skops")
+    forests = {"q_a,q_b": forest.metrics}
+    forest_samples = None
+    if config.sample_feature:
+        forest_samples = fit_forest(rows, features=WITH_SAMPLES, **forest_options)
+        _save_forest(forest_samples, root / "forest_samples.skops")
+        forests["q_a,q_b,num_samples"] = forest_samples.metrics
+    write_json(root / "forest.json", {"train_repeats": train_ids, "test_repeats": test_ids,
+                                      "metrics": forests, "options": forest_options})
+    timings["forest"] = time.perf_counter() - start
+    log(f"forest: held-out R2 {forest.metrics['r2']:.3f} (constant {forest.metrics['r2_constant']:.3f}), "
+        f"MAE {forest.metrics['mae']:.4f}")
+
+    start = time.perf_counter()
+    explained = shap_analysis(forest, rows.loc[:, list(forest.features)])
+    explained.values.to_csv(root / "shap_values.csv", index=False)
+    shap_info = {"base_value": explained.base_value, "features": list(explained.feature_names)}
+    explained_samples = None
+    if forest_samples is not None:
+        explained_samples = shap_analysis(forest_samples, rows.loc[:, list(WITH_SAMPLES)])
+        explained_samples.values.to_csv(root / "shap_values_samples.csv", index=False)
+        shap_info["base_value_samples"] = explained_samples.base_value
+        shap_info["mean_abs_shap_samples"] = {
+            k: float(v) for k, v in explained_samples.values.abs().mean().items()}
+    write_json(root / "shap.json", shap_info)
+    timings["shap"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    name = config.table_name or config.default_table_name()
+    table_dir = root / "table"
+    existing = sorted(table_dir.glob(f"{name}.v*.json"))
+    edges = {} if config.edges == "paper" else {"edges_a": "shap-curve", "edges_b": "shap-curve"}
+    prov = {
+        "proxy_dataset": config.proxy,
+        "backbone": config.model,
+        "config_hash": config.config_hash(),
+        "calibration_config": config.to_dict(),
+        "rows": len(rows),
+        "repeats": int(rows["repeat_id"].nunique()),
+        "forest_metrics": forest.metrics,
+    }
+    if existing:  # resumed after the table was written: reuse it, never rewrite
+        table_path = existing[-1]
+        table = GShapTable.load(table_path)
+    else:
+        table, table_path = build_table(explained, rows, name=name, version=1, out_dir=table_dir,
+                                        provenance=prov, **edges)
+    published = None
+    if publish_dir is not None:
+        published = _publish(table, publish_dir)
+    timings["discretisation"] = time.perf_counter() - start
+    log(repr(table))
+
+    start = time.perf_counter()
+    tables = {"calibrated": table, "paper-table-a": GShapTable.load("paper-table-a")}
+    report = reconstruction_report(load_repeats(config, root, test_ids or train_ids),
+                                   rows, tables)
+    report.to_csv(root / "quality.csv", index=False)
+    summary_report = summarise_report(report)
+    summary_report.to_csv(root / "quality_summary.csv")
+    timings["quality"] = time.perf_counter() - start
+    log("reconstruction error of the joint delta on held-out repeats:\n"
+        + summary_report.to_string())
+
+    figures = root / "figures"
+    figures.mkdir(exist_ok=True)
+    plot_shap_summary(explained, rows, figures / "figure2")
+    if explained_samples is not None:
+        plot_shap_summary(explained_samples, rows, figures / "figureA")
+
+    summary = {
+        "table": str(table_path),
+        "published": None if published is None else str(published),
+        "table_identity": table.identity(),
+        "rows": len(rows),
+        "repeats": int(rows["repeat_id"].nunique()),
+        "held_out_repeats": test_ids,
+        "forest_metrics": forests,
+        "quality_summary": json.loads(summary_report.to_json(orient="index")),
+        "timings_seconds": timings,
+    }
+    write_json(root / "summary.json", summary)
+    write_json(root / "provenance.json", provenance({"seed": config.seed,
+                                                     "config_hash": config.config_hash()}))
+    return summary
+
+
+def _check_config(config: CalibConfig, root: Path) -> None:
+    from livar_merge.federated.results import write_json
+
+    path = root / "config.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["config_hash"] != config.config_hash():
+            diff = {k: (saved["config"].get(k), v) for k, v in config.to_dict().items()
+                    if saved["config"].get(k) != v and k not in ("progress", "threads")}
+            raise ValueError(f"{root} holds a calibration with another configuration: {diff}; "
+                             "choose another --out")
+        return
+    write_json(path, {"config": config.to_dict(), "config_hash": config.config_hash()})
+
+
+def _publish(table: Any, directory: Path) -> Path:
+    """Copy the table into ``directory`` under the next free version; never overwrite."""
+    from dataclasses import replace
+
+    from livar_merge.tables import TableError
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for existing in sorted(directory.glob(f"{table.name}.v*.json")):
+        from livar_merge.tables import GShapTable
+
+        other = GShapTable.load(existing)
+        if np.array_equal(other.values, table.values) and other.provenance.get(
+                "config_hash") == table.provenance.get("config_hash"):
+            return existing  # the same table is already published
+    version = 1 + max((int(p.name.rsplit(".v", 1)[1][:-5]) for p in
+                       directory.glob(f"{table.name}.v*.json")), default=0)
+    target = directory / f"{table.name}.v{version}.json"
+    if target.exists():
+        raise TableError(f"{target} exists")
+    return replace(table, version=version, source_path=None).save(target)

@@ -1,0 +1,315 @@
+"""Stage 1 of the calibration: federated and joint training on the proxy dataset (Section 4.1).
+
+For every (beta, seed) a Dirichlet split over M clients is drawn. Each round, the M clients and
+one joint model trained on the union of their data start from the same weights and the same
+LoRA initialisation (B = 0, a seeded Kaiming A) and train for the same number of local epochs.
+Because B starts at zero, each trainee's round delta is exactly ``s B A`` (rank r); it is stored as
+factors ``(s B, A)``. Per client and layer the round records omega_A, omega_B and the sample count:
+one *repeat*. The next round starts from the joint model's state (``next_start="joint"``) or
+from the clients' sample-weighted merge (``"fedavg"``): the delta is folded into the frozen
+weights and the LoRA restarts.
+
+Outputs under ``<run>/proxy/b<beta>-s<seed>/``: ``round_<r>.safetensors`` (the repeat's deltas),
+``round_<r>.csv`` (its rows), ``partition.csv``, and ``state.safetensors`` (the model state after
+the last completed round, for resuming).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from livar_calib.config import CalibConfig
+
+
+@dataclass(frozen=True)
+class ProxyRun:
+    beta: float
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"b{self.beta:g}-s{self.seed}"
+
+    def repeat_id(self, round_index: int) -> str:
+        return f"{self.run_id}-r{round_index}"
+
+
+def proxy_runs(config: CalibConfig) -> list[ProxyRun]:
+    return [ProxyRun(beta, seed) for beta in config.betas for seed in config.seeds]
+
+
+def _train_settings(config: CalibConfig, precision: str):
+    from livar_merge.federated.client import TrainSettings
+
+    return TrainSettings(
+        local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
+        weight_decay=config.weight_decay, precision=precision,
+        omega_reduction=config.omega_reduction,
+    )
+
+
+class ProxyTrainer:
+    """Runs the proxy training of one (beta, seed), round by round, resumable."""
+
+    def __init__(self, config: CalibConfig, run: ProxyRun, folder: Path) -> None:
+        from livar_merge.federated.data import BatchSource, derive_seed
+        from livar_merge.federated.datasets import load_dataset, stratified_subsample, subset
+        from livar_merge.federated.model import build_model
+        from livar_merge.federated.partition import class_count_table, dirichlet_partition
+        from livar_merge.federated.runner import resolve_device, resolve_precision
+        from livar_merge.lora import peft_scalings
+
+        self.config, self.run, self.folder = config, run, folder
+        folder.mkdir(parents=True, exist_ok=True)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.settings = _train_settings(config, self.precision)
+        splits = load_dataset(config.proxy, config.data_root, image_size=config.image_size,
+                              seed=run.seed)
+        train = splits.train
+        if config.max_train is not None and config.max_train < len(train):
+            train = subset(train, stratified_subsample(train.labels, config.max_train, run.seed))
+        labels = np.asarray(train.labels)
+        self.num_classes = splits.num_classes
+        self.parts = dirichlet_partition(labels, config.num_clients, run.beta, seed=run.seed,
+                                         min_samples=config.min_client_samples)
+        class_count_table(self.parts, labels, self.num_classes).to_csv(
+            folder / "partition.csv", index_label="client")
+        self.union = np.sort(np.concatenate(self.parts))
+        torch.manual_seed(derive_seed(run.seed, "model-init"))
+        overrides = {"patch_size": config.patch_size, "embed_dim": config.embed_dim,
+                     "depth": config.depth, "num_heads": config.num_heads}
+        self.model, self.info = build_model(
+            config.model, self.num_classes, weights=config.weights,
+            image_size=config.image_size, rank=config.lora_rank, alpha=config.lora_alpha,
+            overrides=overrides)
+        self.model.to(self.device)
+        self.scalings = peft_scalings(self.model)
+        self.source = BatchSource(train, mean=self.info.mean, std=self.info.std,
+                                  device=self.device)
+        self._derive_seed = derive_seed
+
+    # ------------------------------------------------------------------ state
+    def completed_rounds(self) -> int:
+        path = self.folder / "state.json"
+        return json.loads(path.read_text())["completed_rounds"] if path.is_file() else 0
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()
+                if "base_layer" in n or "modules_to_save" in n}
+
+    def save_state(self, round_index: int) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.folder / "state.safetensors.tmp"
+        save_file(self._state_tensors(), str(tmp))
+        tmp.replace(self.folder / "state.safetensors")
+        (self.folder / "state.json.tmp").write_text(json.dumps({"completed_rounds": round_index}))
+        (self.folder / "state.json.tmp").replace(self.folder / "state.json")
+
+    def load_state(self) -> None:
+        from safetensors.torch import load_file
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in load_file(str(self.folder / "state.safetensors")).items():
+                params[name].copy_(value)
+
+    # ----------------------------------------------------------------- rounds
+    def _lora_modules(self) -> dict[str, Any]:
+        modules = dict(self.model.named_modules())
+        return {layer: modules[layer] for layer in self.info.lora_layers}
+
+    def _restart_lora(self, round_index: int) -> None:
+        torch.manual_seed(self._derive_seed(self.run.seed, round_index, "calib-lora-init"))
+        for module in self._lora_modules().values():
+            module.reset_lora_parameters("default", True)
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()
+                if p.requires_grad}
+
+    def _restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in snapshot.items():
+                params[name].copy_(value)
+
+    def _factors(self, update) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{layer: (s B, A)}`` of an update whose round started from B = 0."""
+        out = {}
+        for layer in self.info.lora_layers:
+            b = update.lora[f"{layer}.lora_B.weight"].double().cpu().numpy()
+            a = update.lora[f"{layer}.lora_A.weight"].double().cpu().numpy()
+            out[layer] = (self.scalings[layer] * b, a)
+        return out
+
+    def run_round(self, round_index: int) -> tuple[Any, list[dict[str, Any]]]:
+        """Train clients and the joint model from one start; returns (RepeatDeltas, rows)."""
+        from livar_calib.deltas import RepeatDeltas
+        from livar_merge.federated.client import train_client
+
+        self._restart_lora(round_index)
+        start = self._snapshot()
+        partial = self.folder / f"round_{round_index}_partial"
+        partial.mkdir(exist_ok=True)
+        trainees = [(f"client_{m}", part, frozenset({"omega"})) for m, part in
+                    enumerate(self.parts)] + [("joint", self.union, frozenset())]
+        done = []
+        for client_id, indices, needs in trainees:
+            cached = partial / f"{client_id}.safetensors"
+            if cached.is_file():  # finished before an interruption: identical by construction
+                done.append(load_update(cached))
+                continue
+            self._restore(start)
+            update, _ = train_client(
+                self.model, self.source, indices, client_id=client_id,
+                num_classes=self.num_classes, settings=self.settings, seed=self.run.seed,
+                round_index=round_index, needs=needs)
+            save_update(cached, update)
+            done.append(update)
+        done = [_on_cpu(u) for u in done]
+        updates, joint = done[:-1], done[-1]
+        layers = list(self.info.lora_layers)
+        client_factors = [self._factors(u) for u in updates]
+        deltas = RepeatDeltas(
+            repeat_id=self.run.repeat_id(round_index), layers=layers,
+            clients=[u.client_id for u in updates],
+            client_factors={layer: [f[layer] for f in client_factors] for layer in layers},
+            joint_factors=self._factors(joint),
+        )
+        rows = []
+        for u in updates:
+            for l, layer in enumerate(layers):
+                rows.append({
+                    "repeat_id": deltas.repeat_id, "beta": self.run.beta, "seed": self.run.seed,
+                    "round": round_index, "client": u.client_id, "layer": layer,
+                    "omega_a": float(u.omega_a[l]), "omega_b": float(u.omega_b[l]),
+                    "num_samples": u.num_samples,
+                })
+        self._advance(round_index, updates, joint, start)
+        return deltas, rows
+
+    def _advance(self, round_index: int, updates: list, joint, start) -> None:
+        """Fold the chosen round result into the frozen weights and set the head."""
+        from livar_merge.fedavg import fedavg_head, fedavg_lora
+        from livar_merge.federated.model import head_module
+
+        self._restore(start)
+        modules = self._lora_modules()
+        head = head_module(self.model)
+        with torch.no_grad():
+            if self.config.next_start == "joint":
+                deltas = {layer: (self.scalings[layer] * joint.lora[f"{layer}.lora_B.weight"]
+                                  @ joint.lora[f"{layer}.lora_A.weight"])
+                          for layer in modules}
+                head.weight.copy_(joint.head_weight)
+                if head.bias is not None:
+                    head.bias.copy_(joint.head_bias)
+            else:
+                n = [u.num_samples for u in updates]
+                merged = fedavg_lora([u.lora for u in updates], n, mode="product",
+                                     scaling=self.scalings)
+                deltas = {layer: merged[layer].to_dense() for layer in modules}
+                merged_head = fedavg_head([u.head_weight for u in updates],
+                                          [u.head_bias for u in updates], n)
+                head.weight.copy_(merged_head.weight)
+                if head.bias is not None:
+                    head.bias.copy_(merged_head.bias)
+            for layer, module in modules.items():
+                module.base_layer.weight.add_(deltas[layer].to(module.base_layer.weight))
+
+    def rounds(self) -> Iterator[int]:
+        """Train the remaining rounds, saving each; yields the completed round numbers."""
+        from livar_calib.deltas import save_repeat
+        from livar_merge.federated.results import write_csv
+
+        done = self.completed_rounds()
+        if done:
+            self.load_state()
+        for r in range(done + 1, self.config.rounds + 1):
+            deltas, rows = self.run_round(r)
+            save_repeat(self.folder / f"round_{r}.safetensors", deltas)
+            write_csv(self.folder / f"round_{r}.csv", rows)
+            self.save_state(r)
+            shutil.rmtree(self.folder / f"round_{r}_partial", ignore_errors=True)
+            yield r
+
+
+def run_proxy_training(config: CalibConfig, root: Path) -> list[Path]:
+    """Stage 1 for every (beta, seed): returns the folders. Completed rounds are skipped."""
+    from tqdm.auto import tqdm
+
+    runs = proxy_runs(config)
+    folders = [root / "proxy" / run.run_id for run in runs]
+    total = len(runs) * config.rounds
+    done = sum(_completed(folder) for folder in folders)
+    with tqdm(total=total, initial=done, disable=not config.progress, unit="round",
+              desc="proxy training") as bar:
+        for run, folder in zip(runs, folders, strict=True):
+            if _completed(folder) >= config.rounds:
+                continue
+            for _ in ProxyTrainer(config, run, folder).rounds():
+                bar.update(1)
+    return folders
+
+
+def _completed(folder: Path) -> int:
+    path = folder / "state.json"
+    return json.loads(path.read_text())["completed_rounds"] if path.is_file() else 0
+
+
+def _on_cpu(update: Any) -> Any:
+    """The update with its tensors on the CPU (cached and fresh updates mix in one round)."""
+    update.lora = {k: v.cpu() for k, v in update.lora.items()}
+    update.head_weight = update.head_weight.cpu()
+    update.head_bias = None if update.head_bias is None else update.head_bias.cpu()
+    return update
+
+
+def save_update(path: Path, update: Any) -> None:
+    """One trainee's finished round (LoRA factors, head, omegas, sample count) as safetensors."""
+    from safetensors.torch import save_file
+
+    tensors = {f"lora/{k}": v.contiguous().cpu() for k, v in update.lora.items()}
+    tensors["head/weight"] = update.head_weight.contiguous().cpu()
+    if update.head_bias is not None:
+        tensors["head/bias"] = update.head_bias.contiguous().cpu()
+    if update.omega_a is not None:
+        tensors["omega/a"] = torch.as_tensor(update.omega_a)
+        tensors["omega/b"] = torch.as_tensor(update.omega_b)
+    meta = {"client_id": update.client_id, "num_samples": str(update.num_samples),
+            "layer_names": json.dumps(list(update.layer_names))}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_update(path: Path) -> Any:
+    from safetensors import safe_open
+
+    from livar_merge.aggregation import ClientUpdate
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    omega_a = tensors.get("omega/a")
+    omega_b = tensors.get("omega/b")
+    return ClientUpdate(
+        client_id=meta["client_id"], num_samples=int(meta["num_samples"]),
+        lora={k[5:]: v for k, v in tensors.items() if k.startswith("lora/")},
+        head_weight=tensors["head/weight"], head_bias=tensors.get("head/bias"),
+        layer_names=tuple(json.loads(meta["layer_names"])),
+        omega_a=None if omega_a is None else omega_a.numpy(),
+        omega_b=None if omega_b is None else omega_b.numpy(),
+    )
