@@ -82,8 +82,8 @@ def shap_analysis(forest: Any, X: pd.DataFrame, *, tol: float = ADDITIVITY_TOL) 
     return ShapResult(values=frame, base_value=base, feature_names=names, data=data.copy())
 
 
-def binned_shap_curve(q: Any, shap_values: Any, bins: int = 20) -> pd.DataFrame:
-    """Mean SHAP value per equal-width quantile bin of ``q`` (0-100).
+def binned_shap_curve(q: Any, shap: Any, bins: int = 20) -> pd.DataFrame:
+    """Mean SHAP value per equal-width bin of the quantiles ``q`` (0-100), ``q``, ``shap`` ``[n]``.
 
     Bin ``i`` covers ``[100 i / bins, 100 (i + 1) / bins)``; the last bin includes 100.
     Returns a DataFrame with one row per bin: ``bin, q_low, q_high, q_mid, mean_shap`` (NaN if
@@ -92,7 +92,7 @@ def binned_shap_curve(q: Any, shap_values: Any, bins: int = 20) -> pd.DataFrame:
     import pandas as pd
 
     q = np.asarray(q, dtype=np.float64).reshape(-1)
-    s = np.asarray(shap_values, dtype=np.float64).reshape(-1)
+    s = np.asarray(shap, dtype=np.float64).reshape(-1)
     if q.shape != s.shape:
         raise CalibrationError(f"{q.size} quantiles but {s.size} SHAP values")
     if bins < 1:

@@ -55,7 +55,11 @@ class ForestResult:
 def split_repeats(
     repeat_ids: Sequence[Any], *, holdout_fraction: float, seed: int
 ) -> tuple[list[str], list[str]]:
-    """Split distinct repeat ids into (train, test); test gets round(fraction * n), >= 1."""
+    """Split distinct repeat ids into sorted (train, test) lists, drawn with ``seed``.
+
+    The test side gets ``round(holdout_fraction * n)`` repeats, clamped to ``1..n-1`` when
+    ``holdout_fraction > 0`` and there are at least 2 repeats.
+    """
     unique = sorted({str(r) for r in repeat_ids})
     if not 0.0 <= holdout_fraction < 1.0:
         raise CalibrationError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")

@@ -195,6 +195,8 @@ def nnls_gram(
 
     gram = np.asarray(gram, dtype=np.float64)
     h = np.asarray(h, dtype=np.float64)
+    if h.ndim != 1:
+        raise CalibrationError(f"h must be 1-D [M], got shape {h.shape}")
     m_count = h.shape[0]
     if gram.shape != (m_count, m_count):
         raise CalibrationError(f"Gram matrix has shape {gram.shape}, expected {(m_count,) * 2}")
