@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 from livar_calib.config import CALIB_PRESETS, CalibConfig
+from livar_merge._options import add_dataclass_options, coerce_option, collect_overrides
 
 EXAMPLES = """examples:
   livar-calibrate                                         # embedded default, ~5 min on 2 cores
@@ -25,49 +25,42 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="livar-calibrate", description=__doc__, epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(CALIB_PRESETS), default="default",
-                        help="default (embedded proxy), paper (Tiny-ImageNet, ViT-B/16), tiny")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="run folder (default runs/calibration/<table name>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last completed client/round")
-    parser.add_argument("--publish", type=Path, nargs="?", const=Path("artifacts/gshap"),
-                        default=None, help="also copy the table, under the next free version, "
-                        "into this folder (default when given bare: artifacts/gshap)")
-    group = parser.add_argument_group("calibration options")
-    for f in fields(CalibConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        kind = str(f.type).split("|")[0].strip()
-        text = f"{f.metadata['help']} (default: {default})"
-        if kind == "bool":
-            group.add_argument(flag, dest=f.name, default=None,
-                               action=argparse.BooleanOptionalAction, help=text)
-        elif kind.startswith("list"):
-            group.add_argument(flag, dest=f.name, default=None, nargs="+",
-                               type=float if "float" in kind else int, help=text)
-        else:
-            caster = {"int": int, "float": float}.get(kind, str)
-            group.add_argument(flag, dest=f.name, default=None, type=_none_or(caster),
-                               metavar=kind.upper(), help=text)
+    parser = argparse.ArgumentParser(
+        prog="livar-calibrate",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(CALIB_PRESETS),
+        default="default",
+        help="default (embedded proxy), paper (Tiny-ImageNet, ViT-B/16), tiny",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="run folder (default runs/calibration/<table name>)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last completed client/round",
+    )
+    parser.add_argument(
+        "--publish",
+        type=Path,
+        nargs="?",
+        const=Path("artifacts/gshap"),
+        default=None,
+        help="also copy the table, under the next free version, "
+        "into this folder (default when given bare: artifacts/gshap)",
+    )
+    add_dataclass_options(parser.add_argument_group("calibration options"), CalibConfig)
     return parser
 
 
-def _none_or(caster):
-    def convert(text: str):
-        return None if text.lower() in ("none", "null") else caster(text)
-
-    convert.__name__ = caster.__name__
-    return convert
-
-
 def resolve(args: argparse.Namespace) -> CalibConfig:
-    options = dict(CALIB_PRESETS[args.preset])
-    options.update({f.name: getattr(args, f.name) for f in fields(CalibConfig)
-                    if getattr(args, f.name) is not None})
-    config = CalibConfig(**options)
+    options = {**CALIB_PRESETS[args.preset], **collect_overrides(args, CalibConfig)}
+    config = CalibConfig(**{k: coerce_option(CalibConfig, k, v) for k, v in options.items()})
     if config.next_start not in ("joint", "fedavg"):
         raise ValueError(f"--next-start must be 'joint' or 'fedavg', got {config.next_start!r}")
     if config.edges not in ("paper", "shap-curve"):
@@ -85,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     name = config.table_name or config.default_table_name()
     out = args.out or Path("runs") / "calibration" / name
     if (out / "config.json").exists() and not args.resume:
-        print(f"livar-calibrate: error: {out} already holds a calibration; pass --resume to "
-              "continue it or choose --out", file=sys.stderr)
+        print(
+            f"livar-calibrate: error: {out} already holds a calibration; pass --resume to "
+            "continue it or choose --out",
+            file=sys.stderr,
+        )
         return 2
 
     from livar_calib.pipeline import run_calibration
@@ -97,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     except (LivarError, FileNotFoundError) as err:
         print(f"livar-calibrate: error: {err}", file=sys.stderr)
         return 2
-    print(f"table: {summary['table']}" + (f" (published as {summary['published']})"
-                                          if summary["published"] else ""))
+    print(
+        f"table: {summary['table']}"
+        + (f" (published as {summary['published']})" if summary["published"] else "")
+    )
     print(f"run folder: {out}")
     return 0
 

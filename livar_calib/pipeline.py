@@ -39,8 +39,11 @@ def collect_rows(config: CalibConfig, root: Path) -> Any:  # -> pandas.DataFrame
         for r in range(1, config.rounds + 1):
             rows = pd.read_csv(folder / f"round_{r}.csv")
             lam = nnls_repeat(load_repeat(folder / f"round_{r}.safetensors"))
-            frames.append(rows.merge(lam, on=["repeat_id", "client", "layer"], how="left",
-                                     validate="one_to_one"))
+            frames.append(
+                rows.merge(
+                    lam, on=["repeat_id", "client", "layer"], how="left", validate="one_to_one"
+                )
+            )
     rows = pd.concat(frames, ignore_index=True)
     if rows["lam"].isna().any():
         raise RuntimeError("NNLS produced no lambda for some rows (mismatched client/layer ids)")
@@ -65,8 +68,9 @@ def _save_forest(result: Any, path: Path) -> None:
     sio.dump(result.model, path)
 
 
-def run_calibration(config: CalibConfig, root: Path, *, publish_dir: Path | None = None,
-                    log: Any = print) -> dict[str, Any]:
+def run_calibration(
+    config: CalibConfig, root: Path, *, publish_dir: Path | None = None, log: Any = print
+) -> dict[str, Any]:
     """Run (or resume) every stage; returns the summary written to ``summary.json``."""
     from livar_calib.discretise import build_table
     from livar_calib.explain import shap_analysis
@@ -88,15 +92,22 @@ def run_calibration(config: CalibConfig, root: Path, *, publish_dir: Path | None
     rows = collect_rows(config, root)
     rows.to_csv(root / "rows.csv", index=False)
     timings["nnls"] = time.perf_counter() - start
-    log(f"NNLS: {rows['repeat_id'].nunique()} repeats, {len(rows)} rows; "
-        f"median relative residual {rows['relative_residual'].median():.3f}")
+    log(
+        f"NNLS: {rows['repeat_id'].nunique()} repeats, {len(rows)} rows; "
+        f"median relative residual {rows['relative_residual'].median():.3f}"
+    )
 
     start = time.perf_counter()
-    train_ids, test_ids = split_repeats(rows["repeat_id"], holdout_fraction=config.holdout_fraction,
-                                        seed=config.seed)
-    forest_options = {"seed": config.seed, "n_estimators": config.n_estimators,
-                      "min_samples_leaf": config.min_samples_leaf, "holdout_repeats": test_ids,
-                      "n_jobs": 2}
+    train_ids, test_ids = split_repeats(
+        rows["repeat_id"], holdout_fraction=config.holdout_fraction, seed=config.seed
+    )
+    forest_options = {
+        "seed": config.seed,
+        "n_estimators": config.n_estimators,
+        "min_samples_leaf": config.min_samples_leaf,
+        "holdout_repeats": test_ids,
+        "n_jobs": 2,
+    }
     forest = fit_forest(rows, **forest_options)
     _save_forest(forest, root / "forest.skops")
     forests = {"q_a,q_b": forest.metrics}
@@ -105,11 +116,21 @@ def run_calibration(config: CalibConfig, root: Path, *, publish_dir: Path | None
         forest_samples = fit_forest(rows, features=WITH_SAMPLES, **forest_options)
         _save_forest(forest_samples, root / "forest_samples.skops")
         forests["q_a,q_b,num_samples"] = forest_samples.metrics
-    write_json(root / "forest.json", {"train_repeats": train_ids, "test_repeats": test_ids,
-                                      "metrics": forests, "options": forest_options})
+    write_json(
+        root / "forest.json",
+        {
+            "train_repeats": train_ids,
+            "test_repeats": test_ids,
+            "metrics": forests,
+            "options": forest_options,
+        },
+    )
     timings["forest"] = time.perf_counter() - start
-    log(f"forest: held-out R2 {forest.metrics['r2']:.3f} (constant {forest.metrics['r2_constant']:.3f}), "
-        f"MAE {forest.metrics['mae']:.4f}")
+    metrics = forest.metrics
+    log(
+        f"forest: held-out R2 {metrics['r2']:.3f} (constant predictor "
+        f"{metrics['r2_constant']:.3f}), MAE {metrics['mae']:.4f}"
+    )
 
     start = time.perf_counter()
     explained = shap_analysis(forest, rows.loc[:, list(forest.features)])
@@ -121,7 +142,8 @@ def run_calibration(config: CalibConfig, root: Path, *, publish_dir: Path | None
         explained_samples.values.to_csv(root / "shap_values_samples.csv", index=False)
         shap_info["base_value_samples"] = explained_samples.base_value
         shap_info["mean_abs_shap_samples"] = {
-            k: float(v) for k, v in explained_samples.values.abs().mean().items()}
+            k: float(v) for k, v in explained_samples.values.abs().mean().items()
+        }
     write_json(root / "shap.json", shap_info)
     timings["shap"] = time.perf_counter() - start
 
@@ -143,8 +165,9 @@ def run_calibration(config: CalibConfig, root: Path, *, publish_dir: Path | None
         table_path = existing[-1]
         table = GShapTable.load(table_path)
     else:
-        table, table_path = build_table(explained, rows, name=name, version=1, out_dir=table_dir,
-                                        provenance=prov, **edges)
+        table, table_path = build_table(
+            explained, rows, name=name, version=1, out_dir=table_dir, provenance=prov, **edges
+        )
     published = None
     if publish_dir is not None:
         published = _publish(table, publish_dir)
@@ -153,14 +176,15 @@ def run_calibration(config: CalibConfig, root: Path, *, publish_dir: Path | None
 
     start = time.perf_counter()
     tables = {"calibrated": table, "paper-table-a": GShapTable.load("paper-table-a")}
-    report = reconstruction_report(load_repeats(config, root, test_ids or train_ids),
-                                   rows, tables)
+    report = reconstruction_report(load_repeats(config, root, test_ids or train_ids), rows, tables)
     report.to_csv(root / "quality.csv", index=False)
     summary_report = summarise_report(report)
     summary_report.to_csv(root / "quality_summary.csv")
     timings["quality"] = time.perf_counter() - start
-    log("reconstruction error of the joint delta on held-out repeats:\n"
-        + summary_report.to_string())
+    log(
+        "reconstruction error of the joint delta on held-out repeats:\n"
+        + summary_report.to_string()
+    )
 
     figures = root / "figures"
     figures.mkdir(exist_ok=True)
@@ -180,8 +204,10 @@ def run_calibration(config: CalibConfig, root: Path, *, publish_dir: Path | None
         "timings_seconds": timings,
     }
     write_json(root / "summary.json", summary)
-    write_json(root / "provenance.json", provenance({"seed": config.seed,
-                                                     "config_hash": config.config_hash()}))
+    write_json(
+        root / "provenance.json",
+        provenance({"seed": config.seed, "config_hash": config.config_hash()}),
+    )
     return summary
 
 
@@ -192,10 +218,15 @@ def _check_config(config: CalibConfig, root: Path) -> None:
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved["config_hash"] != config.config_hash():
-            diff = {k: (saved["config"].get(k), v) for k, v in config.to_dict().items()
-                    if saved["config"].get(k) != v and k not in ("progress", "threads")}
-            raise ValueError(f"{root} holds a calibration with another configuration: {diff}; "
-                             "choose another --out")
+            diff = {
+                k: (saved["config"].get(k), v)
+                for k, v in config.to_dict().items()
+                if saved["config"].get(k) != v and k not in ("progress", "threads")
+            }
+            raise ValueError(
+                f"{root} holds a calibration with another configuration: {diff}; "
+                "choose another --out"
+            )
         return
     write_json(path, {"config": config.to_dict(), "config_hash": config.config_hash()})
 
@@ -212,10 +243,13 @@ def _publish(table: Any, directory: Path) -> Path:
 
         other = GShapTable.load(existing)
         if np.array_equal(other.values, table.values) and other.provenance.get(
-                "config_hash") == table.provenance.get("config_hash"):
+            "config_hash"
+        ) == table.provenance.get("config_hash"):
             return existing  # the same table is already published
-    version = 1 + max((int(p.name.rsplit(".v", 1)[1][:-5]) for p in
-                       directory.glob(f"{table.name}.v*.json")), default=0)
+    version = 1 + max(
+        (int(p.name.rsplit(".v", 1)[1][:-5]) for p in directory.glob(f"{table.name}.v*.json")),
+        default=0,
+    )
     target = directory / f"{table.name}.v{version}.json"
     if target.exists():
         raise TableError(f"{target} exists")

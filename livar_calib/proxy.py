@@ -50,8 +50,11 @@ def _train_settings(config: CalibConfig, precision: str):
     from livar_merge.federated.client import TrainSettings
 
     return TrainSettings(
-        local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
-        weight_decay=config.weight_decay, precision=precision,
+        local_epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        precision=precision,
         omega_reduction=config.omega_reduction,
     )
 
@@ -60,9 +63,8 @@ class ProxyTrainer:
     """Runs the proxy training of one (beta, seed), round by round, resumable."""
 
     def __init__(self, config: CalibConfig, run: ProxyRun, folder: Path) -> None:
+        from livar_merge.federated.builders import build_seeded_model, load_train_test
         from livar_merge.federated.data import BatchSource, derive_seed
-        from livar_merge.federated.datasets import load_dataset, stratified_subsample, subset
-        from livar_merge.federated.model import build_model
         from livar_merge.federated.partition import class_count_table, dirichlet_partition
         from livar_merge.federated.runner import resolve_device, resolve_precision
         from livar_merge.lora import peft_scalings
@@ -74,29 +76,24 @@ class ProxyTrainer:
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.settings = _train_settings(config, self.precision)
-        splits = load_dataset(config.proxy, config.data_root, image_size=config.image_size,
-                              seed=run.seed)
-        train = splits.train
-        if config.max_train is not None and config.max_train < len(train):
-            train = subset(train, stratified_subsample(train.labels, config.max_train, run.seed))
+        splits, train, _ = load_train_test(config.proxy, config, run.seed)
         labels = np.asarray(train.labels)
         self.num_classes = splits.num_classes
-        self.parts = dirichlet_partition(labels, config.num_clients, run.beta, seed=run.seed,
-                                         min_samples=config.min_client_samples)
+        self.parts = dirichlet_partition(
+            labels,
+            config.num_clients,
+            run.beta,
+            seed=run.seed,
+            min_samples=config.min_client_samples,
+        )
         class_count_table(self.parts, labels, self.num_classes).to_csv(
-            folder / "partition.csv", index_label="client")
+            folder / "partition.csv", index_label="client"
+        )
         self.union = np.sort(np.concatenate(self.parts))
-        torch.manual_seed(derive_seed(run.seed, "model-init"))
-        overrides = {"patch_size": config.patch_size, "embed_dim": config.embed_dim,
-                     "depth": config.depth, "num_heads": config.num_heads}
-        self.model, self.info = build_model(
-            config.model, self.num_classes, weights=config.weights,
-            image_size=config.image_size, rank=config.lora_rank, alpha=config.lora_alpha,
-            overrides=overrides)
+        self.model, self.info = build_seeded_model(config, self.num_classes, run.seed)
         self.model.to(self.device)
         self.scalings = peft_scalings(self.model)
-        self.source = BatchSource(train, mean=self.info.mean, std=self.info.std,
-                                  device=self.device)
+        self.source = BatchSource(train, mean=self.info.mean, std=self.info.std, device=self.device)
         self._derive_seed = derive_seed
 
     # ------------------------------------------------------------------ state
@@ -105,8 +102,11 @@ class ProxyTrainer:
         return json.loads(path.read_text())["completed_rounds"] if path.is_file() else 0
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()
-                if "base_layer" in n or "modules_to_save" in n}
+        return {
+            n: p.detach().contiguous().cpu()
+            for n, p in self.model.named_parameters()
+            if "base_layer" in n or "modules_to_save" in n
+        }
 
     def save_state(self, round_index: int) -> None:
         from safetensors.torch import save_file
@@ -126,25 +126,6 @@ class ProxyTrainer:
                 params[name].copy_(value)
 
     # ----------------------------------------------------------------- rounds
-    def _lora_modules(self) -> dict[str, Any]:
-        modules = dict(self.model.named_modules())
-        return {layer: modules[layer] for layer in self.info.lora_layers}
-
-    def _restart_lora(self, round_index: int) -> None:
-        torch.manual_seed(self._derive_seed(self.run.seed, round_index, "calib-lora-init"))
-        for module in self._lora_modules().values():
-            module.reset_lora_parameters("default", True)
-
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters()
-                if p.requires_grad}
-
-    def _restore(self, snapshot: dict[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in snapshot.items():
-                params[name].copy_(value)
-
     def _factors(self, update) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{layer: (s B, A)}`` of an update whose round started from B = 0."""
         out = {}
@@ -158,24 +139,34 @@ class ProxyTrainer:
         """Train clients and the joint model from one start; returns (RepeatDeltas, rows)."""
         from livar_calib.deltas import RepeatDeltas
         from livar_merge.federated.client import train_client
+        from livar_merge.federated.model import restart_lora, restore_parameters, snapshot_trainable
 
-        self._restart_lora(round_index)
-        start = self._snapshot()
+        seed = self._derive_seed(self.run.seed, round_index, "calib-lora-init")
+        restart_lora(self.model, self.info.lora_layers, seed)
+        start = snapshot_trainable(self.model)
         partial = self.folder / f"round_{round_index}_partial"
         partial.mkdir(exist_ok=True)
-        trainees = [(f"client_{m}", part, frozenset({"omega"})) for m, part in
-                    enumerate(self.parts)] + [("joint", self.union, frozenset())]
+        trainees = [
+            (f"client_{m}", part, frozenset({"omega"})) for m, part in enumerate(self.parts)
+        ] + [("joint", self.union, frozenset())]
         done = []
         for client_id, indices, needs in trainees:
             cached = partial / f"{client_id}.safetensors"
             if cached.is_file():  # finished before an interruption: identical by construction
                 done.append(load_update(cached))
                 continue
-            self._restore(start)
+            restore_parameters(self.model, start)
             update, _ = train_client(
-                self.model, self.source, indices, client_id=client_id,
-                num_classes=self.num_classes, settings=self.settings, seed=self.run.seed,
-                round_index=round_index, needs=needs)
+                self.model,
+                self.source,
+                indices,
+                client_id=client_id,
+                num_classes=self.num_classes,
+                settings=self.settings,
+                seed=self.run.seed,
+                round_index=round_index,
+                needs=needs,
+            )
             save_update(cached, update)
             done.append(update)
         done = [_on_cpu(u) for u in done]
@@ -183,7 +174,8 @@ class ProxyTrainer:
         layers = list(self.info.lora_layers)
         client_factors = [self._factors(u) for u in updates]
         deltas = RepeatDeltas(
-            repeat_id=self.run.repeat_id(round_index), layers=layers,
+            repeat_id=self.run.repeat_id(round_index),
+            layers=layers,
             clients=[u.client_id for u in updates],
             client_factors={layer: [f[layer] for f in client_factors] for layer in layers},
             joint_factors=self._factors(joint),
@@ -191,43 +183,56 @@ class ProxyTrainer:
         rows = []
         for u in updates:
             for l, layer in enumerate(layers):
-                rows.append({
-                    "repeat_id": deltas.repeat_id, "beta": self.run.beta, "seed": self.run.seed,
-                    "round": round_index, "client": u.client_id, "layer": layer,
-                    "omega_a": float(u.omega_a[l]), "omega_b": float(u.omega_b[l]),
-                    "num_samples": u.num_samples,
-                })
+                rows.append(
+                    {
+                        "repeat_id": deltas.repeat_id,
+                        "beta": self.run.beta,
+                        "seed": self.run.seed,
+                        "round": round_index,
+                        "client": u.client_id,
+                        "layer": layer,
+                        "omega_a": float(u.omega_a[l]),
+                        "omega_b": float(u.omega_b[l]),
+                        "num_samples": u.num_samples,
+                    }
+                )
         self._advance(round_index, updates, joint, start)
         return deltas, rows
 
     def _advance(self, round_index: int, updates: list, joint, start) -> None:
         """Fold the chosen round result into the frozen weights and set the head."""
         from livar_merge.fedavg import fedavg_head, fedavg_lora
-        from livar_merge.federated.model import head_module
+        from livar_merge.federated.model import fold_into_base, head_module, restore_parameters
 
-        self._restore(start)
-        modules = self._lora_modules()
+        restore_parameters(self.model, start)
+        modules = self.info.lora_layers
         head = head_module(self.model)
         with torch.no_grad():
             if self.config.next_start == "joint":
-                deltas = {layer: (self.scalings[layer] * joint.lora[f"{layer}.lora_B.weight"]
-                                  @ joint.lora[f"{layer}.lora_A.weight"])
-                          for layer in modules}
+                deltas = {
+                    layer: (
+                        self.scalings[layer]
+                        * joint.lora[f"{layer}.lora_B.weight"]
+                        @ joint.lora[f"{layer}.lora_A.weight"]
+                    )
+                    for layer in modules
+                }
                 head.weight.copy_(joint.head_weight)
                 if head.bias is not None:
                     head.bias.copy_(joint.head_bias)
             else:
                 n = [u.num_samples for u in updates]
-                merged = fedavg_lora([u.lora for u in updates], n, mode="product",
-                                     scaling=self.scalings)
+                merged = fedavg_lora(
+                    [u.lora for u in updates], n, mode="product", scaling=self.scalings
+                )
                 deltas = {layer: merged[layer].to_dense() for layer in modules}
-                merged_head = fedavg_head([u.head_weight for u in updates],
-                                          [u.head_bias for u in updates], n)
+                merged_head = fedavg_head(
+                    [u.head_weight for u in updates], [u.head_bias for u in updates], n
+                )
                 head.weight.copy_(merged_head.weight)
                 if head.bias is not None:
                     head.bias.copy_(merged_head.bias)
-            for layer, module in modules.items():
-                module.base_layer.weight.add_(deltas[layer].to(module.base_layer.weight))
+        fold_into_base(self.model, deltas)
 
     def rounds(self) -> Iterator[int]:
         """Train the remaining rounds, saving each; yields the completed round numbers."""
@@ -254,8 +259,9 @@ def run_proxy_training(config: CalibConfig, root: Path) -> list[Path]:
     folders = [root / "proxy" / run.run_id for run in runs]
     total = len(runs) * config.rounds
     done = sum(_completed(folder) for folder in folders)
-    with tqdm(total=total, initial=done, disable=not config.progress, unit="round",
-              desc="proxy training") as bar:
+    with tqdm(
+        total=total, initial=done, disable=not config.progress, unit="round", desc="proxy training"
+    ) as bar:
         for run, folder in zip(runs, folders, strict=True):
             if _completed(folder) >= config.rounds:
                 continue
@@ -288,8 +294,11 @@ def save_update(path: Path, update: Any) -> None:
     if update.omega_a is not None:
         tensors["omega/a"] = torch.as_tensor(update.omega_a)
         tensors["omega/b"] = torch.as_tensor(update.omega_b)
-    meta = {"client_id": update.client_id, "num_samples": str(update.num_samples),
-            "layer_names": json.dumps(list(update.layer_names))}
+    meta = {
+        "client_id": update.client_id,
+        "num_samples": str(update.num_samples),
+        "layer_names": json.dumps(list(update.layer_names)),
+    }
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -306,9 +315,11 @@ def load_update(path: Path) -> Any:
     omega_a = tensors.get("omega/a")
     omega_b = tensors.get("omega/b")
     return ClientUpdate(
-        client_id=meta["client_id"], num_samples=int(meta["num_samples"]),
+        client_id=meta["client_id"],
+        num_samples=int(meta["num_samples"]),
         lora={k[5:]: v for k, v in tensors.items() if k.startswith("lora/")},
-        head_weight=tensors["head/weight"], head_bias=tensors.get("head/bias"),
+        head_weight=tensors["head/weight"],
+        head_bias=tensors.get("head/bias"),
         layer_names=tuple(json.loads(meta["layer_names"])),
         omega_a=None if omega_a is None else omega_a.numpy(),
         omega_b=None if omega_b is None else omega_b.numpy(),

@@ -24,16 +24,26 @@ def test_run_folder_and_table(calibrated):
     table = GShapTable.load(summary["table"])
     assert table.shape == (3, 3) and table.name == "synthetic-vit_tiny_patch16_224"
     assert table.provenance["proxy_dataset"] == "synthetic"
-    assert table.provenance["config_hash"] == json.loads((out / "config.json").read_text())["config_hash"]
+    saved = json.loads((out / "config.json").read_text())
+    assert table.provenance["config_hash"] == saved["config_hash"]
     assert "discretisation" in table.provenance
     rows = pd.read_csv(out / "rows.csv")
     # 1 beta x 1 seed x 2 rounds = 2 repeats of 3 clients x 8 layers
     assert len(rows) == 2 * 3 * 8 and rows["repeat_id"].nunique() == 2
     assert {"omega_a", "omega_b", "num_samples", "lam", "q_a", "q_b"} <= set(rows.columns)
     assert (rows["lam"] >= 0).all() and rows["q_a"].between(0, 100).all()
-    for name in ("forest.skops", "forest.json", "shap_values.csv", "shap.json", "quality.csv",
-                 "quality_summary.csv", "figures/figure2.png", "figures/figure2.pdf",
-                 "figures/figureA.png", "provenance.json"):
+    for name in (
+        "forest.skops",
+        "forest.json",
+        "shap_values.csv",
+        "shap.json",
+        "quality.csv",
+        "quality_summary.csv",
+        "figures/figure2.png",
+        "figures/figure2.pdf",
+        "figures/figureA.png",
+        "provenance.json",
+    ):
         assert (out / name).is_file(), name
     quality = pd.read_csv(out / "quality_summary.csv", index_col=0)
     assert {"calibrated", "paper-table-a", "fedavg", "nnls-oracle"} <= set(quality.index)
@@ -44,8 +54,12 @@ def test_table_drives_a_federated_run(calibrated, tmp_path):
     from livar_merge.federated.cli import main as fed_main
 
     table = json.loads((calibrated / "summary.json").read_text())["table"]
-    assert fed_main(["--preset", "tiny", "--rounds", "1", "--table", table,
-                     "--out", str(tmp_path / "fed")]) == 0
+    assert (
+        fed_main(
+            ["--preset", "tiny", "--rounds", "1", "--table", table, "--out", str(tmp_path / "fed")]
+        )
+        == 0
+    )
     prov = json.loads((tmp_path / "fed/provenance.json").read_text())
     assert prov["table"]["name"] == "synthetic-vit_tiny_patch16_224"
 
@@ -67,16 +81,19 @@ def test_interrupted_run_resumes_to_the_same_table(calibrated, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         main(["--preset", "tiny", "--out", str(out)])
     partial = out / "proxy/b0.5-s0/round_2_partial"
-    assert sorted(p.name for p in partial.iterdir()) == ["client_0.safetensors",
-                                                         "client_1.safetensors"]
+    assert sorted(p.name for p in partial.iterdir()) == [
+        "client_0.safetensors",
+        "client_1.safetensors",
+    ]
     monkeypatch.setattr(client_module, "train_client", real)
     assert main(["--preset", "tiny", "--out", str(out)]) == 2  # refuses without --resume
     assert main(["--preset", "tiny", "--out", str(out), "--resume"]) == 0
     ours = GShapTable.load(json.loads((out / "summary.json").read_text())["table"])
     reference = GShapTable.load(json.loads((calibrated / "summary.json").read_text())["table"])
     np.testing.assert_array_equal(ours.values, reference.values)
-    pd.testing.assert_frame_equal(pd.read_csv(out / "rows.csv"),
-                                  pd.read_csv(calibrated / "rows.csv"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "rows.csv"), pd.read_csv(calibrated / "rows.csv")
+    )
     assert not partial.exists()
 
 
@@ -86,9 +103,24 @@ def test_tiny_imagenet_original_layout_and_publish(tmp_path):
     write_tiny_folder(tmp_path / "data", per_class=24, val_per_class=2)
     out = tmp_path / "run"
     publish = tmp_path / "gshap"
-    args = ["--preset", "tiny", "--proxy", "tiny-imagenet", "--data-root", str(tmp_path / "data"),
-            "--max-train", "none", "--min-client-samples", "5", "--out", str(out),
-            "--publish", str(publish), "--rounds", "1"]
+    args = [
+        "--preset",
+        "tiny",
+        "--proxy",
+        "tiny-imagenet",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--max-train",
+        "none",
+        "--min-client-samples",
+        "5",
+        "--out",
+        str(out),
+        "--publish",
+        str(publish),
+        "--rounds",
+        "1",
+    ]
     assert main(args) == 0
     published = sorted(p.name for p in publish.iterdir())
     assert published == ["tiny-imagenet-vit_tiny_patch16_224.v1.json"]
@@ -103,6 +135,19 @@ def test_tiny_imagenet_original_layout_and_publish(tmp_path):
 def test_bad_options_fail_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--preset", "tiny", "--next-start", "magic"])
-    assert main(["--preset", "tiny", "--proxy", "tiny-imagenet", "--data-root",
-                 str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            [
+                "--preset",
+                "tiny",
+                "--proxy",
+                "tiny-imagenet",
+                "--data-root",
+                str(tmp_path / "missing"),
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     assert "tiny-imagenet" in capsys.readouterr().err

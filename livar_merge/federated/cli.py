@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import MISSING, fields
 from pathlib import Path
 
+from livar_merge._options import add_dataclass_options, collect_overrides
 from livar_merge.federated.config import PRESETS, FedConfig, load_config_file, resolve_config
 
 EXAMPLES = """examples:
@@ -50,23 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--list", choices=["datasets", "methods", "tables"], help="list what is available and exit"
     )
     options = parser.add_argument_group("run options (defaults: the paper's protocol)")
-    for f in fields(FedConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        kind = str(f.type).split("|")[0].strip()
-        help_text = f"{f.metadata['help']} (default: {default})"
-        if kind == "bool":
-            options.add_argument(
-                flag,
-                dest=f.name,
-                default=None,
-                action=argparse.BooleanOptionalAction,
-                help=help_text,
-            )
-        else:
-            options.add_argument(
-                flag, dest=f.name, default=None, metavar=kind.upper(), help=help_text
-            )
+    add_dataclass_options(options, FedConfig)
     return parser
 
 
@@ -93,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         list_available(args.list)
         return 0
-    names = {f.name for f in fields(FedConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    overrides = collect_overrides(args, FedConfig)
     try:
         file_options = load_config_file(args.config) if args.config else {}
         config = resolve_config(args.preset, file_options, overrides)

@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,35 +147,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def field_types() -> dict[str, type]:
-    """The scalar type of each option (``int | None`` -> ``int``)."""
-    mapping = {"int": int, "float": float, "str": str, "bool": bool}
-    out = {}
-    for f in fields(FedConfig):
-        base = str(f.type).split("|")[0].strip()
-        out[f.name] = mapping[base]
-    return out
-
-
 def coerce(name: str, value: Any) -> Any:
     """Convert a file or command-line value to the option's type; 'none' means None."""
-    kinds = field_types()
-    if name not in kinds:
-        raise ValueError(f"unknown option {name!r}; see livar-fed --help")
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-        default_none = "None" in str(next(f.type for f in fields(FedConfig) if f.name == name))
-        if not default_none:
-            raise ValueError(f"option {name} cannot be None")
-        return None
-    kind = kinds[name]
-    if kind is bool and isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"option {name} expects true/false, got {value!r}")
-        return value.lower() in ("true", "1", "yes")
+    from livar_merge._options import coerce_option
+
     try:
-        return kind(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"option {name} expects {kind.__name__}, got {value!r}") from err
+        return coerce_option(FedConfig, name, value)
+    except ValueError as err:
+        raise ValueError(f"{err}; see livar-fed --help") from err
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -162,3 +162,34 @@ def head_module(model: torch.nn.Module) -> torch.nn.Linear:
     """The trainable head (peft's modules_to_save copy)."""
     head = timm_core(model).head
     return head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
+
+
+def snapshot_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters (LoRA factors and head)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def restore_parameters(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy ``saved`` (parameter name -> tensor) back into ``model``."""
+    params = dict(model.named_parameters())
+    for name, value in saved.items():
+        params[name].copy_(value)
+
+
+@torch.no_grad()
+def fold_into_base(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> None:
+    """Add dense deltas ``{layer: [d, k]}`` to the frozen weights of the LoRA layers."""
+    modules = dict(model.named_modules())
+    for layer, delta in deltas.items():
+        weight = modules[layer].base_layer.weight
+        weight.add_(delta.to(weight))
+
+
+@torch.no_grad()
+def restart_lora(model: torch.nn.Module, layers: tuple[str, ...] | list[str], seed: int) -> None:
+    """Re-initialise the LoRA of ``layers`` (B = 0, Kaiming-uniform A) from ``seed``."""
+    torch.manual_seed(seed)
+    modules = dict(model.named_modules())
+    for layer in layers:
+        modules[layer].reset_lora_parameters("default", True)

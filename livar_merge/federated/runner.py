@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from livar_merge.aggregation import AggregationResult, ClientUpdate, make_aggregator
+from livar_merge.federated.builders import build_seeded_model, load_train_test
 from livar_merge.federated.client import (
     ClientMemory,
     TrainSettings,
@@ -34,7 +35,13 @@ from livar_merge.federated.client import (
 )
 from livar_merge.federated.config import FedConfig
 from livar_merge.federated.data import BatchSource, derive_seed
-from livar_merge.federated.model import build_model, head_module
+from livar_merge.federated.model import (
+    fold_into_base,
+    head_module,
+    restart_lora,
+    restore_parameters,
+    snapshot_trainable,
+)
 from livar_merge.federated.results import provenance, write_csv, write_json
 from livar_merge.lora import peft_scalings, to_peft_state_dict
 
@@ -86,7 +93,6 @@ class FederatedRun:
     """A ``livar-fed`` run. ``run()`` trains all remaining rounds and writes the folder."""
 
     def __init__(self, config: FedConfig, out: Path, *, resume: bool = False) -> None:
-        from livar_merge.federated.datasets import load_dataset, stratified_subsample, subset
         from livar_merge.federated.partition import class_count_table, dirichlet_partition
 
         self.config = config
@@ -99,14 +105,7 @@ class FederatedRun:
         self.precision = resolve_precision(config.precision, self.device)
         self.settings = settings_from(config, self.precision)
 
-        splits = load_dataset(
-            config.dataset, config.data_root, image_size=config.image_size, seed=config.seed
-        )
-        train, test = splits.train, splits.test
-        if config.max_train is not None and config.max_train < len(train):
-            train = subset(train, stratified_subsample(train.labels, config.max_train, config.seed))
-        if config.max_test is not None and config.max_test < len(test):
-            test = subset(test, stratified_subsample(test.labels, config.max_test, config.seed))
+        splits, train, test = load_train_test(config.dataset, config, config.seed)
         self.num_classes = splits.num_classes
         self.dataset_source = splits.source
         labels = np.asarray(train.labels)
@@ -120,23 +119,7 @@ class FederatedRun:
         self.partition_table = class_count_table(self.parts, labels, self.num_classes)
         self.client_ids = [f"client_{m}" for m in range(config.num_clients)]
 
-        torch.manual_seed(derive_seed(config.seed, "model-init"))
-        overrides = {
-            "patch_size": config.patch_size,
-            "embed_dim": config.embed_dim,
-            "depth": config.depth,
-            "num_heads": config.num_heads,
-        }
-        self.model, self.info = build_model(
-            config.model,
-            self.num_classes,
-            weights=config.weights,
-            image_size=config.image_size,
-            rank=config.lora_rank,
-            alpha=config.lora_alpha,
-            dropout=config.lora_dropout,
-            overrides=overrides,
-        )
+        self.model, self.info = build_seeded_model(config, self.num_classes, config.seed)
         self.model.to(self.device)
         self.scalings = peft_scalings(self.model)
         self.aggregator = make_aggregator(
@@ -268,31 +251,18 @@ class FederatedRun:
         self.state = RunState(**data)
 
     # ----------------------------------------------------------------- round
-    def _global_trainable(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def _restore_trainable(self, saved: dict[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
-
     def apply(self, result: AggregationResult, round_index: int) -> None:
         """Install the merged LoRA and head as the next global model."""
         head = head_module(self.model)
-        modules = dict(self.model.named_modules())
         with torch.no_grad():
             head.weight.copy_(result.head.weight)
             if head.bias is not None and result.head.bias is not None:
                 head.bias.copy_(result.head.bias)
             if self.config.lora_merge == "product":
                 # Eq. 3 exactly: fold sum_m alpha_m s B_m A_m into the frozen weight, restart LoRA.
-                for layer, delta in result.lora.items():
-                    base = modules[layer].base_layer.weight
-                    base.add_(delta.to_dense().to(base.dtype))
-                torch.manual_seed(derive_seed(self.config.seed, round_index, "lora-restart"))
-                for layer in result.lora:
-                    modules[layer].reset_lora_parameters("default", True)
+                fold_into_base(self.model, {k: d.to_dense() for k, d in result.lora.items()})
+                seed = derive_seed(self.config.seed, round_index, "lora-restart")
+                restart_lora(self.model, list(result.lora), seed)
             else:
                 state = to_peft_state_dict(result.lora, adapter_name="default")
                 params = dict(self.model.named_parameters())
@@ -302,10 +272,10 @@ class FederatedRun:
     def run_round(self, round_index: int, progress: Any = None) -> dict[str, Any]:
         """Train every client from the global model, aggregate, evaluate."""
         start = time.perf_counter()
-        global_state = self._global_trainable()
+        global_state = snapshot_trainable(self.model)
         updates: list[ClientUpdate] = []
         for m, client_id in enumerate(self.client_ids):
-            self._restore_trainable(global_state)
+            restore_parameters(self.model, global_state)
             memory = ClientMemory(**self.state.memories.get(client_id, {}))
             if memory.tracker_state is not None:
                 memory.tracker_state = {
@@ -346,7 +316,7 @@ class FederatedRun:
             if progress is not None:
                 progress.update(1)
         train_seconds = time.perf_counter() - start
-        self._restore_trainable(global_state)
+        restore_parameters(self.model, global_state)
         head = head_module(self.model)
         previous = (
             head.weight.detach().clone(),

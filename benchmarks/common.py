@@ -1,0 +1,80 @@
+"""Shared helpers of the benchmark scripts: machine description, timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# ViT-B/16 LoRA layer shapes (out d, in k) of one block; 12 blocks.
+VIT_B16_BLOCK = {
+    "attn.qkv": (2304, 768),
+    "attn.proj": (768, 768),
+    "mlp.fc1": (3072, 768),
+    "mlp.fc2": (768, 3072),
+}
+
+
+def vit_b16_layers(blocks: int = 12) -> dict[str, tuple[int, int]]:
+    return {
+        f"blocks.{i}.{name}": shape for i in range(blocks) for name, shape in VIT_B16_BLOCK.items()
+    }
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def median_time(
+    fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> tuple[float, list[float]]:
+    """Median wall time of ``fn`` over ``repeats`` calls (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5, device: str = "cpu") -> float:
+    """Measured copy bandwidth in bytes/s (read + write counted once each: 2 * nbytes)."""
+    import torch
+
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    seconds, _ = median_time(lambda: dst.copy_(src), repeats=repeats, sync=sync)
+    return 2 * nbytes / seconds
+
+
+def save(name: str, result: dict[str, Any], markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown + "\n")
+    print(markdown)
