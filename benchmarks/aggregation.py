@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import copy_bandwidth, machine, median_time, save, vit_b16_layers  # noqa: E402
+from common import copy_bandwidth, machine, median_time, save, vit_b16_layers
 
 VARIANTS = {
     "fedavg-factors": "FedAvg on factors (sum w B, sum w A)",
@@ -57,7 +57,7 @@ def run_variant(variant: str, num_clients: int, rank: int, device: str, repeats:
 
     from livar_merge import GShapTable, fedavg_weights, livar_coefficients, merge_lora
 
-    states, omega_a, omega_b, samples, layers = make_inputs(num_clients, rank, device)
+    states, omega_a, omega_b, samples, _layers = make_inputs(num_clients, rank, device)
     table = GShapTable.load("paper-table-a")
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     if sync:

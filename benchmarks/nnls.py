@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, save, vit_b16_layers  # noqa: E402
+from common import machine, save, vit_b16_layers
 
 
 def main() -> None:

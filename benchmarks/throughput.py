@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, save  # noqa: E402
+from common import machine, save
 
 
 def main() -> None:
