@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0 RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg
-# Until the calibration pipeline lands, the main job is a LIVAR run with the CPU preset.
-livar-fed --preset cpu --dataset digits --method livar --beta 0.05 --out runs/main-digits-livar --resume "$@"
+# The main job: calibrate a G_SHAP table on the embedded default proxy (digits, small ViT).
+# Re-running continues (or reuses) the same run folder.
+livar-calibrate --out runs/calibration/default --resume "$@"
