@@ -98,6 +98,12 @@ def validate_updates(
                         f"{who}: {name} has shape {np.shape(omega)}, expected "
                         f"({len(ref.layer_names)},)"
                     )
+        for need, keys in EXTRA_KEYS.items():
+            if need in needs:
+                for key in keys:
+                    if key not in u.extras:
+                        raise ClientUpdateError(f"{who} sent no {key!r} (the method needs {need})")
+                    _check_finite_tree(u.extras[key], f"{who}: {key}")
         if "sigma" in needs:
             for name in ("class_sigma", "class_present", "class_counts"):
                 value = getattr(u, name)
@@ -105,6 +111,26 @@ def validate_updates(
                     raise ClientUpdateError(
                         f"{who}: {name} missing or not of shape ({classes},) (the method needs it)"
                     )
+
+
+EXTRA_KEYS = {
+    "gram": ("gram", "head_gram"),
+    "fisher": ("fisher",),
+    "prototypes": ("proto_mean", "proto_count"),
+}
+
+
+def _check_finite_tree(value: Any, where: str) -> None:
+    """NaN/Inf check of a tensor, array or dict of them (NaN allowed in prototype rows)."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_finite_tree(item, f"{where}[{key!r}]")
+    elif isinstance(value, torch.Tensor):
+        check_finite_tensor(value, where)
+    elif where.endswith("proto_mean"):
+        return  # classes a client never saw are NaN by design
+    elif not np.isfinite(np.asarray(value, dtype=np.float64)).all():
+        raise ClientUpdateError(f"{where} holds NaN/Inf values")
 
 
 class Aggregator:
@@ -146,10 +172,17 @@ def available_methods() -> list[str]:
 
 
 def make_aggregator(name: str, **options: Any) -> Aggregator:
-    """Build the registered method ``name`` with ``options`` (table, lora_merge, ...)."""
+    """Build the registered method ``name``; ``options`` it does not take are ignored, so a run
+    can pass all its method options (table, lora_merge, regmean_shrinkage, ...) to any method."""
+    import inspect
+
     if name not in _REGISTRY:
         raise ValueError(f"unknown aggregation method {name!r}; available: {available_methods()}")
-    return _REGISTRY[name](**options)
+    factory = _REGISTRY[name]
+    accepted = inspect.signature(getattr(factory, "accepts", factory)).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        options = {k: v for k, v in options.items() if k in accepted}
+    return factory(**options)
 
 
 class WeightedAggregator(Aggregator):
@@ -264,7 +297,14 @@ def _weighted(lora_weighting: str, head_weighting: str, name: str) -> Callable[.
         )
 
     factory.__doc__ = f"{name}: LoRA weighted by {lora_weighting}, head by {head_weighting}."
+    factory.accepts = _weighted_options  # type: ignore[attr-defined]
     return factory
+
+
+def _weighted_options(
+    table: GShapTable | str = "paper-table-a", lora_merge: MergeMode = "product"
+) -> None:
+    """The options of the weighted methods (for make_aggregator's filtering)."""
 
 
 for _name, _lora, _head in (
@@ -274,3 +314,253 @@ for _name, _lora, _head in (
     ("livar-sigma", "samples", "variance"),
 ):
     register_method(_name)(_weighted(_lora, _head, _name))
+
+
+# --------------------------------------------------------------------------- baselines
+def _no_class_weights(updates: Sequence[ClientUpdate]) -> np.ndarray:
+    return np.full((len(updates), updates[0].head_weight.shape[0]), np.nan)
+
+
+def _refactorise(dense: torch.Tensor, scaling: float, rank: int) -> LoraDelta:
+    """Rank-``rank`` factors of ``dense / scaling`` by truncated SVD (balanced)."""
+    u, s, vh = torch.linalg.svd(dense.double() / scaling, full_matrices=False)
+    root = s[:rank].sqrt()
+    return LoraDelta(
+        scaling=scaling, B=(u[:, :rank] * root).float(), A=(root[:, None] * vh[:rank]).float()
+    )
+
+
+class RegMeanAggregator(Aggregator):
+    """RegMean on the dense LoRA deltas and the head (see :mod:`livar_merge.baselines`)."""
+
+    name = "regmean"
+    needs = frozenset({"gram"})
+
+    def __init__(self, *, lora_merge: MergeMode = "product", regmean_shrinkage: float = 0.5):
+        if lora_merge == "factors":
+            raise ValueError("regmean merges dense deltas: use lora_merge 'product' or 'svd'")
+        self.lora_merge = lora_merge
+        self.shrinkage = regmean_shrinkage
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "lora_merge": self.lora_merge, "shrinkage": self.shrinkage}
+
+    def aggregate(self, updates, *, previous_head=None, scaling=1.0):
+        from livar_merge.baselines import regmean_delta, regmean_head
+        from livar_merge.lora import scaling_for, stack_client_factors
+
+        validate_updates(updates, needs=self.needs)
+        ids = [u.client_id for u in updates]
+        stacked = stack_client_factors([u.lora for u in updates], client_ids=ids)
+        lora: dict[str, LoraDelta] = {}
+        for layer, factors in stacked.items():
+            grams = [u.extras["gram"].get(layer) for u in updates]
+            k = factors.A.shape[2]
+            for u, g in zip(updates, grams, strict=True):
+                if g is None or tuple(g.shape) != (k, k):
+                    raise ClientUpdateError(
+                        f"client {u.client_id!r}: Gram of layer {layer} missing or not [{k}, {k}]"
+                    )
+            s = scaling_for(scaling, layer)
+            dense = regmean_delta(
+                list(factors.B), list(factors.A), grams, scaling=s, shrinkage=self.shrinkage
+            )
+            lora[layer] = (
+                _refactorise(dense, s, factors.B.shape[2])
+                if self.lora_merge == "svd"
+                else LoraDelta(scaling=s, dense=dense.float())
+            )
+        if updates[0].head_bias is None:
+            raise ClientUpdateError("regmean's head merge expects a head with a bias")
+        weight, bias = regmean_head(
+            [u.head_weight for u in updates],
+            [u.head_bias for u in updates],
+            [u.extras["head_gram"] for u in updates],
+            shrinkage=self.shrinkage,
+        )
+        dtype = updates[0].head_weight.dtype
+        head = MergedHead(weight.to(dtype), bias.to(dtype), _no_class_weights(updates), ())
+        weights = np.full((len(updates), len(lora)), np.nan)
+        return AggregationResult(lora, head, weights, tuple(lora), {})
+
+
+class FisherAggregator(Aggregator):
+    """Fisher-weighted averaging of LoRA factors and head (see :mod:`livar_merge.baselines`)."""
+
+    name = "fisher"
+    needs = frozenset({"fisher"})
+
+    def __init__(self, *, fisher_floor: float = 1e-8) -> None:
+        self.floor = fisher_floor
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "floor": self.floor, "lora_merge": "factors"}
+
+    def aggregate(self, updates, *, previous_head=None, scaling=1.0):
+        from livar_merge.baselines import fisher_average
+        from livar_merge.lora import scaling_for, stack_client_factors
+
+        validate_updates(updates, needs=self.needs)
+        ids = [u.client_id for u in updates]
+        stack_client_factors([u.lora for u in updates], client_ids=ids)  # consistency checks
+        layers = lora_layer_names(updates[0].lora)
+
+        def merged(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+            fishers = []
+            for u, t in zip(updates, tensors, strict=True):
+                f = u.extras["fisher"].get(key)
+                if f is None or f.shape != t.shape:
+                    raise ClientUpdateError(
+                        f"client {u.client_id!r}: Fisher of {key} missing "
+                        f"or not of shape {tuple(t.shape)}"
+                    )
+                fishers.append(f.to(t.device))
+            return fisher_average(tensors, fishers, floor=self.floor)
+
+        lora = {}
+        for layer in layers:
+            a_key, b_key = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+            lora[layer] = LoraDelta(
+                scaling=scaling_for(scaling, layer),
+                B=merged(b_key, [u.lora[b_key] for u in updates]),
+                A=merged(a_key, [u.lora[a_key] for u in updates]),
+            )
+        weight = merged("head.weight", [u.head_weight for u in updates])
+        bias = (
+            None
+            if updates[0].head_bias is None
+            else merged("head.bias", [u.head_bias for u in updates])
+        )
+        head = MergedHead(weight, bias, _no_class_weights(updates), ())
+        return AggregationResult(
+            lora, head, np.full((len(updates), len(layers)), np.nan), tuple(layers), {}
+        )
+
+
+class FedProtoAggregator(WeightedAggregator):
+    """FedAvg of LoRA and head plus the pooled class prototypes sent back to clients."""
+
+    def __init__(self, *, lora_merge: MergeMode = "product", proto_weight: float = 1.0) -> None:
+        super().__init__(
+            lora_weighting="samples",
+            head_weighting="samples",
+            lora_merge=lora_merge,
+            name="fedproto",
+        )
+        self.needs = frozenset({"prototypes"})  # type: ignore[misc]
+        self.proto_weight = proto_weight
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "proto_weight": self.proto_weight}
+
+    def aggregate(self, updates, *, previous_head=None, scaling=1.0):
+        from livar_merge.baselines import pooled_prototypes
+
+        result = super().aggregate(updates, previous_head=previous_head, scaling=scaling)
+        proto, counts = pooled_prototypes(
+            [u.extras["proto_mean"] for u in updates], [u.extras["proto_count"] for u in updates]
+        )
+        result.details["prototypes"] = proto
+        result.details["prototype_counts"] = counts
+        return result
+
+
+class CCVRAggregator(Aggregator):
+    """A base method followed by CCVR's head calibration on virtual features.
+
+    ``needs`` includes ``"moments"``: after aggregation the runtime asks every client for its
+    per-class feature moments under the new global model and calls :meth:`refine_head`.
+    """
+
+    def __init__(
+        self,
+        base: Aggregator,
+        *,
+        ccvr_samples: int = 256,
+        ccvr_epochs: int = 5,
+        ccvr_lr: float = 0.01,
+        ccvr_temperature: float = 0.1,
+        ccvr_covariance: str = "full",
+        name: str = "ccvr",
+    ) -> None:
+        if ccvr_covariance not in ("full", "diag"):
+            raise ValueError(f"ccvr_covariance must be 'full' or 'diag', got {ccvr_covariance!r}")
+        self.base = base
+        self.name = name  # type: ignore[misc]
+        self.needs = base.needs | {"moments"}  # type: ignore[misc]
+        self.options = {
+            "samples_per_class": ccvr_samples,
+            "epochs": ccvr_epochs,
+            "lr": ccvr_lr,
+            "temperature": ccvr_temperature,
+        }
+        self.full_covariance = ccvr_covariance == "full"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.base.describe(),
+            "method": self.name,
+            "ccvr": self.options,
+            "ccvr_covariance": "full" if self.full_covariance else "diag",
+        }
+
+    def aggregate(self, updates, *, previous_head=None, scaling=1.0):
+        return self.base.aggregate(updates, previous_head=previous_head, scaling=scaling)
+
+    def refine_head(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        moments: Sequence[Mapping[str, np.ndarray]],
+        *,
+        seed: int,
+    ):
+        """CCVR: pool the clients' moments, sample virtual features, re-train the head."""
+        from livar_merge.baselines import pool_moments, retrain_head, sample_virtual_features
+
+        pooled = pool_moments(
+            [m["mean"] for m in moments], [m["cov"] for m in moments], [m["count"] for m in moments]
+        )
+        feats, labels = sample_virtual_features(
+            pooled, self.options["samples_per_class"], seed=seed
+        )
+        return retrain_head(
+            weight,
+            bias,
+            feats.to(weight.device),
+            labels.to(weight.device),
+            epochs=self.options["epochs"],
+            lr=self.options["lr"],
+            temperature=self.options["temperature"],
+            seed=seed,
+        )
+
+
+def _ccvr_options(
+    ccvr_samples: int = 256,
+    ccvr_epochs: int = 5,
+    ccvr_lr: float = 0.01,
+    ccvr_temperature: float = 0.1,
+    ccvr_covariance: str = "full",
+    table: GShapTable | str = "paper-table-a",
+    lora_merge: MergeMode = "product",
+) -> None:
+    """The options of the CCVR methods (for make_aggregator's filtering)."""
+
+
+def _ccvr(base_method: str, name: str) -> Callable[..., Aggregator]:
+    def factory(
+        *, table: GShapTable | str = "paper-table-a", lora_merge: MergeMode = "product", **ccvr: Any
+    ) -> Aggregator:
+        base = make_aggregator(base_method, table=table, lora_merge=lora_merge)
+        return CCVRAggregator(base, name=name, **ccvr)
+
+    factory.accepts = _ccvr_options  # type: ignore[attr-defined]
+    return factory
+
+
+register_method("regmean")(RegMeanAggregator)
+register_method("fisher")(FisherAggregator)
+register_method("fedproto")(FedProtoAggregator)
+register_method("ccvr")(_ccvr("fedavg", "ccvr"))
+register_method("livar+ccvr")(_ccvr("livar", "livar+ccvr"))

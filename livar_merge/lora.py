@@ -182,7 +182,8 @@ def _weight_matrix(
     return w
 
 
-def _scaling_for(scaling: float | Mapping[str, float], layer: str) -> float:
+def scaling_for(scaling: float | Mapping[str, float], layer: str) -> float:
+    """The LoRA scaling of ``layer`` from one number or a ``{layer: scaling}`` mapping."""
     if isinstance(scaling, Mapping):
         if layer not in scaling:
             raise ClientUpdateError(f"no LoRA scaling given for layer {layer}")
@@ -267,7 +268,7 @@ def merge_lora(
         dtype = _compute_dtype(factors.B.dtype)
         factors = LoraLayerFactors(B=factors.B.to(dtype), A=factors.A.to(dtype))
         w = torch.as_tensor(w_all[:, l], dtype=dtype, device=factors.B.device)
-        s = _scaling_for(scaling, layer)
+        s = scaling_for(scaling, layer)
         if mode == "factors":
             b = torch.einsum("m,mdr->dr", w, factors.B)
             a = torch.einsum("m,mrk->rk", w, factors.A)

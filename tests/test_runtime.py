@@ -89,13 +89,36 @@ def test_refuses_to_mix_runs(finished_run):
         run_federated(tiny(rounds=2, beta=0.1), out, resume=True)
 
 
-@pytest.mark.parametrize("mode", ["svd", "factors"])
-@pytest.mark.parametrize("method", ["fedavg", "livar-sigma"])
-def test_other_merge_modes_and_methods_run(tmp_path, mode, method):
+@pytest.mark.parametrize(
+    ("method", "mode"),
+    [
+        ("fedavg", "svd"),
+        ("livar-sigma", "factors"),
+        ("livar-alpha", "svd"),
+        ("regmean", "product"),
+        ("regmean", "svd"),
+        ("fisher", "product"),
+        ("fedproto", "product"),
+        ("ccvr", "product"),
+        ("livar+ccvr", "factors"),
+    ],
+)
+def test_every_method_and_merge_mode_runs(tmp_path, method, mode):
     summary = run_federated(
-        tiny(rounds=1, lora_merge=mode, method=method, num_clients=2, max_train=120, max_test=40),
+        tiny(
+            rounds=2,
+            lora_merge=mode,
+            method=method,
+            num_clients=2,
+            max_train=120,
+            max_test=40,
+            fisher_samples=16,
+            ccvr_samples=32,
+            ccvr_epochs=1,
+        ),
         tmp_path,
     )
+    assert len(summary["accuracy_per_round"]) == 2
     assert 0.0 <= summary["final_accuracy"] <= 1.0
 
 
@@ -230,3 +253,17 @@ def test_cli_end_to_end_and_errors(tmp_path):
         == 2
     )
     assert Path(tmp_path / "r/summary.json").is_file()
+
+
+def test_fedproto_server_state_survives_resume(tmp_path):
+    options = {
+        "rounds": 3,
+        "method": "fedproto",
+        "num_clients": 2,
+        "max_train": 120,
+        "max_test": 40,
+    }
+    straight = run_federated(tiny(**options), tmp_path / "a")
+    run_federated(tiny(**options), tmp_path / "b", stop_after=2)
+    resumed = run_federated(tiny(**options), tmp_path / "b", resume=True)
+    assert resumed["accuracy_per_round"] == straight["accuracy_per_round"]

@@ -84,13 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     out = Path(config.out or Path("runs") / config.run_name())
+    if config.engine == "flower" and (args.resume or args.stop_after is not None):
+        parser.error("--resume and --stop-after are not supported with --engine flower")
 
     from livar_merge.errors import LivarError
     from livar_merge.federated.runner import run_federated
 
     try:
-        summary = run_federated(config, out, resume=args.resume, stop_after=args.stop_after)
-    except (LivarError, FileExistsError, FileNotFoundError) as err:
+        if config.engine == "flower":
+            try:
+                from livar_merge.flower.simulation import run_flower_simulation
+            except ImportError as err:
+                raise LivarError(f"--engine flower needs the flower extra: {err}") from err
+            summary = run_flower_simulation(config, out)
+        else:
+            summary = run_federated(config, out, resume=args.resume, stop_after=args.stop_after)
+    except (LivarError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"livar-fed: error: {err}", file=sys.stderr)
         return 2
     acc = summary["final_accuracy"]

@@ -34,6 +34,8 @@ class TrainSettings:
     sigma_samples: str = "correct"
     sigma_pass: str = "final"
     eval_batch_size: int = 256
+    proto_weight: float = 1.0  # FedProto's lambda (used when prototypes are given)
+    fisher_samples: int = 256  # samples of the diagonal Fisher (Fisher averaging)
 
 
 @dataclass
@@ -61,13 +63,31 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def lora_key(parameter_name: str) -> str:
+    """``<layer>.lora_A.default.weight`` -> ``<layer>.lora_A.weight`` (peft state dict keys)."""
+    return parameter_name.replace(".default.", ".")
+
+
 def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """LoRA factors as in ``get_peft_model_state_dict`` (adapter name dropped), detached copies."""
     out = {}
     for name, param in model.named_parameters():
         if ".lora_A." in name or ".lora_B." in name:
-            out[name.replace(".default.", ".")] = param.detach().clone()
+            out[lora_key(name)] = param.detach().clone()
     return out
+
+
+def prototype_loss(
+    features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor
+) -> torch.Tensor:
+    """FedProto's regulariser: mean over samples whose class has a global prototype of
+    ``||f(x) - P_y||^2``. ``features [B, D]``, ``prototypes [C, D]`` (NaN rows: no prototype)."""
+    target = prototypes[labels]
+    known = ~torch.isnan(target).any(dim=1)
+    if not bool(known.any()):
+        return features.new_zeros(())
+    diff = features[known] - target[known]
+    return (diff**2).sum(dim=1).mean()
 
 
 @torch.no_grad()
@@ -108,11 +128,14 @@ def train_client(
     round_index: int,
     needs: frozenset[str] = frozenset({"omega", "sigma"}),
     memory: ClientMemory | None = None,
+    prototypes: torch.Tensor | None = None,
 ) -> tuple[ClientUpdate, TrainReport]:
     """Train ``model`` (already holding the global state) on ``indices`` and build the update.
 
     Randomness (shuffling, augmentation, dropout) is derived from ``(seed, round, client)`` so a
-    resumed run repeats it exactly.
+    resumed run repeats it exactly. ``needs`` lists the statistics the method uses (``omega``,
+    ``sigma``, ``gram``, ``prototypes``, ``fisher``); ``prototypes [C, D]`` switches on
+    FedProto's regulariser with weight ``settings.proto_weight``.
     """
     if len(indices) == 0:
         raise ValueError(f"client {client_id!r} has no training samples")
@@ -147,6 +170,10 @@ def train_client(
             with autocast_context(settings.precision, source.device):
                 features, logits = forward_with_features(model, x)
                 loss = torch.nn.functional.cross_entropy(logits.float(), y)
+                if prototypes is not None and settings.proto_weight > 0:
+                    loss = loss + settings.proto_weight * prototype_loss(
+                        features.float(), y, prototypes
+                    )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -163,6 +190,15 @@ def train_client(
     if "sigma" in needs and stats is None:
         stats = collect_class_stats(model, source, indices, num_classes, settings)
 
+    extras = collect_method_statistics(
+        model,
+        source,
+        indices,
+        num_classes,
+        settings,
+        needs,
+        seed=derive_seed(seed, round_index, client_id, "fisher"),
+    )
     head = head_module(model)
     update = ClientUpdate(
         client_id=client_id,
@@ -170,6 +206,7 @@ def train_client(
         lora=lora_state(model),
         head_weight=head.weight.detach().clone(),
         head_bias=None if head.bias is None else head.bias.detach().clone(),
+        extras=extras,
     )
     if tracker is not None:
         importance = tracker.result()
@@ -189,6 +226,41 @@ def train_client(
         seconds=time.perf_counter() - start,
     )
     return update, report
+
+
+def collect_method_statistics(
+    model: torch.nn.Module,
+    source: BatchSource,
+    indices: np.ndarray,
+    num_classes: int,
+    settings: TrainSettings,
+    needs: frozenset[str],
+    *,
+    seed: int,
+) -> dict[str, Any]:
+    """The baselines' statistics (``gram``, ``prototypes``, ``fisher``) after local training."""
+    from livar_merge.federated.statistics import diagonal_fisher, gram_and_prototype_pass
+    from livar_merge.signals import find_lora_parameters
+
+    extras: dict[str, Any] = {}
+    if needs & {"gram", "prototypes"}:
+        extras.update(
+            gram_and_prototype_pass(
+                model,
+                source,
+                indices,
+                num_classes,
+                layers=list(find_lora_parameters(model)),
+                batch_size=settings.eval_batch_size,
+                want_gram="gram" in needs,
+                want_prototypes="prototypes" in needs,
+            )
+        )
+    if "fisher" in needs:
+        extras["fisher"] = diagonal_fisher(
+            model, source, indices, max_samples=settings.fisher_samples, seed=seed
+        )
+    return extras
 
 
 @torch.no_grad()

@@ -60,7 +60,11 @@ class FedConfig:
     num_workers: int = _opt(0, "DataLoader workers for file datasets (GPU runs: 4-8)")
     threads: int | None = _opt(None, "torch CPU threads (None: torch default)")
     # method
-    method: str = _opt("livar", "aggregation method (fedavg, livar, livar-alpha, livar-sigma)")
+    method: str = _opt(
+        "livar",
+        "aggregation method: fedavg, livar, livar-alpha, livar-sigma, regmean, fisher, "
+        "fedproto, ccvr, livar+ccvr",
+    )
     table: str = _opt("paper-table-a", "G_SHAP table name or path")
     lora_merge: str = _opt(
         "product",
@@ -78,18 +82,55 @@ class FedConfig:
         "features for sigma: 'final' (a pass over local data after training, paper), "
         "'last-epoch' (during the last local epoch), 'pretrained' (frozen backbone, released code)",
     )
+    # baselines (each method reads the options it takes)
+    regmean_shrinkage: float = _opt(0.5, "RegMean: scale of the Gram off-diagonals (1: none)")
+    fisher_floor: float = _opt(1e-8, "Fisher averaging: floor added to every Fisher entry")
+    fisher_samples: int = _opt(256, "Fisher averaging: local samples of the diagonal Fisher")
+    proto_weight: float = _opt(1.0, "FedProto: weight lambda of the prototype term")
+    ccvr_samples: int = _opt(256, "CCVR: virtual features sampled per class")
+    ccvr_epochs: int = _opt(5, "CCVR: epochs of head re-training")
+    ccvr_lr: float = _opt(0.01, "CCVR: SGD learning rate (momentum 0.9, cosine schedule)")
+    ccvr_temperature: float = _opt(0.1, "CCVR: temperature of the logit-normalised loss")
+    ccvr_covariance: str = _opt("full", "CCVR: 'full' or 'diag' class covariances")
     # run
     seed: int = _opt(42, "seed of the split, initialisation and training")
     out: str | None = _opt(None, "results folder (default runs/<dataset>-<method>-b<beta>-s<seed>)")
     eval_batch_size: int = _opt(256, "evaluation batch size")
     progress: bool = _opt(True, "progress bars on stderr")
+    # engine
+    engine: str = _opt(
+        "inprocess",
+        "'inprocess' (clients trained one after another in this process) or 'flower' "
+        "(a Flower ServerApp + ClientApps on the Simulation Engine; needs the flower extra)",
+    )
+    client_cpus: float = _opt(1.0, "CPU cores reserved per ClientApp (--engine flower)")
+    client_gpus: float = _opt(
+        0.0, "GPUs per ClientApp, fractions share one GPU (--engine flower)"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def method_options(self) -> dict[str, Any]:
+        """Options handed to the aggregation method (it keeps the ones it takes)."""
+        names = (
+            "table",
+            "lora_merge",
+            "regmean_shrinkage",
+            "fisher_floor",
+            "proto_weight",
+            "ccvr_samples",
+            "ccvr_epochs",
+            "ccvr_lr",
+            "ccvr_temperature",
+            "ccvr_covariance",
+        )
+        return {name: getattr(self, name) for name in names}
+
     def config_hash(self) -> str:
         """SHA-256 of the options that change results (not out/progress/threads/workers)."""
         ignore = {"out", "progress", "threads", "num_workers", "eval_batch_size"}
+        ignore |= {"engine", "client_cpus", "client_gpus"}  # same results on either engine
         body = {k: v for k, v in self.to_dict().items() if k not in ignore}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -195,6 +236,7 @@ def validate_config(config: FedConfig) -> None:
         "sigma_samples": ("correct", "all"),
         "sigma_pass": ("final", "last-epoch", "pretrained"),
         "precision": ("auto", "fp32", "bf16", "fp16"),
+        "engine": ("inprocess", "flower"),
     }
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
@@ -207,3 +249,8 @@ def validate_config(config: FedConfig) -> None:
             raise ValueError(f"option {name} must be >= 1, got {getattr(config, name)}")
     if config.beta <= 0:
         raise ValueError(f"option beta must be > 0, got {config.beta}")
+    if config.client_cpus <= 0 or config.client_gpus < 0:
+        raise ValueError(
+            f"options client_cpus must be > 0 and client_gpus >= 0, got "
+            f"{config.client_cpus} and {config.client_gpus}"
+        )

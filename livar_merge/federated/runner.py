@@ -86,6 +86,8 @@ def settings_from(config: FedConfig, precision: str) -> TrainSettings:
         sigma_samples=config.sigma_samples,
         sigma_pass=config.sigma_pass,
         eval_batch_size=config.eval_batch_size,
+        proto_weight=config.proto_weight,
+        fisher_samples=config.fisher_samples,
     )
 
 
@@ -122,9 +124,8 @@ class FederatedRun:
         self.model, self.info = build_seeded_model(config, self.num_classes, config.seed)
         self.model.to(self.device)
         self.scalings = peft_scalings(self.model)
-        self.aggregator = make_aggregator(
-            config.method, table=config.table, lora_merge=config.lora_merge
-        )
+        self.aggregator = make_aggregator(config.method, **config.method_options())
+        self.prototypes: torch.Tensor | None = None  # FedProto's server state
         source = {
             "mean": self.info.mean,
             "std": self.info.std,
@@ -196,6 +197,8 @@ class FederatedRun:
         for name, param in self.model.named_parameters():
             if "base_layer" in name and self.config.lora_merge == "product":
                 tensors[f"base/{name}"] = param.detach()
+        if self.prototypes is not None:
+            tensors["server/prototypes"] = self.prototypes
         return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
     def save_checkpoint(self) -> None:
@@ -246,6 +249,8 @@ class FederatedRun:
                     params[name].copy_(value)
                 elif kind == "head":
                     getattr(head, name).copy_(value)
+                elif kind == "server" and name == "prototypes":
+                    self.prototypes = value.to(self.device)
         data.pop("checkpoint_version")
         data.pop("config_hash")
         self.state = RunState(**data)
@@ -268,6 +273,34 @@ class FederatedRun:
                 params = dict(self.model.named_parameters())
                 for key, value in state.items():
                     params[key].copy_(value.to(params[key].dtype))
+
+    def calibrate_head(self, round_index: int) -> None:
+        """CCVR: clients' class feature moments under the new global model, then the server
+        re-trains the head on virtual features (one extra client pass, counted as aggregation)."""
+        from livar_merge.federated.statistics import feature_moments
+
+        moments = [
+            feature_moments(
+                self.model,
+                self.train_source,
+                part,
+                self.num_classes,
+                batch_size=self.config.eval_batch_size,
+                full_covariance=self.config.ccvr_covariance == "full",
+            )
+            for part in self.parts
+        ]
+        head = head_module(self.model)
+        weight, bias = self.aggregator.refine_head(  # type: ignore[attr-defined]
+            head.weight.detach(),
+            None if head.bias is None else head.bias.detach(),
+            moments,
+            seed=derive_seed(self.config.seed, round_index, "ccvr"),
+        )
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if bias is not None:
+                head.bias.copy_(bias)
 
     def run_round(self, round_index: int, progress: Any = None) -> dict[str, Any]:
         """Train every client from the global model, aggregate, evaluate."""
@@ -293,6 +326,7 @@ class FederatedRun:
                 round_index=round_index,
                 needs=self.aggregator.needs,
                 memory=memory,
+                prototypes=self.prototypes,
             )
             if memory.tracker_state is not None:
                 self.state.memories[client_id] = {
@@ -325,6 +359,12 @@ class FederatedRun:
         agg_start = time.perf_counter()
         result = self.aggregator.aggregate(updates, previous_head=previous, scaling=self.scalings)
         self.apply(result, round_index)
+        if "prototypes" in result.details:
+            self.prototypes = torch.as_tensor(
+                result.details["prototypes"], dtype=torch.float32, device=self.device
+            )
+        if "moments" in self.aggregator.needs:
+            self.calibrate_head(round_index)
         agg_seconds = time.perf_counter() - agg_start
         self._log_aggregation(round_index, updates, result)
         accuracy, loss = evaluate(
