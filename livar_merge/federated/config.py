@@ -104,9 +104,7 @@ class FedConfig:
         "(a Flower ServerApp + ClientApps on the Simulation Engine; needs the flower extra)",
     )
     client_cpus: float = _opt(1.0, "CPU cores reserved per ClientApp (--engine flower)")
-    client_gpus: float = _opt(
-        0.0, "GPUs per ClientApp, fractions share one GPU (--engine flower)"
-    )
+    client_gpus: float = _opt(0.0, "GPUs per ClientApp, fractions share one GPU (--engine flower)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,364 @@
+"""Wire format of LIVAR on Flower: the broadcast global model and a client's reply.
+
+Tensor keys (global model and reply alike; the same names as ``checkpoint/global.safetensors``)::
+
+    lora/<layer>.lora_A.weight   [r, k]   LoRA factors (peft state-dict names, adapter dropped)
+    lora/<layer>.lora_B.weight   [d, r]
+    head/weight, head/bias       [C, D], [C]
+    base/<param>.base_layer.weight        frozen weight of a LoRA layer (global model only, and
+                                          only with lora_merge="product", where every round's
+                                          merged update is folded into it)
+
+A reply is a RecordDict with three records:
+
+``arrays``  (ArrayRecord)   the client's LoRA factors and head after local training;
+``metrics`` (MetricRecord)  ``num-examples``; ``omega-a``/``omega-b`` (one value per layer, in
+                            the order of ``layer-names``) when the method needs omega;
+                            ``class-sigma`` (0 where absent), ``class-present`` (0/1) and
+                            ``class-counts`` (one value per class) when it needs sigma;
+                            ``train-loss``, ``train-accuracy``, ``train-steps``, ``train-seconds``;
+``info``    (ConfigRecord)  ``protocol``, ``client-id``, ``partition-id``, ``layer-names``,
+                            ``config-hash`` and the G_SHAP table identity ``table-name``,
+                            ``table-version``, ``table-checksum``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from livar_merge.aggregation import ClientUpdate
+from livar_merge.errors import ClientUpdateError
+
+PROTOCOL = 1
+ARRAYS, METRICS, INFO, CONFIG = "arrays", "metrics", "info", "config"
+TABLE_KEYS = ("name", "version", "checksum")
+
+
+class InvalidReplyError(ClientUpdateError):
+    """A client reply that cannot be aggregated; the message names the node, client and key."""
+
+
+# ------------------------------------------------------------------------------ global model
+def global_tensors(model: torch.nn.Module, lora_merge: str) -> dict[str, torch.Tensor]:
+    """The global state of a peft model: LoRA factors, head and (product mode) folded weights."""
+    from livar_merge.federated.client import lora_state
+    from livar_merge.federated.model import head_module
+
+    head = head_module(model)
+    tensors = {f"lora/{k}": v for k, v in lora_state(model).items()}
+    tensors["head/weight"] = head.weight.detach()
+    if head.bias is not None:
+        tensors["head/bias"] = head.bias.detach()
+    if lora_merge == "product":
+        for name, param in model.named_parameters():
+            if ".base_layer." in name:
+                tensors[f"base/{name}"] = param.detach()
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+
+@torch.no_grad()
+def load_global_tensors(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy tensors named as in :func:`global_tensors` into ``model`` (shapes must match)."""
+    from livar_merge.federated.model import head_module
+
+    params = dict(model.named_parameters())
+    head = head_module(model)
+    for key, value in tensors.items():
+        kind, _, name = key.partition("/")
+        if kind == "lora":
+            target = params.get(
+                name.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+            )
+        elif kind == "base":
+            target = params.get(name)
+        elif kind == "head":
+            target = getattr(head, name, None)
+        else:
+            target = None
+        if target is None:
+            raise ValueError(f"global model key {key!r} names no parameter of this model")
+        if tuple(target.shape) != tuple(value.shape):
+            raise ValueError(
+                f"global model key {key!r} has shape {tuple(value.shape)}, "
+                f"the model's parameter has {tuple(target.shape)}"
+            )
+        target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """An ArrayRecord of CPU numpy copies (dtype and shape kept exactly)."""
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in tensors.items()}
+    )
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Tensors of an ArrayRecord, in its key order."""
+    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+
+
+# -------------------------------------------------------------------------------- the reply
+def _floats(values: Any) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=np.float64).ravel()]
+
+
+def _ints(values: Any) -> list[int]:
+    return [int(v) for v in np.asarray(values).ravel()]
+
+
+def pack_reply(
+    update: ClientUpdate,
+    *,
+    partition_id: int,
+    table: Mapping[str, Any],
+    config_hash: str,
+    train_metrics: Mapping[str, float | int] | None = None,
+) -> RecordDict:
+    """The RecordDict a ClientApp sends for ``update`` (see the module docstring)."""
+    tensors = {f"lora/{k}": v for k, v in update.lora.items()}
+    tensors["head/weight"] = update.head_weight
+    if update.head_bias is not None:
+        tensors["head/bias"] = update.head_bias
+    metrics = MetricRecord({"num-examples": int(update.num_samples)})
+    if update.omega_a is not None and update.omega_b is not None:
+        metrics["omega-a"] = _floats(update.omega_a)
+        metrics["omega-b"] = _floats(update.omega_b)
+    if update.class_sigma is not None:
+        present = np.asarray(update.class_present, dtype=bool)
+        sigma = np.where(present, np.asarray(update.class_sigma, dtype=np.float64), 0.0)
+        metrics["class-sigma"] = _floats(sigma)
+        metrics["class-present"] = _ints(present.astype(np.int64))
+        metrics["class-counts"] = _ints(update.class_counts)
+    for key, value in (train_metrics or {}).items():
+        metrics[key] = value
+    info = ConfigRecord(
+        {
+            "protocol": PROTOCOL,
+            "client-id": str(update.client_id),
+            "partition-id": int(partition_id),
+            "layer-names": [str(n) for n in update.layer_names],
+            "config-hash": str(config_hash),
+            **{f"table-{k}": table[k] for k in TABLE_KEYS},
+        }
+    )
+    return RecordDict({ARRAYS: to_array_record(tensors), METRICS: metrics, INFO: info})
+
+
+def unpack_reply(content: RecordDict) -> ClientUpdate:
+    """The :class:`ClientUpdate` of a reply built by :func:`pack_reply` (no validation; use
+    :func:`validate_reply` on replies from the network). ``extras`` holds the partition id,
+    table identity, config hash and training metrics."""
+    info, metrics = content[INFO], content[METRICS]
+    tensors = from_array_record(content[ARRAYS])
+    lora = {k[len("lora/") :]: v for k, v in tensors.items() if k.startswith("lora/")}
+    update = ClientUpdate(
+        client_id=str(info["client-id"]),
+        num_samples=int(metrics["num-examples"]),
+        lora=lora,
+        head_weight=tensors["head/weight"],
+        head_bias=tensors.get("head/bias"),
+        layer_names=tuple(info.get("layer-names", [])),
+    )
+    if "omega-a" in metrics:
+        update.omega_a = np.asarray(metrics["omega-a"], dtype=np.float64)
+        update.omega_b = np.asarray(metrics["omega-b"], dtype=np.float64)
+    if "class-sigma" in metrics:
+        present = np.asarray(metrics["class-present"], dtype=bool)
+        sigma = np.asarray(metrics["class-sigma"], dtype=np.float64)
+        update.class_present = present
+        update.class_sigma = np.where(present, sigma, np.nan)
+        update.class_counts = np.asarray(metrics["class-counts"], dtype=np.int64)
+    update.extras = {
+        "partition_id": int(info["partition-id"]),
+        "config_hash": str(info.get("config-hash", "")),
+        "table": {k: info.get(f"table-{k}") for k in TABLE_KEYS},
+        **{
+            k.replace("-", "_"): v
+            for k, v in metrics.items()
+            if k.startswith("train-") and not isinstance(v, list)
+        },
+    }
+    return update
+
+
+# ------------------------------------------------------------------------------- validation
+@dataclass(frozen=True)
+class ReplySpec:
+    """What a valid reply holds: array shapes/dtypes, LoRA layers, classes, the statistics the
+    method needs, the server's G_SHAP table identity and (optionally) the option hash."""
+
+    arrays: Mapping[str, tuple[tuple[int, ...], str]]
+    layer_names: tuple[str, ...]
+    num_classes: int
+    needs: frozenset[str]
+    table: Mapping[str, Any] | None = None
+    config_hash: str | None = None
+
+    @classmethod
+    def from_global(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        layer_names: tuple[str, ...],
+        *,
+        needs: frozenset[str],
+        table: Mapping[str, Any] | None = None,
+        config_hash: str | None = None,
+    ) -> ReplySpec:
+        """The spec of replies to the global model ``tensors`` (``base/`` keys excluded)."""
+        arrays = {
+            k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+            for k, v in tensors.items()
+            if not k.startswith("base/")
+        }
+        return cls(
+            arrays=arrays,
+            layer_names=tuple(layer_names),
+            num_classes=int(tensors["head/weight"].shape[0]),
+            needs=frozenset(needs),
+            table=dict(table) if table is not None else None,
+            config_hash=config_hash,
+        )
+
+
+def _reject(who: str, what: str) -> InvalidReplyError:
+    return InvalidReplyError(f"{who}: {what}")
+
+
+def _number_list(
+    who: str, metrics: MetricRecord, key: str, length: int, *, ints: bool = False
+) -> np.ndarray:
+    if key not in metrics:
+        raise _reject(who, f"metrics key {key!r} is missing (the method needs it)")
+    value = metrics[key]
+    if not isinstance(value, list) or len(value) != length:
+        got = f"{len(value)} values" if isinstance(value, list) else type(value).__name__
+        raise _reject(who, f"metrics key {key!r} holds {got}, expected a list of {length}")
+    array = np.asarray(value, dtype=np.int64 if ints else np.float64)
+    if not ints and not np.isfinite(array).all():
+        bad = int(np.flatnonzero(~np.isfinite(array))[0])
+        raise _reject(who, f"metrics key {key!r} holds NaN/Inf (first at index {bad})")
+    if (array < 0).any():
+        bad = int(np.flatnonzero(array < 0)[0])
+        raise _reject(who, f"metrics key {key!r} is negative at index {bad}")
+    return array
+
+
+def _check_info(who: str, info: ConfigRecord, spec: ReplySpec) -> None:
+    for key in ("protocol", "client-id", "partition-id", "layer-names", "config-hash"):
+        if key not in info:
+            raise _reject(who, f"info key {key!r} is missing")
+    if info["protocol"] != PROTOCOL:
+        raise _reject(who, f"info key 'protocol' is {info['protocol']!r}, expected {PROTOCOL}")
+    if spec.config_hash is not None and info["config-hash"] != spec.config_hash:
+        raise _reject(
+            who,
+            f"info key 'config-hash' is {str(info['config-hash'])[:12]}..., the server's "
+            f"options hash to {spec.config_hash[:12]}... (trained with other options)",
+        )
+    if spec.table is not None:
+        client = {k: info.get(f"table-{k}") for k in TABLE_KEYS}
+        if any(client[k] is None for k in TABLE_KEYS):
+            missing = [f"table-{k}" for k in TABLE_KEYS if client[k] is None]
+            raise _reject(who, f"info keys {missing} (G_SHAP table identity) are missing")
+        for key in TABLE_KEYS:
+            if client[key] != spec.table[key]:
+                raise _reject(
+                    who,
+                    f"info key 'table-{key}': the client has G_SHAP table {client['name']} "
+                    f"v{client['version']} ({client['checksum']}), the server "
+                    f"{spec.table['name']} v{spec.table['version']} ({spec.table['checksum']})",
+                )
+
+
+def _check_arrays(who: str, arrays: ArrayRecord, spec: ReplySpec) -> None:
+    missing = [k for k in spec.arrays if k not in arrays]
+    extra = [k for k in arrays if k not in spec.arrays]
+    if missing:
+        raise _reject(who, f"array {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if extra:
+        raise _reject(who, f"unexpected array {extra[0]!r} ({len(extra)} unexpected in all)")
+    for key, (shape, dtype) in spec.arrays.items():
+        array = arrays[key]
+        if tuple(array.shape) != tuple(shape):
+            raise _reject(
+                who, f"array {key!r} has shape {tuple(array.shape)}, expected {tuple(shape)}"
+            )
+        if array.dtype != dtype:
+            raise _reject(who, f"array {key!r} has dtype {array.dtype}, expected {dtype}")
+
+
+def validate_reply(
+    content: RecordDict, spec: ReplySpec, *, node_id: int | None = None
+) -> ClientUpdate:
+    """Check a reply against ``spec`` and return its :class:`ClientUpdate`.
+
+    Raises :class:`InvalidReplyError` naming the node, client and key for: a missing record or
+    key, a different protocol, option hash or G_SHAP table (name/version/checksum), arrays of
+    the wrong shape or dtype, NaN/Inf in arrays or statistics, negative statistics, statistics
+    of the wrong length, layer names that differ from the server's, or no samples.
+    """
+    node = f"node {node_id}" if node_id is not None else "a node"
+    who = f"reply from {node}"
+    for key, kind in ((ARRAYS, ArrayRecord), (METRICS, MetricRecord), (INFO, ConfigRecord)):
+        if key not in content or not isinstance(content[key], kind):
+            raise _reject(who, f"record {key!r} ({kind.__name__}) is missing")
+    info, metrics, arrays = content[INFO], content[METRICS], content[ARRAYS]
+    if "client-id" in info:
+        who = f"reply from {node} (client {info['client-id']!r})"
+    _check_info(who, info, spec)
+    _check_arrays(who, arrays, spec)
+    num = metrics.get("num-examples")
+    if not isinstance(num, int) or num <= 0:
+        raise _reject(who, f"metrics key 'num-examples' is {num!r}, expected a positive int")
+    layers = len(spec.layer_names)
+    if "omega" in spec.needs:
+        if tuple(info["layer-names"]) != tuple(spec.layer_names):
+            raise _reject(who, "info key 'layer-names' differs from the server's LoRA layers")
+        _number_list(who, metrics, "omega-a", layers)
+        _number_list(who, metrics, "omega-b", layers)
+    if "sigma" in spec.needs:
+        classes = spec.num_classes
+        _number_list(who, metrics, "class-sigma", classes)
+        present = _number_list(who, metrics, "class-present", classes, ints=True)
+        counts = _number_list(who, metrics, "class-counts", classes, ints=True)
+        if (present > 1).any():
+            raise _reject(who, "metrics key 'class-present' holds values other than 0/1")
+        if (present.astype(bool) & (counts < 2)).any():
+            raise _reject(who, "metrics key 'class-present' marks a class with < 2 samples")
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _reject(who, f"metrics key {key!r} is {value!r}")
+    update = unpack_reply(content)
+    for key, tensor in (
+        *((f"lora/{k}", v) for k, v in update.lora.items()),
+        ("head/weight", update.head_weight),
+        ("head/bias", update.head_bias),
+    ):
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise _reject(who, f"array {key!r} holds {count} NaN/Inf values")
+    update.extras["node_id"] = node_id
+    return update
+
+
+def frozen_checksum(model: torch.nn.Module, lora_merge: str) -> str:
+    """SHA-256 of the frozen parameters that are *not* broadcast (in product mode the LoRA
+    layers' frozen weights travel with the global model and are left out). Server and clients
+    compare it to catch a different backbone (weights file, architecture, seed)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.requires_grad or (lora_merge == "product" and ".base_layer." in name):
+            continue
+        digest.update(name.encode())
+        digest.update(str(tuple(param.shape)).encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"

@@ -1,0 +1,383 @@
+"""``LivarStrategy``: LIVAR (and its baselines) as a Flower 1.41 message-based strategy.
+
+Each round the strategy broadcasts the global model to every connected node, checks each reply
+with :func:`~livar_merge.flower.messages.validate_reply`, drops bad ones with a logged reason,
+reduces the rest in client-id order with an aggregator of our registry and installs the result
+exactly as ``livar-fed`` does (:class:`GlobalModel`). Client-side evaluation is not used: the
+ServerApp evaluates centrally through ``Strategy.start(evaluate_fn=...)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from livar_merge.aggregation import AggregationResult, ClientUpdate, make_aggregator
+from livar_merge.errors import LivarError
+from livar_merge.flower.messages import (
+    ARRAYS,
+    CONFIG,
+    PROTOCOL,
+    InvalidReplyError,
+    ReplySpec,
+    global_tensors,
+    load_global_tensors,
+    to_array_record,
+    validate_reply,
+)
+
+log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
+SUPPORTED_NEEDS = frozenset({"omega", "sigma"})
+FLOWER_METHODS = ("fedavg", "livar", "livar-alpha", "livar-sigma")
+
+
+class RoundFailedError(LivarError):
+    """Too few valid replies (or connected nodes) to aggregate a round."""
+
+
+def check_method(method: str, needs: Iterable[str] | None = None) -> None:
+    """Raise if ``method`` needs client statistics the wire format does not carry."""
+    if needs is None:
+        needs = make_aggregator(method).needs
+    unsupported = set(needs) - SUPPORTED_NEEDS
+    if unsupported:
+        raise ValueError(
+            f"method {method!r} needs {sorted(unsupported)}, which the Flower wire format "
+            f"does not carry; methods it supports: {', '.join(FLOWER_METHODS)}"
+        )
+
+
+def client_order(client_id: str) -> tuple[Any, ...]:
+    """Natural sort key: ``client_2`` before ``client_10`` (the order ``livar-fed`` uses)."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", client_id))
+
+
+class GlobalModel:
+    """The server's copy of the global model and the rule that installs an aggregation result
+    (the same as ``FederatedRun.apply``): head copied; LoRA folded into the frozen weights and
+    restarted from ``derive_seed(seed, round, "lora-restart")`` (product) or loaded (svd,
+    factors)."""
+
+    def __init__(self, model: torch.nn.Module, *, seed: int, lora_merge: str = "product") -> None:
+        from livar_merge.lora import peft_scalings
+        from livar_merge.signals import find_lora_parameters
+
+        self.model = model
+        self.seed = seed
+        self.lora_merge = lora_merge
+        self.scalings = peft_scalings(model)
+        self.layer_names = tuple(find_lora_parameters(model))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return global_tensors(self.model, self.lora_merge)
+
+    def arrays(self) -> ArrayRecord:
+        return to_array_record(self.tensors())
+
+    def load(self, arrays: ArrayRecord) -> None:
+        from livar_merge.flower.messages import from_array_record
+
+        load_global_tensors(self.model, from_array_record(arrays))
+
+    def previous_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from livar_merge.federated.model import head_module
+
+        head = head_module(self.model)
+        bias = None if head.bias is None else head.bias.detach().clone()
+        return head.weight.detach().clone(), bias
+
+    @torch.no_grad()
+    def apply(self, result: AggregationResult, round_index: int) -> None:
+        from livar_merge.federated.data import derive_seed
+        from livar_merge.federated.model import fold_into_base, head_module, restart_lora
+        from livar_merge.lora import to_peft_state_dict
+
+        head = head_module(self.model)
+        head.weight.copy_(result.head.weight)
+        if head.bias is not None and result.head.bias is not None:
+            head.bias.copy_(result.head.bias)
+        if self.lora_merge == "product":
+            fold_into_base(self.model, {k: d.to_dense() for k, d in result.lora.items()})
+            seed = derive_seed(self.seed, round_index, "lora-restart")
+            restart_lora(self.model, list(result.lora), seed)
+        else:
+            params = dict(self.model.named_parameters())
+            for key, value in to_peft_state_dict(result.lora, adapter_name="default").items():
+                params[key].copy_(value.to(params[key].dtype))
+
+
+@dataclass
+class RoundLog:
+    """What one round did: accepted updates (in reduction order), the aggregation result, and
+    one outcome per reply or silent node (``accepted``/``reason``)."""
+
+    round: int
+    updates: list[ClientUpdate]
+    result: AggregationResult
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    aggregation_seconds: float = 0.0
+
+
+class LivarStrategy(Strategy):
+    """LIVAR as a Flower strategy.
+
+    Args:
+        model: the peft LoRA ViT holding the initial global model (the server's copy).
+        seed: run seed (LoRA restarts in product mode derive from it).
+        method: ``livar``, ``fedavg``, ``livar-alpha`` or ``livar-sigma`` (our registry).
+        table: G_SHAP table name or path; replies must carry the same table identity.
+        lora_merge: ``product`` (Eq. 3 folded into the frozen weights), ``svd`` or ``factors``.
+        min_replies: a round fails (:class:`RoundFailedError`) with fewer valid replies.
+        min_available_nodes: wait up to ``node_wait_timeout`` s for this many nodes before a
+            round; after that the round goes on with those connected (at least ``min_replies``).
+        config_hash: if given, replies trained with other options are dropped.
+        frozen_checksum: sent to clients, which refuse to train on another backbone.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        seed: int,
+        method: str = "livar",
+        table: str = "paper-table-a",
+        lora_merge: str = "product",
+        min_replies: int = 1,
+        min_available_nodes: int = 0,
+        node_wait_timeout: float = 60.0,
+        config_hash: str | None = None,
+        frozen_checksum: str | None = None,
+    ) -> None:
+        from livar_merge.tables import GShapTable
+
+        if min_replies < 1:
+            raise ValueError(f"min_replies must be >= 1, got {min_replies}")
+        self.method = method
+        self.aggregator = make_aggregator(method, table=table, lora_merge=lora_merge)
+        check_method(method, self.aggregator.needs)
+        self.table_identity = GShapTable.load(table).identity()
+        self.global_model = GlobalModel(model, seed=seed, lora_merge=lora_merge)
+        self.min_replies = min_replies
+        self.min_available_nodes = min_available_nodes
+        self.node_wait_timeout = node_wait_timeout
+        self.config_hash = config_hash
+        self.frozen_checksum = frozen_checksum
+        self.history: list[RoundLog] = []
+        self._current: ArrayRecord | None = None
+        self._messages: list[Message] = []
+        self._sent_at = 0.0
+        self._spec: ReplySpec | None = None
+
+    # ------------------------------------------------------------------------- helpers
+    def initial_arrays(self) -> ArrayRecord:
+        """The global model to pass to ``start(initial_arrays=...)``."""
+        self._current = self.global_model.arrays()
+        return self._current
+
+    def reply_spec(self) -> ReplySpec:
+        """What a valid reply holds (shapes are fixed for a run, so computed once)."""
+        if self._spec is None:
+            self._spec = ReplySpec.from_global(
+                self.global_model.tensors(),
+                self.global_model.layer_names,
+                needs=self.aggregator.needs,
+                table=self.table_identity,
+                config_hash=self.config_hash,
+            )
+        return self._spec
+
+    def sync(self, arrays: ArrayRecord) -> None:
+        """Make the server's model hold ``arrays`` (a no-op for the record it produced)."""
+        if arrays is not self._current:
+            self.global_model.load(arrays)
+            self._current = arrays
+
+    def _wait_for_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        deadline = time.monotonic() + self.node_wait_timeout
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.min_available_nodes:
+                return nodes
+            if time.monotonic() >= deadline:
+                if len(nodes) >= self.min_replies:
+                    log.warning(
+                        "round %d: %d of the %d expected nodes connected after %.0f s; "
+                        "going on with them",
+                        server_round,
+                        len(nodes),
+                        self.min_available_nodes,
+                        self.node_wait_timeout,
+                    )
+                    return nodes
+                raise RoundFailedError(
+                    f"round {server_round}: only {len(nodes)} nodes connected after waiting "
+                    f"{self.node_wait_timeout:.0f} s; min_replies is {self.min_replies}"
+                )
+            time.sleep(1.0)
+
+    def summary(self) -> None:
+        log.info(
+            "LivarStrategy: method %s, table %s v%s, lora_merge %s, min_replies %d",
+            self.method,
+            self.table_identity["name"],
+            self.table_identity["version"],
+            self.global_model.lora_merge,
+            self.min_replies,
+        )
+
+    # ---------------------------------------------------------------------------- train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the global model and the round's ConfigRecord to every connected node."""
+        self.sync(arrays)
+        nodes = self._wait_for_nodes(grid, server_round)
+        config["server-round"] = server_round
+        config["protocol"] = PROTOCOL
+        config["needs"] = sorted(self.aggregator.needs)
+        config["lora-merge"] = self.global_model.lora_merge
+        for key, value in self.table_identity.items():
+            config[f"table-{key}"] = value
+        if self.frozen_checksum is not None:
+            config["frozen-checksum"] = self.frozen_checksum
+        content = RecordDict({ARRAYS: arrays, CONFIG: config})
+        messages = [
+            Message(
+                content=content,
+                message_type=MessageType.TRAIN,
+                dst_node_id=node,
+                group_id=str(server_round),
+            )
+            for node in nodes
+        ]
+        self._messages = messages
+        self._sent_at = time.perf_counter()
+        log.info("round %d: sent the global model to %d nodes", server_round, len(nodes))
+        return messages
+
+    def _drop(self, outcomes: list[dict[str, Any]], reason: str, **row: Any) -> None:
+        log.warning("dropped %s", reason)
+        outcomes.append({**row, "accepted": False, "reason": reason})
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, drop, sort by client id, aggregate, install; returns the new global."""
+        train_seconds = time.perf_counter() - self._sent_at if self._sent_at else 0.0
+        replies = list(replies)
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._messages}
+        self._messages = []
+        spec = self.reply_spec()
+        outcomes: list[dict[str, Any]] = []
+        valid: list[tuple[ClientUpdate, int]] = []
+        answered: set[str] = set()
+        for msg in replies:
+            answered.add(msg.metadata.reply_to_message_id)
+            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            row = {"round": server_round, "node_id": node, "client": None}
+            if msg.has_error():
+                self._drop(
+                    outcomes,
+                    f"reply from node {node}: error reply (code {msg.error.code}): "
+                    f"{msg.error.reason}",
+                    **row,
+                )
+                continue
+            try:
+                update = validate_reply(msg.content, spec, node_id=node)
+            except InvalidReplyError as err:
+                self._drop(outcomes, str(err), **row)
+                continue
+            valid.append((update, node))
+        for message_id, node in sent.items():
+            if message_id not in answered:
+                self._drop(
+                    outcomes,
+                    f"node {node}: no reply within the round timeout",
+                    round=server_round,
+                    node_id=node,
+                    client=None,
+                )
+        # One update per client id, deterministically (lowest node id), in client-id order.
+        valid.sort(key=lambda item: (client_order(item[0].client_id), item[1]))
+        updates: list[ClientUpdate] = []
+        for update, node in valid:
+            row = {"round": server_round, "node_id": node, "client": update.client_id}
+            if updates and updates[-1].client_id == update.client_id:
+                first = updates[-1].extras.get("node_id")
+                self._drop(
+                    outcomes,
+                    f"reply from node {node} (client {update.client_id!r}): duplicate client "
+                    f"id (already sent by node {first})",
+                    **row,
+                )
+                continue
+            updates.append(update)
+            outcomes.append({**row, "accepted": True, "reason": ""})
+        if len(updates) < self.min_replies:
+            reasons = "; ".join(o["reason"] for o in outcomes if not o["accepted"])
+            raise RoundFailedError(
+                f"round {server_round}: {len(updates)} valid replies of {len(replies)} "
+                f"received, min_replies is {self.min_replies}. Dropped: {reasons or 'none'}"
+            )
+        start = time.perf_counter()
+        result = self.aggregator.aggregate(
+            updates,
+            previous_head=self.global_model.previous_head(),
+            scaling=self.global_model.scalings,
+        )
+        self.global_model.apply(result, server_round)
+        self._current = self.global_model.arrays()
+        self.history.append(
+            RoundLog(
+                server_round,
+                updates,
+                result,
+                sorted(outcomes, key=lambda o: (not o["accepted"], str(o["client"]), o["node_id"])),
+                train_seconds,
+                time.perf_counter() - start,
+            )
+        )
+        return self._current, _train_metrics(updates, len(outcomes) - len(updates))
+
+    # ------------------------------------------------------------------------- evaluate
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No client-side evaluation (the ServerApp evaluates centrally)."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+
+def _train_metrics(updates: list[ClientUpdate], dropped: int) -> MetricRecord:
+    """Sample-weighted training loss/accuracy of the accepted replies and reply counts."""
+    total = sum(u.num_samples for u in updates)
+    metrics = MetricRecord(
+        {"replies-accepted": len(updates), "replies-dropped": dropped, "num-examples": total}
+    )
+    for key in ("train_loss", "train_accuracy"):
+        values: list[tuple[Any, int]] = [
+            (u.extras.get(key), u.num_samples) for u in updates if key in u.extras
+        ]
+        if values and total > 0:
+            metrics[key.replace("_", "-")] = float(sum(v * n for v, n in values) / total)
+    return metrics
+
+
+def reply_outcomes(history: Iterable[RoundLog]) -> list[Mapping[str, Any]]:
+    """All reply outcomes of a run (for ``replies.csv``)."""
+    return [o for entry in history for o in entry.outcomes]
