@@ -46,19 +46,6 @@ def proxy_runs(config: CalibConfig) -> list[ProxyRun]:
     return [ProxyRun(beta, seed) for beta in config.betas for seed in config.seeds]
 
 
-def _train_settings(config: CalibConfig, precision: str):
-    from livar_merge.federated.client import TrainSettings
-
-    return TrainSettings(
-        local_epochs=config.local_epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        precision=precision,
-        omega_reduction=config.omega_reduction,
-    )
-
-
 class ProxyTrainer:
     """Runs the proxy training of one (beta, seed), round by round, resumable."""
 
@@ -66,7 +53,7 @@ class ProxyTrainer:
         from livar_merge.federated.builders import build_seeded_model, load_train_test
         from livar_merge.federated.data import BatchSource, derive_seed
         from livar_merge.federated.partition import class_count_table, dirichlet_partition
-        from livar_merge.federated.runner import resolve_device, resolve_precision
+        from livar_merge.federated.runner import resolve_device, resolve_precision, settings_from
         from livar_merge.lora import peft_scalings
 
         self.config, self.run, self.folder = config, run, folder
@@ -75,7 +62,7 @@ class ProxyTrainer:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
-        self.settings = _train_settings(config, self.precision)
+        self.settings = settings_from(config, self.precision)
         splits, train, _ = load_train_test(config.proxy, config, run.seed)
         labels = np.asarray(train.labels)
         self.num_classes = splits.num_classes

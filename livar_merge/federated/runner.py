@@ -42,7 +42,7 @@ from livar_merge.federated.model import (
     restore_parameters,
     snapshot_trainable,
 )
-from livar_merge.federated.results import provenance, write_csv, write_json
+from livar_merge.federated.results import aggregation_rows, provenance, write_csv, write_json
 from livar_merge.lora import peft_scalings, to_peft_state_dict
 
 log = logging.getLogger(__name__)
@@ -73,22 +73,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def settings_from(config: FedConfig, precision: str) -> TrainSettings:
-    return TrainSettings(
-        local_epochs=config.local_epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        augment=config.augment,
-        precision=precision,
-        omega_reduction=config.omega_reduction,
-        omega_cumulative=config.omega_cumulative,
-        sigma_samples=config.sigma_samples,
-        sigma_pass=config.sigma_pass,
-        eval_batch_size=config.eval_batch_size,
-        proto_weight=config.proto_weight,
-        fisher_samples=config.fisher_samples,
-    )
+def settings_from(config: Any, precision: str) -> TrainSettings:
+    """Local-training settings from any config naming the same options (livar-fed, calibrate);
+    options a config lacks keep TrainSettings' defaults."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(TrainSettings)} - {"precision"}
+    given = {name: getattr(config, name) for name in names if hasattr(config, name)}
+    return TrainSettings(**given, precision=precision)
 
 
 class FederatedRun:
@@ -388,38 +380,9 @@ class FederatedRun:
     def _log_aggregation(
         self, round_index: int, updates: list[ClientUpdate], result: AggregationResult
     ) -> None:
-        d = result.details
-        for m, update in enumerate(updates):
-            for l, layer in enumerate(result.layer_names):
-                row = {
-                    "round": round_index,
-                    "client": update.client_id,
-                    "layer": layer,
-                    "weight": float(result.lora_weights[m, l]),
-                }
-                if "omega_a" in d:
-                    row.update(
-                        omega_a=float(d["omega_a"][m, l]),
-                        omega_b=float(d["omega_b"][m, l]),
-                        bin_a=int(d["bin_a"][m, l]),
-                        bin_b=int(d["bin_b"][m, l]),
-                    )
-                self.state.alpha.append(row)
-            for c in range(result.head.class_weights.shape[1]):
-                self.state.head_weights.append(
-                    {
-                        "round": round_index,
-                        "client": update.client_id,
-                        "class": c,
-                        "weight": float(result.head.class_weights[m, c]),
-                        "sigma": None
-                        if update.class_sigma is None
-                        else float(update.class_sigma[c]),
-                        "count": None
-                        if update.class_counts is None
-                        else int(update.class_counts[c]),
-                    }
-                )
+        alpha, heads = aggregation_rows(round_index, updates, result)
+        self.state.alpha.extend(alpha)
+        self.state.head_weights.extend(heads)
 
     def _write_tables(self) -> None:
         write_csv(self.out / "metrics.csv", self.state.metrics)

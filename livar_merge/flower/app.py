@@ -34,6 +34,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from livar_merge.federated.config import FedConfig, load_config_file, resolve_config
+from livar_merge.federated.results import aggregation_rows
 from livar_merge.flower.messages import (
     ARRAYS,
     CONFIG,
@@ -281,42 +282,6 @@ class ServerRun:
         }
         write_json(self.out / "summary.json", summary)
         return summary
-
-
-def aggregation_rows(
-    round_index: int, updates: list[Any], result: Any
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """alpha.csv and head_weights.csv rows of one round (the columns livar-fed writes)."""
-    d = result.details
-    alpha, heads = [], []
-    for m, update in enumerate(updates):
-        for l, layer in enumerate(result.layer_names):
-            row = {
-                "round": round_index,
-                "client": update.client_id,
-                "layer": layer,
-                "weight": float(result.lora_weights[m, l]),
-            }
-            if "omega_a" in d:
-                row.update(
-                    omega_a=float(d["omega_a"][m, l]),
-                    omega_b=float(d["omega_b"][m, l]),
-                    bin_a=int(d["bin_a"][m, l]),
-                    bin_b=int(d["bin_b"][m, l]),
-                )
-            alpha.append(row)
-        for c in range(result.head.class_weights.shape[1]):
-            heads.append(
-                {
-                    "round": round_index,
-                    "client": update.client_id,
-                    "class": c,
-                    "weight": float(result.head.class_weights[m, c]),
-                    "sigma": None if update.class_sigma is None else float(update.class_sigma[c]),
-                    "count": None if update.class_counts is None else int(update.class_counts[c]),
-                }
-            )
-    return alpha, heads
 
 
 def make_server_app(
