@@ -1,9 +1,10 @@
 """Server aggregation per round at ViT-B/16 shapes (48 LoRA layers, r = 16), M clients.
 
-Each variant runs in its own subprocess so its peak memory (RSS on CPU, allocator peak on GPU)
-is its own; times are medians over repeats. Ratios are against FedAvg on factors, measured in the
-same invocation. The dense output is compared with the floor of writing the dense deltas at the
-copy bandwidth measured in the same run.
+Each variant runs in its own subprocess; peak memory is the resident-set growth during one
+aggregation (sampled every ms; on GPU the allocator peak), outputs included; times are medians
+over repeats. Ratios are against FedAvg on factors, measured in the same invocation. The dense
+output is compared with the floor of writing the dense deltas at the copy bandwidth measured in
+the same run.
 
     python benchmarks/aggregation.py                    # CPU, M in {10, 100}
     python benchmarks/aggregation.py --device cuda      # GPU
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +30,35 @@ VARIANTS = {
     "livar-product-dense": "LIVAR alpha + exact Eq. 3, dense d x k",
     "livar-svd": "LIVAR alpha + Eq. 3 re-factorised to rank r (QR + small SVD)",
 }
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every millisecond."""
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        import psutil
+
+        self._process = psutil.Process()
+        self._base = self._process.memory_info().rss
+        self.peak_extra = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            extra = self._process.memory_info().rss - self._base
+            self.peak_extra = max(self.peak_extra, extra)
+            self._stop.wait(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        extra = self._process.memory_info().rss - self._base
+        self.peak_extra = max(self.peak_extra, extra)
 
 
 def make_inputs(num_clients: int, rank: int, device: str):
@@ -63,7 +92,6 @@ def run_variant(variant: str, num_clients: int, rank: int, device: str, repeats:
     if sync:
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def weights():
         if variant.startswith("fedavg"):
@@ -83,17 +111,14 @@ def run_variant(variant: str, num_clients: int, rank: int, device: str, repeats:
         return merge_lora(states, weights(), mode=mode, output=output)
 
     seconds, times = median_time(once, repeats=repeats, sync=sync)
-    out = once()
+    with PeakRSS() as rss:
+        out = once()
     written = sum(
         (d.dense if d.dense is not None else d.B).numel() * 4
         + (0 if d.dense is not None else d.A.numel() * 4)
         for d in out.values()
     )
-    peak = (
-        torch.cuda.max_memory_allocated() - base_mem
-        if sync
-        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) * 1024
-    )
+    peak = torch.cuda.max_memory_allocated() - base_mem if sync else rss.peak_extra
     return {
         "variant": variant,
         "clients": num_clients,

@@ -347,15 +347,15 @@ class RegMeanAggregator(Aggregator):
 
     def aggregate(self, updates, *, previous_head=None, scaling=1.0):
         from livar_merge.baselines import regmean_delta, regmean_head
-        from livar_merge.lora import scaling_for, stack_client_factors
+        from livar_merge.lora import client_factor_lists, scaling_for
 
         validate_updates(updates, needs=self.needs)
         ids = [u.client_id for u in updates]
-        stacked = stack_client_factors([u.lora for u in updates], client_ids=ids)
+        lists = client_factor_lists([u.lora for u in updates], client_ids=ids)
         lora: dict[str, LoraDelta] = {}
-        for layer, factors in stacked.items():
+        for layer, (factors_b, factors_a) in lists.items():
             grams = [u.extras["gram"].get(layer) for u in updates]
-            k = factors.A.shape[2]
+            k = factors_a[0].shape[1]
             for u, g in zip(updates, grams, strict=True):
                 if g is None or tuple(g.shape) != (k, k):
                     raise ClientUpdateError(
@@ -363,10 +363,10 @@ class RegMeanAggregator(Aggregator):
                     )
             s = scaling_for(scaling, layer)
             dense = regmean_delta(
-                list(factors.B), list(factors.A), grams, scaling=s, shrinkage=self.shrinkage
+                factors_b, factors_a, grams, scaling=s, shrinkage=self.shrinkage
             )
             lora[layer] = (
-                _refactorise(dense, s, factors.B.shape[2])
+                _refactorise(dense, s, factors_b[0].shape[1])
                 if self.lora_merge == "svd"
                 else LoraDelta(scaling=s, dense=dense.float())
             )
@@ -398,11 +398,11 @@ class FisherAggregator(Aggregator):
 
     def aggregate(self, updates, *, previous_head=None, scaling=1.0):
         from livar_merge.baselines import fisher_average
-        from livar_merge.lora import scaling_for, stack_client_factors
+        from livar_merge.lora import client_factor_lists, scaling_for
 
         validate_updates(updates, needs=self.needs)
         ids = [u.client_id for u in updates]
-        stack_client_factors([u.lora for u in updates], client_ids=ids)  # consistency checks
+        client_factor_lists([u.lora for u in updates], client_ids=ids)  # consistency checks
         layers = lora_layer_names(updates[0].lora)
 
         def merged(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:

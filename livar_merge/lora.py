@@ -99,13 +99,13 @@ def _factor_table(state: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], to
     return table
 
 
-def stack_client_factors(
+def client_factor_lists(
     client_states: Sequence[Mapping[str, torch.Tensor]],
     *,
     client_ids: Sequence[Any] | None = None,
     layer_names: Sequence[str] | None = None,
-) -> dict[str, LoraLayerFactors]:
-    """Check the client state dicts agree and stack each layer's factors over clients.
+) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Check the client state dicts agree; ``{layer: ([B_m], [A_m])}`` (no copies).
 
     Raises ``ClientUpdateError`` naming the client and layer when keys, shapes, ranks or dtypes
     differ from client 0, or a factor is not finite.
@@ -125,7 +125,7 @@ def stack_client_factors(
                 f"{who}: LoRA keys differ from the expected layers: "
                 f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
             )
-    stacked: dict[str, LoraLayerFactors] = {}
+    lists: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for layer in layers:
         b0, a0 = tables[0][(layer, "B")], tables[0][(layer, "A")]
         if b0.ndim != 2 or a0.ndim != 2 or b0.shape[1] != a0.shape[0]:
@@ -147,11 +147,21 @@ def stack_client_factors(
                         f"{who}: lora_{which} has dtype {t.dtype}, client 0 has {ref.dtype}"
                     )
                 check_finite_tensor(t, f"{who}: lora_{which}")
-        stacked[layer] = LoraLayerFactors(
-            B=torch.stack([table[(layer, "B")] for table in tables]),
-            A=torch.stack([table[(layer, "A")] for table in tables]),
-        )
-    return stacked
+        lists[layer] = ([table[(layer, "B")] for table in tables],
+                        [table[(layer, "A")] for table in tables])
+    return lists
+
+
+def stack_client_factors(
+    client_states: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    client_ids: Sequence[Any] | None = None,
+    layer_names: Sequence[str] | None = None,
+) -> dict[str, LoraLayerFactors]:
+    """Validated factors stacked over clients: ``{layer: LoraLayerFactors}``."""
+    lists = client_factor_lists(client_states, client_ids=client_ids, layer_names=layer_names)
+    return {layer: LoraLayerFactors(B=torch.stack(bs), A=torch.stack(as_))
+            for layer, (bs, as_) in lists.items()}
 
 
 def _weight_matrix(
@@ -197,13 +207,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def stacked_product_factors(
-    factors: LoraLayerFactors, w: torch.Tensor
+    factors_b: Sequence[torch.Tensor], factors_a: Sequence[torch.Tensor], w: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B', A')`` of rank ``M r`` with ``B' A' = sum_m w_m B_m A_m``. ``w``: ``[M]``."""
-    m, d, r = factors.B.shape
-    k = factors.A.shape[2]
-    b = (factors.B * w[:, None, None]).permute(1, 0, 2).reshape(d, m * r)
-    return b, factors.A.reshape(m * r, k)
+    """``(B', A')`` of rank ``M r`` with ``B' A' = sum_m w_m B_m A_m``. ``w``: ``[M]``.
+
+    ``B' = [B_1 | ... | B_M]`` and ``A' = [A_1; ...; A_M]`` are built by one concatenation each;
+    the weights scale whichever of the two is smaller (in place), so the output costs one pass
+    over the inputs.
+    """
+    b = torch.cat(list(factors_b), dim=1)
+    a = torch.cat(list(factors_a), dim=0)
+    per_rank = w.repeat_interleave(factors_b[0].shape[1])
+    if b.shape[0] <= a.shape[1]:
+        b.mul_(per_rank)
+    else:
+        a.mul_(per_rank[:, None])
+    return b, a
 
 
 def truncated_svd_factors(
@@ -259,30 +278,37 @@ def merge_lora(
         raise ValueError(f"output must be 'factors' or 'dense', got {output!r}")
     if output == "dense" and mode != "product":
         raise ValueError(f"output='dense' applies to mode='product' only (got mode={mode!r})")
-    stacked = stack_client_factors(client_states, client_ids=client_ids, layer_names=layer_names)
-    layers = list(stacked)
+    lists = client_factor_lists(client_states, client_ids=client_ids, layer_names=layer_names)
+    layers = list(lists)
     w_all = _weight_matrix(weights, len(client_states), layers, client_ids)
     merged: dict[str, LoraDelta] = {}
     for l, layer in enumerate(layers):
-        factors = stacked[layer]
-        dtype = _compute_dtype(factors.B.dtype)
-        factors = LoraLayerFactors(B=factors.B.to(dtype), A=factors.A.to(dtype))
-        w = torch.as_tensor(w_all[:, l], dtype=dtype, device=factors.B.device)
+        bs, as_ = lists[layer]
+        dtype = _compute_dtype(bs[0].dtype)
+        if dtype != bs[0].dtype:
+            bs, as_ = [b.to(dtype) for b in bs], [a.to(dtype) for a in as_]
+        w = torch.as_tensor(w_all[:, l], dtype=dtype, device=bs[0].device)
         s = scaling_for(scaling, layer)
         if mode == "factors":
-            b = torch.einsum("m,mdr->dr", w, factors.B)
-            a = torch.einsum("m,mrk->rk", w, factors.A)
-            merged[layer] = LoraDelta(scaling=s, B=b, A=a)
+            merged[layer] = LoraDelta(scaling=s, B=_weighted_sum(bs, w), A=_weighted_sum(as_, w))
             continue
-        b, a = stacked_product_factors(factors, w)
+        b, a = stacked_product_factors(bs, as_, w)
         if mode == "svd":
-            b, a = truncated_svd_factors(b, a, rank or int(factors.B.shape[2]))
+            b, a = truncated_svd_factors(b, a, rank or int(bs[0].shape[1]))
             merged[layer] = LoraDelta(scaling=s, B=b, A=a)
         elif output == "dense":
-            merged[layer] = LoraDelta(scaling=s, dense=(b @ a) * s)
+            merged[layer] = LoraDelta(scaling=s, dense=torch.mm(b, a).mul_(s))
         else:
             merged[layer] = LoraDelta(scaling=s, B=b, A=a)
     return merged
+
+
+def _weighted_sum(tensors: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """``sum_m w_m T_m`` accumulated in place (no stacked copy of the inputs)."""
+    out = tensors[0] * w[0]
+    for m in range(1, len(tensors)):
+        out.add_(tensors[m], alpha=float(w[m]))
+    return out
 
 
 def to_peft_state_dict(

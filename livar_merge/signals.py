@@ -95,7 +95,9 @@ class ImportanceTracker:
         self._omega = torch.zeros(len(self._params), dtype=torch.float64, device=device)
         self._steps = 0
         self._dtype = torch.promote_types(self._params[0].dtype, torch.float32)
-        self._snapshot: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._grad_buf: torch.Tensor | None = None
+        self._before_buf = self._after_buf = self._per_matrix = self._grad_buf
+        self._pending = False
         self._handles: list[Any] = []
 
     # -------------------------------------------------------------- hooks
@@ -113,30 +115,41 @@ class ImportanceTracker:
         self._handles.clear()
 
     def before_step(self, grad_scale: float | torch.Tensor | None = None) -> None:
-        """Snapshot gradients (divided by ``grad_scale`` if still scaled) and parameters."""
+        """Snapshot gradients (divided by ``grad_scale`` if still scaled) and parameters.
+
+        Both go into buffers allocated once; the step costs three flat copies, one fused
+        multiply and one segmented sum, with no host synchronisation.
+        """
+        if self._grad_buf is None:
+            size = int(self._segments.numel())
+            device = self._params[0].device
+            self._grad_buf = torch.empty(size, dtype=self._dtype, device=device)
+            self._before_buf = torch.empty_like(self._grad_buf)
+            self._after_buf = torch.empty_like(self._grad_buf)
+            self._per_matrix = torch.empty_like(self._omega)
         grads = [
-            p.grad.detach().reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
+            p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
             for p in self._params
         ]
-        flat_grad = torch.cat(grads).to(self._dtype)
+        torch.cat(grads, out=self._grad_buf)
         if grad_scale is not None:
-            flat_grad = flat_grad / grad_scale
-        flat_param = torch.cat([p.detach().reshape(-1) for p in self._params]).to(self._dtype)
-        self._snapshot = (flat_grad, flat_param)
+            self._grad_buf.div_(grad_scale)
+        torch.cat([p.detach().reshape(-1) for p in self._params], out=self._before_buf)
+        self._pending = True
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Add this step's gradient x update to the running sums."""
-        if self._snapshot is None:
+        if not self._pending:
             raise RuntimeError("ImportanceTracker.after_step() without before_step()")
-        flat_grad, before = self._snapshot
-        self._snapshot = None
-        after = torch.cat([p.detach().reshape(-1) for p in self._params]).to(self._dtype)
-        products = (flat_grad * (before - after)).double()
+        self._pending = False
+        after = self._after_buf
+        torch.cat([p.detach().reshape(-1) for p in self._params], out=after)
+        products = self._before_buf.sub_(after).mul_(self._grad_buf).double()
         if self.reduction == "elementwise":
-            products = products.abs()
-        per_matrix = torch.zeros_like(self._omega).index_add_(0, self._segments, products)
-        self._omega += per_matrix.abs()
+            products.abs_()
+        self._per_matrix.zero_().index_add_(0, self._segments, products)
+        self._omega.add_(self._per_matrix.abs_())
         self._steps += 1
 
     # -------------------------------------------------------------- state
