@@ -94,12 +94,31 @@ def lowrank_sqnorm(joint: Factors) -> float:
 def normal_equations(
     client_factors: Sequence[Factors], joint_factors: Factors
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """``(G [M, M], h [M], c)`` of Eq. 4 for one layer, from low-rank factors."""
-    return (
-        lowrank_gram(client_factors),
-        lowrank_cross(client_factors, joint_factors),
-        lowrank_sqnorm(joint_factors),
-    )
+    """``(G [M, M], h [M], c)`` of Eq. 4 for one layer, from low-rank factors.
+
+    All ``M + 1`` deltas at once: with ``U = [U_1 | ... | U_M | U_joint]`` and
+    ``V = [V_1; ...; V_M; V_joint]``, ``<dW_i, dW_j> = sum of block (i, j) of
+    (U^T U) * (V V^T)``: two float64 matrix products, never a ``d x k`` matrix.
+    """
+    fs = [_as_factors(f, f"client {m}") for m, f in enumerate(client_factors)]
+    fs.append(_as_factors(joint_factors, "joint"))
+    shapes = {(u.shape[0], v.shape[1]) for u, v in fs}
+    if len(shapes) != 1:
+        raise CalibrationError(f"deltas of different shapes: {sorted(shapes)}")
+    if any(u.shape[1] == 0 for u, _ in fs):  # reduceat cannot express an empty block
+        return (
+            lowrank_gram(client_factors),
+            lowrank_cross(client_factors, joint_factors),
+            lowrank_sqnorm(joint_factors),
+        )
+    u_all = np.concatenate([u for u, _ in fs], axis=1)
+    v_all = np.concatenate([v for _, v in fs], axis=0)
+    products = (u_all.T @ u_all) * (v_all @ v_all.T)
+    offsets = np.cumsum([0] + [u.shape[1] for u, _ in fs[:-1]])
+    full = np.add.reduceat(np.add.reduceat(products, offsets, axis=0), offsets, axis=1)
+    full = (full + full.T) / 2
+    m = len(fs) - 1
+    return full[:m, :m].copy(), full[:m, m].copy(), float(full[m, m])
 
 
 def gram_objective(weights: np.ndarray, gram: np.ndarray, h: np.ndarray, c: float) -> float:
