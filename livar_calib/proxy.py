@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from livar_calib.config import CalibConfig
+from livar_merge.federated.data import derive_seed
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class ProxyTrainer:
 
     def __init__(self, config: CalibConfig, run: ProxyRun, folder: Path) -> None:
         from livar_merge.federated.builders import build_seeded_model, load_train_test
-        from livar_merge.federated.data import BatchSource, derive_seed
+        from livar_merge.federated.data import BatchSource
         from livar_merge.federated.partition import class_count_table, dirichlet_partition
         from livar_merge.federated.runner import resolve_device, resolve_precision, settings_from
         from livar_merge.lora import peft_scalings
@@ -81,7 +82,6 @@ class ProxyTrainer:
         self.model.to(self.device)
         self.scalings = peft_scalings(self.model)
         self.source = BatchSource(train, mean=self.info.mean, std=self.info.std, device=self.device)
-        self._derive_seed = derive_seed
 
     # ------------------------------------------------------------------ state
     def completed_rounds(self) -> int:
@@ -128,7 +128,7 @@ class ProxyTrainer:
         from livar_merge.federated.client import train_client
         from livar_merge.federated.model import restart_lora, restore_parameters, snapshot_trainable
 
-        seed = self._derive_seed(self.run.seed, round_index, "calib-lora-init")
+        seed = derive_seed(self.run.seed, round_index, "calib-lora-init")
         restart_lora(self.model, self.info.lora_layers, seed)
         start = snapshot_trainable(self.model)
         partial = self.folder / f"round_{round_index}_partial"

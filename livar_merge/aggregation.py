@@ -362,9 +362,7 @@ class RegMeanAggregator(Aggregator):
                         f"client {u.client_id!r}: Gram of layer {layer} missing or not [{k}, {k}]"
                     )
             s = scaling_for(scaling, layer)
-            dense = regmean_delta(
-                factors_b, factors_a, grams, scaling=s, shrinkage=self.shrinkage
-            )
+            dense = regmean_delta(factors_b, factors_a, grams, scaling=s, shrinkage=self.shrinkage)
             lora[layer] = (
                 _refactorise(dense, s, factors_b[0].shape[1])
                 if self.lora_merge == "svd"

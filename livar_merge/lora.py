@@ -61,14 +61,6 @@ class LoraDelta:
         return (self.B @ self.A) * self.scaling
 
 
-@dataclass(frozen=True)
-class LoraLayerFactors:
-    """Factors of one layer across clients: ``B [M, d, r]``, ``A [M, r, k]``."""
-
-    B: torch.Tensor
-    A: torch.Tensor
-
-
 def parse_lora_key(key: str) -> tuple[str, str] | None:
     """``("blocks.0.attn.qkv", "A")`` for a LoRA factor key, ``None`` otherwise."""
     match = _LORA_KEY.match(key)
@@ -147,21 +139,11 @@ def client_factor_lists(
                         f"{who}: lora_{which} has dtype {t.dtype}, client 0 has {ref.dtype}"
                     )
                 check_finite_tensor(t, f"{who}: lora_{which}")
-        lists[layer] = ([table[(layer, "B")] for table in tables],
-                        [table[(layer, "A")] for table in tables])
+        lists[layer] = (
+            [table[(layer, "B")] for table in tables],
+            [table[(layer, "A")] for table in tables],
+        )
     return lists
-
-
-def stack_client_factors(
-    client_states: Sequence[Mapping[str, torch.Tensor]],
-    *,
-    client_ids: Sequence[Any] | None = None,
-    layer_names: Sequence[str] | None = None,
-) -> dict[str, LoraLayerFactors]:
-    """Validated factors stacked over clients: ``{layer: LoraLayerFactors}``."""
-    lists = client_factor_lists(client_states, client_ids=client_ids, layer_names=layer_names)
-    return {layer: LoraLayerFactors(B=torch.stack(bs), A=torch.stack(as_))
-            for layer, (bs, as_) in lists.items()}
 
 
 def _weight_matrix(
