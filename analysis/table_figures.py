@@ -79,6 +79,24 @@ def _draw_matrix(
     figure.colorbar(mesh, ax=ax, label=label, shrink=0.9)
 
 
+def _draw_table(ax: Any, figure: Any, table: GShapTable) -> tuple[np.ndarray, Any, Any]:
+    """One table's values on its quantile grid; returns ``(matrix, x_edges, y_edges)``."""
+    matrix = np.array(table.values, dtype=np.float64)
+    x_edges, y_edges = _grid(table)
+    _draw_matrix(
+        ax,
+        figure,
+        matrix,
+        x_edges,
+        y_edges,
+        cmap=SEQUENTIAL_CMAP,
+        vmin=float(matrix.min()),
+        vmax=float(matrix.max()),
+        label="G_SHAP value",
+    )
+    return matrix, x_edges, y_edges
+
+
 def plot_table_heatmap(
     table: GShapTable, path: str | os.PathLike[str], *, title: str | None = None
 ) -> FigureOutput:
@@ -88,22 +106,10 @@ def plot_table_heatmap(
     ``x_edges`` / ``y_edges`` (0, the table's percentile edges, 100), ``row_labels`` /
     ``col_labels`` (``table.bin_labels``).
     """
-    matrix = np.array(table.values, dtype=np.float64)
-    x_edges, y_edges = _grid(table)
     title = title or f"G_SHAP table {table_label(table)}: un-normalised α per quantile bin"
     with styled():
         figure, (ax,) = new_figure(width=4.8, height=3.8)
-        _draw_matrix(
-            ax,
-            figure,
-            matrix,
-            x_edges,
-            y_edges,
-            cmap=SEQUENTIAL_CMAP,
-            vmin=float(matrix.min()),
-            vmax=float(matrix.max()),
-            label="G_SHAP value",
-        )
+        matrix, x_edges, y_edges = _draw_table(ax, figure, table)
         base = "" if table.base_value is None else f", base value {table.base_value:g}"
         ax.set_title(f"{table_label(table)}{base}")
         return finish(
@@ -158,19 +164,7 @@ def plot_table_comparison(
     with styled():
         figure, axes = new_figure(3 if diff is not None else 2, width=4.6, height=3.8)
         for ax, table in zip(axes, (left, right), strict=False):
-            x_edges, y_edges = _grid(table)
-            matrix = np.array(table.values, dtype=np.float64)
-            _draw_matrix(
-                ax,
-                figure,
-                matrix,
-                x_edges,
-                y_edges,
-                cmap=SEQUENTIAL_CMAP,
-                vmin=float(matrix.min()),
-                vmax=float(matrix.max()),
-                label="G_SHAP value",
-            )
+            _draw_table(ax, figure, table)
             ax.set_title(table_label(table))
         if diff is not None:
             ax = axes[2]

@@ -54,16 +54,12 @@ class ProxyTrainer:
         from livar_merge.federated.builders import build_seeded_model, load_train_test
         from livar_merge.federated.data import BatchSource
         from livar_merge.federated.partition import class_count_table, dirichlet_partition
-        from livar_merge.federated.runner import resolve_device, resolve_precision, settings_from
+        from livar_merge.federated.runner import resolve_runtime
         from livar_merge.lora import peft_scalings
 
         self.config, self.run, self.folder = config, run, folder
         folder.mkdir(parents=True, exist_ok=True)
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device)
-        self.precision = resolve_precision(config.precision, self.device)
-        self.settings = settings_from(config, self.precision)
+        self.device, self.precision, self.settings = resolve_runtime(config)
         splits, train, _ = load_train_test(config.proxy, config, run.seed)
         labels = np.asarray(train.labels)
         self.num_classes = splits.num_classes

@@ -73,6 +73,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def resolve_runtime(config: Any) -> tuple[torch.device, str, TrainSettings]:
+    """Apply ``threads``; resolve the device, the precision and the local-training settings."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    return device, precision, settings_from(config, precision)
+
+
 def settings_from(config: Any, precision: str) -> TrainSettings:
     """Local-training settings from any config naming the same options (livar-fed, calibrate);
     options a config lacks keep TrainSettings' defaults."""
@@ -93,11 +102,7 @@ class FederatedRun:
         self.out = Path(out)
         self.resume = resume
         self._check_folder()
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device)
-        self.precision = resolve_precision(config.precision, self.device)
-        self.settings = settings_from(config, self.precision)
+        self.device, self.precision, self.settings = resolve_runtime(config)
 
         splits, train, test = load_train_test(config.dataset, config, config.seed)
         self.num_classes = splits.num_classes
