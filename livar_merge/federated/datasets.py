@@ -854,18 +854,13 @@ def _load_imagenet_r(
     root: Path | None, *, image_size: int | None, seed: int, test_fraction: float = 0.2
 ) -> DatasetSplits:
     """ImageNet-R class folders; seeded stratified train/test split."""
-    root = _need_root("imagenet-r", root)
-    folder = root / "imagenet-r" if (root / "imagenet-r").is_dir() else root
-    paths, labels, classes = _class_folders("imagenet-r", folder)
-    return _split_files(
+    return _class_folder_splits(
         "imagenet-r",
-        paths,
-        labels,
-        classes,
+        root,
+        ("imagenet-r",),
         image_size=image_size,
         seed=seed,
         test_fraction=test_fraction,
-        source=folder,
     )
 
 
@@ -884,11 +879,32 @@ def _load_eurosat(
     root: Path | None, *, image_size: int | None, seed: int, test_fraction: float = 0.2
 ) -> DatasetSplits:
     """EuroSAT RGB class folders; seeded stratified train/test split."""
-    root = _need_root("eurosat", root)
-    folder = next((root / sub for sub in ("EuroSAT_RGB", "2750") if (root / sub).is_dir()), root)
-    paths, labels, classes = _class_folders("eurosat", folder)
-    return _split_files(
+    return _class_folder_splits(
         "eurosat",
+        root,
+        ("EuroSAT_RGB", "2750"),
+        image_size=image_size,
+        seed=seed,
+        test_fraction=test_fraction,
+    )
+
+
+def _class_folder_splits(
+    dataset: str,
+    root: Path | None,
+    subfolders: tuple[str, ...],
+    *,
+    image_size: int | None,
+    seed: int,
+    test_fraction: float,
+) -> DatasetSplits:
+    """A class-folder dataset in ``root/<one of subfolders>`` or ``root`` itself, split with a
+    seeded stratified ``test_fraction``."""
+    root = _need_root(dataset, root)
+    folder = next((root / sub for sub in subfolders if (root / sub).is_dir()), root)
+    paths, labels, classes = _class_folders(dataset, folder)
+    return _split_files(
+        dataset,
         paths,
         labels,
         classes,
