@@ -76,6 +76,19 @@ def provenance(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
+def write_run_header(
+    out: Path, config: Any, provenance_extra: Mapping[str, Any], **config_extra: Any
+) -> None:
+    """``config.json`` (resolved options, their hash, ``config_extra``) and ``provenance.json``
+    of a run folder; ``config`` is a FedConfig."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(
+        out / "config.json",
+        {"config": config.to_dict(), "config_hash": config.config_hash(), **config_extra},
+    )
+    write_json(out / "provenance.json", provenance(provenance_extra))
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (tmp file + rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")

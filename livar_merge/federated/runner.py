@@ -42,7 +42,12 @@ from livar_merge.federated.model import (
     restore_parameters,
     snapshot_trainable,
 )
-from livar_merge.federated.results import aggregation_rows, provenance, write_csv, write_json
+from livar_merge.federated.results import (
+    aggregation_rows,
+    write_csv,
+    write_json,
+    write_run_header,
+)
 from livar_merge.lora import peft_scalings, to_peft_state_dict
 
 log = logging.getLogger(__name__)
@@ -159,28 +164,19 @@ class FederatedRun:
             )
 
     def _write_static(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(
-            self.out / "config.json",
+        write_run_header(
+            self.out,
+            self.config,
             {
-                "config": self.config.to_dict(),
-                "config_hash": self.config.config_hash(),
+                "seed": self.config.seed,
+                "aggregator": self.aggregator.describe(),
+                "table": self.aggregator.describe().get("table"),
+                "model_weights": self.info.weights,
+                "dataset_source": self.dataset_source,
+                "device": str(self.device),
+                "precision": self.precision,
+                "threads": torch.get_num_threads(),
             },
-        )
-        write_json(
-            self.out / "provenance.json",
-            provenance(
-                {
-                    "seed": self.config.seed,
-                    "aggregator": self.aggregator.describe(),
-                    "table": self.aggregator.describe().get("table"),
-                    "model_weights": self.info.weights,
-                    "dataset_source": self.dataset_source,
-                    "device": str(self.device),
-                    "precision": self.precision,
-                    "threads": torch.get_num_threads(),
-                }
-            ),
         )
         self.partition_table.to_csv(self.out / "partition.csv", index_label="client")
 

@@ -148,32 +148,22 @@ class ServerRun:
         self.metrics: list[dict[str, Any]] = []
 
     def _write_static(self) -> None:
-        from livar_merge.federated.results import provenance, write_json
+        from livar_merge.federated.results import write_run_header
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(
-            self.out / "config.json",
+        write_run_header(
+            self.out,
+            self.config,
             {
-                "config": self.config.to_dict(),
-                "config_hash": self.config.config_hash(),
-                "flower": self.settings.__dict__,
+                "seed": self.config.seed,
+                "aggregator": self.strategy.aggregator.describe(),
+                "table": self.strategy.table_identity,
+                "model_weights": self.info.weights,
+                "dataset_source": self.dataset_source,
+                "device": str(self.device),
+                "precision": self.precision,
+                "engine": "flower",
             },
-        )
-        describe = self.strategy.aggregator.describe()
-        write_json(
-            self.out / "provenance.json",
-            provenance(
-                {
-                    "seed": self.config.seed,
-                    "aggregator": describe,
-                    "table": self.strategy.table_identity,
-                    "model_weights": self.info.weights,
-                    "dataset_source": self.dataset_source,
-                    "device": str(self.device),
-                    "precision": self.precision,
-                    "engine": "flower",
-                }
-            ),
+            flower=self.settings.__dict__,
         )
 
     def _write_round(self, round_index: int) -> None:
