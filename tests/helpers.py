@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -68,3 +70,40 @@ def tiny_peft_vit(rank: int = 4, alpha: float = 8.0, num_classes: int = 5, seed:
         r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, modules_to_save=["head"]
     )
     return peft.get_peft_model(model, config)
+
+
+def write_run(
+    root: Path,
+    dataset: str,
+    method: str,
+    beta: float,
+    seed: int,
+    accuracies: list[float],
+    *,
+    finished: bool = True,
+    alpha=None,
+    timings: dict[str, list[float]] | None = None,
+) -> Path:
+    """A livar-fed run folder: config.json, metrics.csv (plus any timing columns given, one
+    value per round), summary.json when finished, alpha.csv when given."""
+    import pandas as pd
+
+    folder = root / f"{dataset}-{method}-b{beta:g}-s{seed}"
+    folder.mkdir(parents=True)
+    config = {"dataset": dataset, "method": method, "beta": beta, "seed": seed}
+    (folder / "config.json").write_text(json.dumps({"config": config, "config_hash": "x"}))
+    rounds = list(range(1, len(accuracies) + 1))
+    metrics = pd.DataFrame({"round": rounds, "test_accuracy": accuracies, "test_loss": 1.0})
+    for column, values in (timings or {}).items():
+        metrics[column] = values
+    metrics.to_csv(folder / "metrics.csv", index=False)
+    if alpha is not None:
+        alpha.to_csv(folder / "alpha.csv", index=False)
+    if finished:
+        summary = {
+            "final_accuracy": accuracies[-1],
+            "best_accuracy": max(accuracies),
+            "accuracy_per_round": accuracies,
+        }
+        (folder / "summary.json").write_text(json.dumps(summary))
+    return folder

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import write_run
 
 from analysis.__main__ import main as analysis_main
 from analysis.__main__ import parse_named_path
@@ -96,38 +97,6 @@ def write_calibration(
         (root / "table").mkdir()
         make_table("cal-test", 1, CAL_TABLE, base_value=0.25).save(root / "table")
     return root
-
-
-def write_run(
-    root: Path,
-    dataset: str,
-    method: str,
-    beta: float,
-    seed: int,
-    accuracies: list[float],
-    *,
-    finished: bool = True,
-    alpha: pd.DataFrame | None = None,
-) -> Path:
-    """A livar-fed run folder: config.json, metrics.csv, summary.json, alpha.csv."""
-    folder = root / f"{dataset}-{method}-b{beta:g}-s{seed}"
-    folder.mkdir(parents=True)
-    config = {"dataset": dataset, "method": method, "beta": beta, "seed": seed}
-    (folder / "config.json").write_text(json.dumps({"config": config, "config_hash": "x"}))
-    rounds = list(range(1, len(accuracies) + 1))
-    pd.DataFrame({"round": rounds, "test_accuracy": accuracies, "test_loss": 1.0}).to_csv(
-        folder / "metrics.csv", index=False
-    )
-    if alpha is not None:
-        alpha.to_csv(folder / "alpha.csv", index=False)
-    if finished:
-        summary = {
-            "final_accuracy": accuracies[-1],
-            "best_accuracy": max(accuracies),
-            "accuracy_per_round": accuracies,
-        }
-        (folder / "summary.json").write_text(json.dumps(summary))
-    return folder
 
 
 ALPHA_LAYERS = ["base_model.model.blocks.10.mlp.fc1", "base_model.model.blocks.2.attn.qkv"]

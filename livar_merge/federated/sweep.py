@@ -6,13 +6,16 @@
 
 Each run gets its own results folder under ``--root``; finished runs are skipped and interrupted
 ones resumed, so the command can be re-run after an interruption. The table is written as CSV
-and Markdown (``table.csv``, ``table.md``); a missing cell is marked, not fatal.
+and Markdown (``table.csv``, ``table.md``); a missing cell is marked, not fatal. The cost of each
+method per round (server aggregation, client training, CCVR's client moment pass), medians over
+every round of every run, goes to ``timing.csv`` and ``timing.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -77,6 +80,46 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+TIMING_COLUMNS = {
+    "aggregation_seconds": "server aggregation per round (ms)",
+    "train_seconds": "client training per round, all clients (s)",
+    "moments_seconds": "CCVR client moment pass per round (s)",
+}
+
+
+def collect_timings(root: Path) -> list[dict[str, Any]]:
+    """One row per round of every finished run: method, beta, seed and the timing columns
+    of its ``metrics.csv`` (a column a run did not record is NaN)."""
+    import pandas as pd
+
+    frames = []
+    for row in collect_results(root):
+        metrics = pd.read_csv(root / row["run"] / "metrics.csv")
+        for column in TIMING_COLUMNS:
+            if column not in metrics:
+                metrics[column] = float("nan")
+        frames.append(
+            metrics[["round", *TIMING_COLUMNS]].assign(
+                method=row["method"], beta=row["beta"], seed=row["seed"]
+            )
+        )
+    return pd.concat(frames).to_dict("records") if frames else []
+
+
+def timing_table(rows: list[dict[str, Any]], *, methods: Sequence[str] | None = None):
+    """Per method: medians over all rounds of all runs of the timing columns, and the number
+    of rounds they summarise. Aggregation in milliseconds, the client-side columns in seconds."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=["method", "beta", "seed", "round", *TIMING_COLUMNS])
+    methods = list(methods) if methods else sorted(frame["method"].unique())
+    table = frame.groupby("method")[list(TIMING_COLUMNS)].median().reindex(methods)
+    table["aggregation_seconds"] *= 1000.0
+    table = table.rename(columns=TIMING_COLUMNS)
+    table["rounds"] = frame.groupby("method").size().reindex(methods).fillna(0).astype(int)
+    return table
+
+
 def results_table(
     rows: list[dict[str, Any]],
     *,
@@ -117,7 +160,19 @@ def write_table(root: Path, methods: Sequence[str] | None, betas: Sequence[float
     stats.to_csv(root / "table_stats.csv", index=False)
     markdown = cells.to_markdown() if _has_tabulate() else _markdown(cells)
     (root / "table.md").write_text(markdown + "\n")
-    return markdown
+    timing = timing_table(collect_timings(root), methods=methods)
+    timing.to_csv(root / "timing.csv")
+    shown = timing.map(lambda v: v if isinstance(v, int) else _format_number(v))
+    timing_markdown = shown.to_markdown() if _has_tabulate() else _markdown(shown)
+    (root / "timing.md").write_text(timing_markdown + "\n")
+    return markdown + "\n\n" + timing_markdown
+
+
+def _format_number(value: float) -> str:
+    """Three significant figures without exponents; NaN as the missing-cell mark."""
+    if value != value:
+        return MISSING_CELL
+    return f"{value:.{max(0, 2 - math.floor(math.log10(abs(value))))}f}" if value else "0"
 
 
 def _has_tabulate() -> bool:

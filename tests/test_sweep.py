@@ -1,0 +1,119 @@
+"""livar-sweep: the grid runner, its accuracy table and its timing table."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from helpers import write_run
+
+from livar_merge.federated.sweep import (
+    MISSING_CELL,
+    TIMING_COLUMNS,
+    collect_results,
+    collect_timings,
+    main,
+    results_table,
+    timing_table,
+)
+
+
+def test_results_table_mean_std_and_marks(tmp_path: Path):
+    for seed, acc in enumerate([0.60, 0.64, 0.65]):
+        write_run(tmp_path, "fashion-mnist", "livar", 0.5, seed, [0.3, acc])
+    write_run(tmp_path, "fashion-mnist", "fedavg", 0.5, 0, [0.3, 0.61])
+    write_run(tmp_path, "fashion-mnist", "fedavg", 0.05, 0, [0.3, 0.2], finished=False)
+    cells, stats = results_table(
+        collect_results(tmp_path), methods=["fedavg", "livar", "ccvr"], betas=[0.05, 0.5]
+    )
+    accs = [60.0, 64.0, 65.0]
+    expected = f"{statistics.mean(accs):.2f} ({statistics.stdev(accs):.2f})"
+    assert cells.loc["livar", "beta=0.5"] == expected == "63.00 (2.65)"
+    assert cells.loc["fedavg", "beta=0.5"] == "61.00 [n=1]"
+    assert cells.loc["fedavg", "beta=0.05"] == MISSING_CELL  # unfinished run: not collected
+    assert (cells.loc["ccvr"] == MISSING_CELL).all()
+    assert len(stats) == 2
+
+
+def test_timing_table_medians_over_all_rounds(tmp_path: Path):
+    """Medians per method over every round of every run, against statistics.median."""
+    agg = {0: [0.010, 0.012, 0.011], 1: [0.009, 0.030, 0.013]}
+    train = {0: [10.0, 11.0, 12.0], 1: [9.0, 13.0, 14.0]}
+    for seed in (0, 1):
+        write_run(
+            tmp_path,
+            "fashion-mnist",
+            "ccvr",
+            0.5,
+            seed,
+            [0.3, 0.5, 0.6],
+            timings={
+                "aggregation_seconds": agg[seed],
+                "train_seconds": train[seed],
+                "moments_seconds": [1.0 + seed, 2.0, 3.0],
+            },
+        )
+    # an older run folder without the moment column: its cells are missing, not zero
+    write_run(
+        tmp_path,
+        "fashion-mnist",
+        "fedavg",
+        0.5,
+        0,
+        [0.3, 0.5],
+        timings={"aggregation_seconds": [0.004, 0.006], "train_seconds": [5.0, 7.0]},
+    )
+    rows = collect_timings(tmp_path)
+    assert len(rows) == 3 + 3 + 2
+    table = timing_table(rows, methods=["fedavg", "ccvr", "regmean"])
+    ccvr = table.loc["ccvr"]
+    agg_ms = statistics.median([1000 * v for v in agg[0] + agg[1]])
+    assert ccvr[TIMING_COLUMNS["aggregation_seconds"]] == pytest.approx(agg_ms)
+    assert ccvr[TIMING_COLUMNS["train_seconds"]] == pytest.approx(11.5)
+    assert ccvr[TIMING_COLUMNS["moments_seconds"]] == pytest.approx(2.0)
+    assert ccvr["rounds"] == 6
+    assert table.loc["fedavg", TIMING_COLUMNS["aggregation_seconds"]] == pytest.approx(5.0)
+    assert pd.isna(table.loc["fedavg", TIMING_COLUMNS["moments_seconds"]])
+    assert table.loc["regmean", "rounds"] == 0
+
+
+def test_sweep_runs_the_grid_skips_finished_runs_and_writes_tables(tmp_path: Path):
+    args = [
+        "--root",
+        str(tmp_path),
+        "--preset",
+        "tiny",
+        "--methods",
+        "fedavg",
+        "ccvr",
+        "--betas",
+        "0.5",
+        "--seeds",
+        "0",
+        "--set",
+        "rounds=1",
+        "num_clients=2",
+        "max_train=120",
+        "max_test=40",
+        "ccvr_samples=32",
+        "ccvr_epochs=1",
+    ]
+    assert main(args) == 0
+    summaries = sorted(tmp_path.glob("*/summary.json"))
+    assert [p.parent.name for p in summaries] == [
+        "synthetic-ccvr-b0.5-s0",
+        "synthetic-fedavg-b0.5-s0",
+    ]
+    stamps = [os.stat(p).st_mtime_ns for p in summaries]
+    cells = pd.read_csv(tmp_path / "table.csv", index_col=0)
+    assert cells.loc["fedavg", "beta=0.5"].endswith("[n=1]")
+    timing = pd.read_csv(tmp_path / "timing.csv", index_col=0)
+    moments = timing[TIMING_COLUMNS["moments_seconds"]]
+    assert moments["ccvr"] > 0 and moments["fedavg"] == 0  # only CCVR pays the moment pass
+    assert (timing[TIMING_COLUMNS["aggregation_seconds"]] > 0).all()
+    assert "server aggregation per round (ms)" in (tmp_path / "timing.md").read_text()
+    assert main(args) == 0  # everything finished: nothing re-run
+    assert [os.stat(p).st_mtime_ns for p in summaries] == stamps
