@@ -89,6 +89,28 @@ def write_run_header(
     write_json(out / "provenance.json", provenance(provenance_extra))
 
 
+def run_summary(
+    config: Any,
+    metrics: list[dict[str, Any]],
+    model_info: Any,
+    wall_seconds: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """``summary.json`` of a run from its per-round metrics rows (``test_accuracy`` each)."""
+    accuracies = [m["test_accuracy"] for m in metrics]
+    return {
+        "run": config.run_name(),
+        **extra,
+        "completed_rounds": len(metrics),
+        "rounds": config.rounds,
+        "final_accuracy": accuracies[-1] if accuracies else None,
+        "best_accuracy": max(accuracies) if accuracies else None,
+        "accuracy_per_round": accuracies,
+        "wall_seconds_this_invocation": wall_seconds,
+        "model": model_info.__dict__,
+    }
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (tmp file + rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -44,6 +44,7 @@ from livar_merge.federated.model import (
 )
 from livar_merge.federated.results import (
     aggregation_rows,
+    run_summary,
     write_csv,
     write_json,
     write_run_header,
@@ -423,17 +424,9 @@ class FederatedRun:
                 self._write_tables()
                 self.save_checkpoint()
                 bar.set_postfix(round=r, acc=f"{row['test_accuracy']:.4f}")
-        accuracies = [m["test_accuracy"] for m in self.state.metrics]
-        summary = {
-            "run": self.config.run_name(),
-            "completed_rounds": self.state.completed_rounds,
-            "rounds": self.config.rounds,
-            "final_accuracy": accuracies[-1] if accuracies else None,
-            "best_accuracy": max(accuracies) if accuracies else None,
-            "accuracy_per_round": accuracies,
-            "wall_seconds_this_invocation": time.perf_counter() - wall,
-            "model": self.info.__dict__,
-        }
+        summary = run_summary(
+            self.config, self.state.metrics, self.info, time.perf_counter() - wall
+        )
         if self.state.completed_rounds == self.config.rounds:
             write_json(self.out / "summary.json", summary)
         return summary

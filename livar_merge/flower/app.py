@@ -240,7 +240,7 @@ class ServerRun:
 
     def run(self, grid: Grid) -> dict[str, Any]:
         """Run all rounds on ``grid`` and write ``summary.json``; returns the summary."""
-        from livar_merge.federated.results import write_json
+        from livar_merge.federated.results import run_summary, write_json
 
         wall = time.perf_counter()
         self._write_static()
@@ -258,18 +258,9 @@ class ServerRun:
             train_config=train_config,
             evaluate_fn=self.evaluate,
         )
-        accuracies = [m["test_accuracy"] for m in self.metrics]
-        summary = {
-            "run": self.config.run_name(),
-            "engine": "flower",
-            "completed_rounds": len(self.metrics),
-            "rounds": self.config.rounds,
-            "final_accuracy": accuracies[-1] if accuracies else None,
-            "best_accuracy": max(accuracies) if accuracies else None,
-            "accuracy_per_round": accuracies,
-            "wall_seconds_this_invocation": time.perf_counter() - wall,
-            "model": self.info.__dict__,
-        }
+        summary = run_summary(
+            self.config, self.metrics, self.info, time.perf_counter() - wall, engine="flower"
+        )
         write_json(self.out / "summary.json", summary)
         return summary
 
