@@ -53,6 +53,28 @@ class ClientUpdate:
     class_counts: np.ndarray | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def nbytes(self, *, extras_only: bool = False) -> int:
+        """Bytes of the tensors and arrays this update carries (what a client uploads), or of
+        the method's extra statistics alone (Grams, Fisher, prototypes, moments)."""
+        if extras_only:
+            return payload_nbytes(self.extras)
+        fields = (self.lora, self.head_weight, self.head_bias, self.omega_a, self.omega_b)
+        fields += (self.class_sigma, self.class_present, self.class_counts, self.extras)
+        return sum(payload_nbytes(f) for f in fields)
+
+
+def payload_nbytes(value: Any) -> int:
+    """Total ``nbytes`` of the tensors and arrays in ``value`` (nested dicts, lists, tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(payload_nbytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(payload_nbytes(v) for v in value)
+    return 0
+
 
 @dataclass
 class AggregationResult:

@@ -120,6 +120,24 @@ def test_every_method_and_merge_mode_runs(tmp_path, method, mode):
     )
     assert len(summary["accuracy_per_round"]) == 2
     assert 0.0 <= summary["final_accuracy"] <= 1.0
+    clients = pd.read_csv(tmp_path / "clients.csv")
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert (metrics["aggregation_seconds"] > 0).all()
+    assert ((metrics["moments_seconds"] > 0) == method.endswith("ccvr")).all()
+    # hand-worked sizes of the tiny preset: width D = 32, 2 blocks, MLP 128, r = 4, 10 classes
+    lora_elements = 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    head_elements = 10 * 32 + 10
+    if method == "fedavg":  # factors and head in float32, nothing else
+        assert (clients["upload_bytes"] == 4 * (lora_elements + head_elements)).all()
+        assert (clients["statistics_bytes"] == 0).all()
+    if method == "regmean":  # float64 Grams: qkv, proj, fc1 see D inputs, fc2 sees 4D; head D+1
+        gram_elements = 2 * (3 * 32**2 + 128**2) + 33**2
+        assert (clients["statistics_bytes"] == 8 * gram_elements).all()
+        assert (
+            clients["upload_bytes"] == 4 * (lora_elements + head_elements) + 8 * gram_elements
+        ).all()
+    assert (clients["statistics_seconds"] >= 0).all()
+    assert (clients["statistics_seconds"] < clients["seconds"]).all()
 
 
 def test_product_merge_folds_eq3_into_the_frozen_weights(tmp_path):

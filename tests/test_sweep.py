@@ -11,13 +11,13 @@ import pytest
 from helpers import write_run
 
 from livar_merge.federated.sweep import (
+    COST_COLUMNS,
     MISSING_CELL,
-    TIMING_COLUMNS,
+    collect_costs,
     collect_results,
-    collect_timings,
+    cost_table,
     main,
     results_table,
-    timing_table,
 )
 
 
@@ -38,12 +38,18 @@ def test_results_table_mean_std_and_marks(tmp_path: Path):
     assert len(stats) == 2
 
 
-def test_timing_table_medians_over_all_rounds(tmp_path: Path):
-    """Medians per method over every round of every run, against statistics.median."""
+def label(column: str) -> str:
+    return next(lab for _, col, lab, _ in COST_COLUMNS if col == column)
+
+
+def test_cost_table_medians_over_all_rows(tmp_path: Path):
+    """Medians per method over every round (metrics.csv) or client-round (clients.csv) of every
+    run, against statistics.median, in the units of the labels."""
     agg = {0: [0.010, 0.012, 0.011], 1: [0.009, 0.030, 0.013]}
     train = {0: [10.0, 11.0, 12.0], 1: [9.0, 13.0, 14.0]}
+    uploads = {0: [1_000_000, 3_000_000], 1: [2_000_000, 8_000_000]}
     for seed in (0, 1):
-        write_run(
+        folder = write_run(
             tmp_path,
             "fashion-mnist",
             "ccvr",
@@ -56,7 +62,10 @@ def test_timing_table_medians_over_all_rounds(tmp_path: Path):
                 "moments_seconds": [1.0 + seed, 2.0, 3.0],
             },
         )
-    # an older run folder without the moment column: its cells are missing, not zero
+        pd.DataFrame(
+            {"round": 1, "client": ["client_0", "client_1"], "upload_bytes": uploads[seed]}
+        ).to_csv(folder / "clients.csv", index=False)
+    # an older run folder without the moment column nor clients.csv: missing, not zero
     write_run(
         tmp_path,
         "fashion-mnist",
@@ -66,18 +75,18 @@ def test_timing_table_medians_over_all_rounds(tmp_path: Path):
         [0.3, 0.5],
         timings={"aggregation_seconds": [0.004, 0.006], "train_seconds": [5.0, 7.0]},
     )
-    rows = collect_timings(tmp_path)
-    assert len(rows) == 3 + 3 + 2
-    table = timing_table(rows, methods=["fedavg", "ccvr", "regmean"])
+    table = cost_table(collect_costs(tmp_path), methods=["fedavg", "ccvr", "regmean"])
     ccvr = table.loc["ccvr"]
     agg_ms = statistics.median([1000 * v for v in agg[0] + agg[1]])
-    assert ccvr[TIMING_COLUMNS["aggregation_seconds"]] == pytest.approx(agg_ms)
-    assert ccvr[TIMING_COLUMNS["train_seconds"]] == pytest.approx(11.5)
-    assert ccvr[TIMING_COLUMNS["moments_seconds"]] == pytest.approx(2.0)
-    assert ccvr["rounds"] == 6
-    assert table.loc["fedavg", TIMING_COLUMNS["aggregation_seconds"]] == pytest.approx(5.0)
-    assert pd.isna(table.loc["fedavg", TIMING_COLUMNS["moments_seconds"]])
-    assert table.loc["regmean", "rounds"] == 0
+    assert ccvr[label("aggregation_seconds")] == pytest.approx(agg_ms)
+    assert ccvr[label("train_seconds")] == pytest.approx(11.5)
+    assert ccvr[label("moments_seconds")] == pytest.approx(2.0)
+    assert ccvr[label("upload_bytes")] == pytest.approx(2.5)  # MB
+    assert pd.isna(ccvr[label("statistics_bytes")])
+    assert ccvr["runs"] == 2
+    assert table.loc["fedavg", label("aggregation_seconds")] == pytest.approx(5.0)
+    assert pd.isna(table.loc["fedavg", label("moments_seconds")])
+    assert table.loc["regmean", "runs"] == 0 and table.loc["regmean"].iloc[:-1].isna().all()
 
 
 def test_sweep_runs_the_grid_skips_finished_runs_and_writes_tables(tmp_path: Path):
@@ -110,10 +119,13 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_writes_tables(tmp_path: Pat
     stamps = [os.stat(p).st_mtime_ns for p in summaries]
     cells = pd.read_csv(tmp_path / "table.csv", index_col=0)
     assert cells.loc["fedavg", "beta=0.5"].endswith("[n=1]")
-    timing = pd.read_csv(tmp_path / "timing.csv", index_col=0)
-    moments = timing[TIMING_COLUMNS["moments_seconds"]]
+    costs = pd.read_csv(tmp_path / "costs.csv", index_col=0)
+    moments = costs[label("moments_seconds")]
     assert moments["ccvr"] > 0 and moments["fedavg"] == 0  # only CCVR pays the moment pass
-    assert (timing[TIMING_COLUMNS["aggregation_seconds"]] > 0).all()
-    assert "server aggregation per round (ms)" in (tmp_path / "timing.md").read_text()
+    assert (costs[label("aggregation_seconds")] > 0).all()
+    extra = costs[label("statistics_bytes")]
+    assert extra["fedavg"] == 0 and extra["ccvr"] == 0  # CCVR's moments come after aggregation
+    assert (costs[label("upload_bytes")] > 0).all() and (costs["runs"] == 1).all()
+    assert "server aggregation per round (ms)" in (tmp_path / "costs.md").read_text()
     assert main(args) == 0  # everything finished: nothing re-run
     assert [os.stat(p).st_mtime_ns for p in summaries] == stamps

@@ -53,7 +53,10 @@ class TrainReport:
     loss: float
     accuracy: float
     steps: int
-    seconds: float
+    seconds: float  # everything: training and the statistic passes after it
+    statistics_seconds: float = 0.0  # the passes after training (sigma, Grams, Fisher, ...)
+    upload_bytes: int = 0  # tensors and arrays of the ClientUpdate
+    statistics_bytes: int = 0  # of which the method's extra statistics
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -187,6 +190,7 @@ def train_client(
                 stats.update(features.detach().float(), y, logits.detach().float())
     if tracker is not None:
         tracker.detach()
+    statistics_start = time.perf_counter()
     if "sigma" in needs and stats is None:
         stats = collect_class_stats(model, source, indices, num_classes, settings)
 
@@ -219,11 +223,15 @@ def train_client(
         update.class_sigma = result.sigma
         update.class_present = result.present
         update.class_counts = result.count
+    end = time.perf_counter()
     report = TrainReport(
         loss=float(loss_sum / max(seen, 1)),
         accuracy=float(correct) / max(seen, 1),
         steps=steps,
-        seconds=time.perf_counter() - start,
+        seconds=end - start,
+        statistics_seconds=end - statistics_start,
+        upload_bytes=update.nbytes(),
+        statistics_bytes=update.nbytes(extras_only=True),
     )
     return update, report
 

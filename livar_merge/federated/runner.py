@@ -343,6 +343,9 @@ class FederatedRun:
                     "train_accuracy": report.accuracy,
                     "steps": report.steps,
                     "seconds": report.seconds,
+                    "statistics_seconds": report.statistics_seconds,
+                    "upload_bytes": report.upload_bytes,
+                    "statistics_bytes": report.statistics_bytes,
                 }
             )
             if progress is not None:

@@ -6,9 +6,9 @@
 
 Each run gets its own results folder under ``--root``; finished runs are skipped and interrupted
 ones resumed, so the command can be re-run after an interruption. The table is written as CSV
-and Markdown (``table.csv``, ``table.md``); a missing cell is marked, not fatal. The cost of each
-method per round (server aggregation, client training, CCVR's client moment pass), medians over
-every round of every run, goes to ``timing.csv`` and ``timing.md``.
+and Markdown (``table.csv``, ``table.md``); a missing cell is marked, not fatal. The costs of each
+method (server aggregation per round, client training, statistic passes and upload per client),
+medians over every round of every run, go to ``costs.csv`` and ``costs.md``.
 """
 
 from __future__ import annotations
@@ -80,43 +80,59 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-TIMING_COLUMNS = {
-    "aggregation_seconds": "server aggregation per round (ms)",
-    "train_seconds": "client training per round, all clients (s)",
-    "moments_seconds": "CCVR client moment pass per round (s)",
-}
+# (file of the run folder, column, label in the table, scale): medians per method over every
+# row of every finished run; metrics.csv has a row per round, clients.csv per client and round
+COST_COLUMNS = (
+    ("metrics.csv", "aggregation_seconds", "server aggregation per round (ms)", 1e3),
+    ("metrics.csv", "train_seconds", "local work of all clients per round (s)", 1.0),
+    ("metrics.csv", "moments_seconds", "CCVR client moment pass per round (s)", 1.0),
+    ("clients.csv", "statistics_seconds", "statistics pass per client (s)", 1.0),
+    ("clients.csv", "upload_bytes", "upload per client (MB)", 1e-6),
+    ("clients.csv", "statistics_bytes", "of which statistics (MB)", 1e-6),
+)
 
 
-def collect_timings(root: Path) -> list[dict[str, Any]]:
-    """One row per round of every finished run: method, beta, seed and the timing columns
-    of its ``metrics.csv`` (a column a run did not record is NaN)."""
+def collect_costs(root: Path) -> list[dict[str, Any]]:
+    """Long-form cost rows of every finished run: method, beta, seed, column, value (one per
+    row of the run's CSV; a column the run did not record gives no rows)."""
     import pandas as pd
 
-    frames = []
-    for row in collect_results(root):
-        metrics = pd.read_csv(root / row["run"] / "metrics.csv")
-        for column in TIMING_COLUMNS:
-            if column not in metrics:
-                metrics[column] = float("nan")
-        frames.append(
-            metrics[["round", *TIMING_COLUMNS]].assign(
-                method=row["method"], beta=row["beta"], seed=row["seed"]
-            )
-        )
-    return pd.concat(frames).to_dict("records") if frames else []
+    rows = []
+    for run in collect_results(root):
+        for file, column, _, _ in COST_COLUMNS:
+            path = root / run["run"] / file
+            if not path.is_file():
+                continue
+            frame = pd.read_csv(path)
+            if column not in frame:
+                continue
+            for value in frame[column].dropna():
+                rows.append(
+                    {
+                        "method": run["method"],
+                        "beta": run["beta"],
+                        "seed": run["seed"],
+                        "column": column,
+                        "value": float(value),
+                    }
+                )
+    return rows
 
 
-def timing_table(rows: list[dict[str, Any]], *, methods: Sequence[str] | None = None):
-    """Per method: medians over all rounds of all runs of the timing columns, and the number
-    of rounds they summarise. Aggregation in milliseconds, the client-side columns in seconds."""
+def cost_table(rows: list[dict[str, Any]], *, methods: Sequence[str] | None = None):
+    """Per method: the median of each cost column over all its rows (scaled to the units of
+    its label; NaN where no run recorded it), and the number of finished runs."""
     import pandas as pd
 
-    frame = pd.DataFrame(rows, columns=["method", "beta", "seed", "round", *TIMING_COLUMNS])
+    frame = pd.DataFrame(rows, columns=["method", "beta", "seed", "column", "value"])
     methods = list(methods) if methods else sorted(frame["method"].unique())
-    table = frame.groupby("method")[list(TIMING_COLUMNS)].median().reindex(methods)
-    table["aggregation_seconds"] *= 1000.0
-    table = table.rename(columns=TIMING_COLUMNS)
-    table["rounds"] = frame.groupby("method").size().reindex(methods).fillna(0).astype(int)
+    medians = frame.pivot_table(index="method", columns="column", values="value", aggfunc="median")
+    table = pd.DataFrame(index=pd.Index(methods, name="method"))
+    for _, column, label, scale in COST_COLUMNS:
+        values = medians[column] if column in medians else pd.Series(dtype=float)
+        table[label] = values.reindex(methods) * scale
+    runs = frame.drop_duplicates(["method", "beta", "seed"]).groupby("method").size()
+    table["runs"] = runs.reindex(methods).fillna(0).astype(int)
     return table
 
 
@@ -160,12 +176,12 @@ def write_table(root: Path, methods: Sequence[str] | None, betas: Sequence[float
     stats.to_csv(root / "table_stats.csv", index=False)
     markdown = cells.to_markdown() if _has_tabulate() else _markdown(cells)
     (root / "table.md").write_text(markdown + "\n")
-    timing = timing_table(collect_timings(root), methods=methods)
-    timing.to_csv(root / "timing.csv")
-    shown = timing.map(lambda v: v if isinstance(v, int) else _format_number(v))
-    timing_markdown = shown.to_markdown() if _has_tabulate() else _markdown(shown)
-    (root / "timing.md").write_text(timing_markdown + "\n")
-    return markdown + "\n\n" + timing_markdown
+    costs = cost_table(collect_costs(root), methods=methods)
+    costs.to_csv(root / "costs.csv")
+    shown = costs.map(lambda v: v if isinstance(v, int) else _format_number(v))
+    costs_markdown = shown.to_markdown() if _has_tabulate() else _markdown(shown)
+    (root / "costs.md").write_text(costs_markdown + "\n")
+    return markdown + "\n\n" + costs_markdown
 
 
 def _format_number(value: float) -> str:

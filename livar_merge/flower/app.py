@@ -185,6 +185,9 @@ class ServerRun:
                         "train_accuracy": update.extras.get("train_accuracy"),
                         "steps": update.extras.get("train_steps"),
                         "seconds": update.extras.get("train_seconds"),
+                        "statistics_seconds": update.extras.get("train_statistics_seconds"),
+                        "upload_bytes": update.extras.get("train_upload_bytes"),
+                        "statistics_bytes": update.extras.get("train_statistics_bytes"),
                     }
                 )
             rows_a, rows_h = aggregation_rows(entry.round, entry.updates, entry.result)
@@ -447,6 +450,9 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
             "train-accuracy": float(report.accuracy),
             "train-steps": int(report.steps),
             "train-seconds": float(report.seconds),
+            "train-statistics-seconds": float(report.statistics_seconds),
+            "train-upload-bytes": int(report.upload_bytes),
+            "train-statistics-bytes": int(report.statistics_bytes),
         },
     )
 

@@ -16,7 +16,8 @@ A reply is a RecordDict with three records:
                             the order of ``layer-names``) when the method needs omega;
                             ``class-sigma`` (0 where absent), ``class-present`` (0/1) and
                             ``class-counts`` (one value per class) when it needs sigma;
-                            ``train-loss``, ``train-accuracy``, ``train-steps``, ``train-seconds``;
+                            ``train-*`` metrics of the client's TrainReport (``train-loss``,
+                            ``train-seconds``, ``train-upload-bytes``, ...);
 ``info``    (ConfigRecord)  ``protocol``, ``client-id``, ``partition-id``, ``layer-names``,
                             ``config-hash`` and the G_SHAP table identity ``table-name``,
                             ``table-version``, ``table-checksum``.
