@@ -5,6 +5,9 @@ sample standard deviation (ddof=1; none for a single seed) of the test top-1 acc
 seeds, in percent. One figure per dataset, one panel per beta, one line (mean) and band
 (mean ± std) per method.
 
+Accuracy against beta: the final test top-1 of each finished sweep run, mean ± std (ddof=1) over
+seeds per (method, beta), beta on a log axis; one figure per dataset.
+
 Alpha heat map: the LoRA merge weight of each client (rows) and layer (columns) of one run,
 read from ``alpha.csv``, one panel per round.
 """
@@ -124,6 +127,52 @@ def plot_accuracy_curves(
             path,
             title,
             {"series": series, "betas": [float(b) for b in betas], "methods": methods},
+        )
+
+
+def plot_accuracy_vs_beta(
+    rows: Sequence[dict], dataset: str, path: str | os.PathLike[str], *, title: str | None = None
+) -> FigureOutput:
+    """Final test accuracy of every method on ``dataset`` against the Dirichlet beta.
+
+    ``rows``: finished runs as :func:`analysis.tables.collect_sweeps` returns them. ``data``:
+    ``stats`` (DataFrame ``method, beta, mean, std, n`` in percent), ``methods``, ``betas``.
+    """
+    from livar_merge.federated.sweep import results_table
+
+    subset = [r for r in rows if r["dataset"] == dataset]
+    if not subset:
+        raise ValueError(f"no finished sweep runs for dataset {dataset!r}")
+    _, stats = results_table(subset)
+    stats = stats.assign(mean=100.0 * stats["mean"], std=100.0 * stats["std"])
+    methods = sort_methods(stats["method"].unique())
+    betas = sorted(float(b) for b in stats["beta"].unique())
+    title = title or f"Final accuracy on {dataset_name(dataset)} vs β (mean ± std over seeds)"
+    with styled():
+        figure, (ax,) = new_figure(1, width=6.0, height=3.8)
+        for i, method in enumerate(methods):
+            part = stats.loc[stats["method"] == method].sort_values("beta")
+            ax.errorbar(
+                part["beta"],
+                part["mean"],
+                yerr=part["std"].fillna(0.0),
+                color=method_colour(method, i),
+                marker="o",
+                ms=4,
+                capsize=3,
+                label=f"{method_name(method)} (n≤{int(part['n'].max())})",
+            )
+        ax.set_xscale("log")
+        ax.set_xticks(betas, [format_beta(b) for b in betas])
+        ax.minorticks_off()
+        ax.set_xlabel("Dirichlet β (smaller = more heterogeneous)")
+        ax.set_ylabel("final test top-1 accuracy (%)")
+        ax.legend(loc="best", fontsize="small")
+        return finish(
+            figure,
+            path,
+            title,
+            {"stats": stats.reset_index(drop=True), "methods": methods, "betas": betas},
         )
 
 

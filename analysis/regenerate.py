@@ -31,7 +31,12 @@ from analysis.artifacts import (
     unique_paths,
 )
 from analysis.catalogue import Catalogue
-from analysis.federated_figures import accuracy_curves, plot_accuracy_curves, plot_alpha_heatmap
+from analysis.federated_figures import (
+    accuracy_curves,
+    plot_accuracy_curves,
+    plot_accuracy_vs_beta,
+    plot_alpha_heatmap,
+)
 from analysis.shap_figures import plot_aposteriori, plot_shap_summary
 from analysis.style import LAMBDA, OMEGA_A, OMEGA_B, dataset_name, format_beta, method_name
 from analysis.table_figures import plot_table_comparison, plot_table_heatmap, table_label
@@ -42,6 +47,7 @@ from analysis.tables import (
     describe,
     found_specs,
     override_specs,
+    write_costs,
     write_table,
 )
 
@@ -475,6 +481,26 @@ class Regeneration:
                 return write_table(result, self.tables_dir), describe(result)
 
             _produce(self.catalogue, spec.key, spec.label, producer, self.sweeps)
+        for dataset in sorted({r["dataset"] for r in rows}):
+
+            def beta_figure(dataset: str = dataset) -> tuple[list[Path], str]:
+                path = self.figures / f"accuracy-vs-beta-{dataset}"
+                out = plot_accuracy_vs_beta(rows, dataset, path)
+                methods = ", ".join(method_name(m) for m in out.data["methods"])
+                return out.files, f"{methods}; β {', '.join(map(format_beta, out.data['betas']))}"
+
+            def costs(dataset: str = dataset) -> tuple[list[Path], str]:
+                return write_costs(self.sweeps, dataset, self.tables_dir), "medians per method"
+
+            name = dataset_name(dataset)
+            _produce(
+                self.catalogue,
+                f"accuracy-vs-beta-{dataset}",
+                f"Accuracy against β ({name})",
+                beta_figure,
+                self.sweeps,
+            )
+            _produce(self.catalogue, f"costs-{dataset}", f"Costs ({name})", costs, self.sweeps)
 
     # ------------------------------------------------------------------ all
     def run(self, log: Callable[[str], None] | None = print) -> Catalogue:

@@ -21,9 +21,17 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.artifacts import unique_paths
+from analysis.artifacts import ArtifactError, unique_paths
 from analysis.style import dataset_name, format_beta, method_name, sort_methods
-from livar_merge.federated.sweep import MISSING_CELL, _markdown, collect_results, results_table
+from livar_merge.federated.sweep import (
+    MISSING_CELL,
+    collect_costs,
+    collect_results,
+    cost_table,
+    format_number,
+    markdown_table,
+    results_table,
+)
 
 CHECK = "✓"
 ALPHA_COLUMN = "α^l"
@@ -245,7 +253,7 @@ def write_table(result: TableResult, directory: Path) -> list[Path]:
     result.stats.to_csv(stats, index=False)
     md.write_text(
         f"**{result.spec.label}**: {result.spec.caption} ({scope(result.spec)}).\n\n"
-        f"{_markdown(result.cells)}\n\n"
+        f"{markdown_table(result.cells)}\n\n"
         f"{legend_line(result)}\n"
     )
     result.files[:] = [csv, md, stats]
@@ -285,3 +293,27 @@ def scope(spec: TableSpec) -> str:
 def describe(result: TableResult) -> str:
     """One line for the catalogue."""
     return f"{scope(result.spec)}; {result.missing} of {result.total} cells missing"
+
+
+def write_costs(roots: Iterable[str | Path], dataset: str, directory: Path) -> list[Path]:
+    """Cost table of ``dataset`` over the sweep roots (``livar_merge.federated.sweep.cost_table``:
+    medians per method of server aggregation time, client work, statistics and upload) as
+    ``costs-<dataset>.csv`` and ``.md``."""
+    rows = [r for root in unique_paths([Path(r) for r in roots]) for r in collect_costs(root)]
+    rows = [r for r in rows if r["dataset"] == dataset]
+    if not rows:
+        raise ArtifactError(
+            f"no finished {dataset} run records costs (metrics.csv aggregation_seconds, "
+            "clients.csv upload_bytes, ...)"
+        )
+    table = cost_table(rows, methods=sort_methods({r["method"] for r in rows}))
+    table.index = [method_name(m) for m in table.index]
+    directory.mkdir(parents=True, exist_ok=True)
+    csv, md = directory / f"costs-{dataset}.csv", directory / f"costs-{dataset}.md"
+    table.to_csv(csv, index_label="method")
+    md.write_text(
+        f"**Costs on {dataset_name(dataset)}**: medians over every round (server, all clients) "
+        f"or client-round (per client) of every finished run; {MISSING_CELL} = not recorded.\n\n"
+        f"{markdown_table(table.map(format_number))}\n"
+    )
+    return [csv, md]

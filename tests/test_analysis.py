@@ -23,6 +23,7 @@ from analysis.federated_figures import (
     alpha_matrix,
     choose_rounds,
     plot_accuracy_curves,
+    plot_accuracy_vs_beta,
     plot_alpha_heatmap,
 )
 from analysis.regenerate import regenerate
@@ -33,7 +34,14 @@ from analysis.shap_figures import (
     table_bin_means,
 )
 from analysis.table_figures import plot_table_comparison, plot_table_heatmap, table_difference
-from analysis.tables import PAPER_TABLES, build_table, collect_sweeps, override_specs, write_table
+from analysis.tables import (
+    PAPER_TABLES,
+    build_table,
+    collect_sweeps,
+    override_specs,
+    write_costs,
+    write_table,
+)
 from livar_calib.explain import binned_shap_curve
 from livar_merge import GShapTable
 from livar_merge.federated.sweep import MISSING_CELL
@@ -415,6 +423,8 @@ def test_regenerate_everything_and_catalogue(tmp_path: Path, capsys):
     assert entries["table4"].status == "made"
     assert entries["results-cifar100"].status == "made"
     assert entries["ablation-cifar100"].status == "made"
+    assert entries["accuracy-vs-beta-cifar100"].status == "made"
+    assert "records costs" in entries["costs-cifar100"].reason  # hand-made runs have none
     assert catalogue.count("failed") == 0
 
     document = json.loads((out / "catalogue.json").read_text())
@@ -430,6 +440,46 @@ def test_regenerate_everything_and_catalogue(tmp_path: Path, capsys):
             assert (out / file).is_file(), file
     markdown = (out / "tables" / "table1.md").read_text().splitlines()
     assert sum(line.count(MISSING_CELL) for line in markdown if line.startswith("|")) == 32
+
+
+def test_accuracy_vs_beta_and_costs(tmp_path: Path):
+    root = tmp_path / "sweep"
+    finals = {(0.05, 0): 0.40, (0.05, 1): 0.46, (0.5, 0): 0.61, (0.5, 1): 0.65, (0.5, 2): 0.66}
+    for (beta, seed), acc in finals.items():
+        folder = write_run(
+            root,
+            "fashion-mnist",
+            "regmean",
+            beta,
+            seed,
+            [0.2, acc],
+            timings={"aggregation_seconds": [0.07, 0.05 + seed / 100], "train_seconds": [9, 11]},
+        )
+        pd.DataFrame({"upload_bytes": [4e6, 2e6], "statistics_bytes": [3e6, 1e6]}).to_csv(
+            folder / "clients.csv", index=False
+        )
+    write_run(root, "digits", "fedavg", 0.5, 0, [0.1, 0.2])
+    rows, _ = collect_sweeps([root])
+    out = plot_accuracy_vs_beta(rows, "fashion-mnist", tmp_path / "beta")
+    assert out.png.is_file() and out.data["betas"] == [0.05, 0.5]
+    stats = out.data["stats"].set_index("beta")
+    assert stats.loc[0.5, "mean"] == pytest.approx(100 * np.mean([0.61, 0.65, 0.66]))
+    assert stats.loc[0.05, "std"] == pytest.approx(100 * np.std([0.40, 0.46], ddof=1))
+    with pytest.raises(ValueError, match="cifar100"):
+        plot_accuracy_vs_beta(rows, "cifar100", tmp_path / "none")
+
+    csv, md = write_costs([root], "fashion-mnist", tmp_path / "tables")
+    costs = pd.read_csv(csv, index_col=0)
+    all_aggregations = [0.07, 0.05, 0.07, 0.06, 0.07, 0.05, 0.07, 0.06, 0.07, 0.07]
+    assert costs.loc["RegMean", "server aggregation per round (ms)"] == pytest.approx(
+        1000 * np.median(all_aggregations)
+    )
+    assert costs.loc["RegMean", "upload per client (MB)"] == pytest.approx(3.0)
+    assert costs.loc["RegMean", "of which statistics (MB)"] == pytest.approx(2.0)
+    assert costs.loc["RegMean", "runs"] == 5 and list(costs.index) == ["RegMean"]
+    assert "| RegMean | 70.0 | 10.0 | — | — | 3.00 | 2.00 | 5 |" in md.read_text()
+    with pytest.raises(ArtifactError, match="digits"):
+        write_costs([root], "digits", tmp_path / "tables")
 
 
 def test_regenerate_without_inputs_skips_with_reasons(tmp_path: Path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import sys
 import time
 from collections.abc import Sequence
@@ -93,8 +94,8 @@ COST_COLUMNS = (
 
 
 def collect_costs(root: Path) -> list[dict[str, Any]]:
-    """Long-form cost rows of every finished run: method, beta, seed, column, value (one per
-    row of the run's CSV; a column the run did not record gives no rows)."""
+    """Long-form cost rows of every finished run: dataset, method, beta, seed, column, value (one
+    per row of the run's CSV; a column the run did not record gives no rows)."""
     import pandas as pd
 
     rows = []
@@ -109,6 +110,7 @@ def collect_costs(root: Path) -> list[dict[str, Any]]:
             for value in frame[column].dropna():
                 rows.append(
                     {
+                        "dataset": run["dataset"],
                         "method": run["method"],
                         "beta": run["beta"],
                         "seed": run["seed"],
@@ -124,14 +126,14 @@ def cost_table(rows: list[dict[str, Any]], *, methods: Sequence[str] | None = No
     its label; NaN where no run recorded it), and the number of finished runs."""
     import pandas as pd
 
-    frame = pd.DataFrame(rows, columns=["method", "beta", "seed", "column", "value"])
+    frame = pd.DataFrame(rows, columns=["dataset", "method", "beta", "seed", "column", "value"])
     methods = list(methods) if methods else sorted(frame["method"].unique())
     medians = frame.pivot_table(index="method", columns="column", values="value", aggfunc="median")
     table = pd.DataFrame(index=pd.Index(methods, name="method"))
     for _, column, label, scale in COST_COLUMNS:
         values = medians[column] if column in medians else pd.Series(dtype=float)
         table[label] = values.reindex(methods) * scale
-    runs = frame.drop_duplicates(["method", "beta", "seed"]).groupby("method").size()
+    runs = frame.drop_duplicates(["dataset", "method", "beta", "seed"]).groupby("method").size()
     table["runs"] = runs.reindex(methods).fillna(0).astype(int)
     return table
 
@@ -174,32 +176,27 @@ def write_table(root: Path, methods: Sequence[str] | None, betas: Sequence[float
     cells, stats = results_table(collect_results(root), methods=methods, betas=betas)
     cells.to_csv(root / "table.csv")
     stats.to_csv(root / "table_stats.csv", index=False)
-    markdown = cells.to_markdown() if _has_tabulate() else _markdown(cells)
+    markdown = markdown_table(cells)
     (root / "table.md").write_text(markdown + "\n")
     costs = cost_table(collect_costs(root), methods=methods)
     costs.to_csv(root / "costs.csv")
-    shown = costs.map(lambda v: v if isinstance(v, int) else _format_number(v))
-    costs_markdown = shown.to_markdown() if _has_tabulate() else _markdown(shown)
+    costs_markdown = markdown_table(costs.map(format_number))
     (root / "costs.md").write_text(costs_markdown + "\n")
     return markdown + "\n\n" + costs_markdown
 
 
-def _format_number(value: float) -> str:
-    """Three significant figures without exponents; NaN as the missing-cell mark."""
+def format_number(value: float) -> str:
+    """Three significant figures without exponents (integers as they are); NaN as the
+    missing-cell mark."""
+    if isinstance(value, numbers.Integral):
+        return str(value)
     if value != value:
         return MISSING_CELL
     return f"{value:.{max(0, 2 - math.floor(math.log10(abs(value))))}f}" if value else "0"
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _markdown(frame) -> str:
+def markdown_table(frame) -> str:
+    """A pipe table of ``frame`` (index as the first column), no optional dependency."""
     header = "| " + " | ".join([frame.index.name or "", *map(str, frame.columns)]) + " |"
     rule = "|" + "---|" * (len(frame.columns) + 1)
     body = ["| " + " | ".join([str(i), *map(str, r)]) + " |" for i, r in frame.iterrows()]
