@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         type=Path,
         metavar="DIR",
-        help="sweep roots (livar-sweep --root): Tables 1-4, accuracy curves",
+        help="sweep roots (livar-sweep --root): Tables 1-4, accuracy curves and vs beta, costs",
     )
     parser.add_argument(
         "--reference-table",
