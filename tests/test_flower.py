@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,7 +30,7 @@ for _key, _value in {
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, Error, Message, RecordDict  # noqa: E402
+from flwr.app import Array, ConfigRecord, Error, Message, RecordDict  # noqa: E402
 
 from livar_merge.aggregation import ClientUpdate, make_aggregator  # noqa: E402
 from livar_merge.federated.client import lora_state  # noqa: E402
@@ -95,6 +96,32 @@ def fake_update(model: torch.nn.Module, client_id: str, seed: int) -> ClientUpda
     )
 
 
+def with_statistics(update: ClientUpdate, needs: set[str], seed: int) -> ClientUpdate:
+    """``update`` plus random statistics of the baselines in ``needs`` (gram, fisher,
+    prototypes), shaped as the clients compute them; one class without prototype."""
+    g = torch.Generator().manual_seed(seed)
+    width = update.head_weight.shape[1]
+    if "gram" in needs:
+        grams = {}
+        for layer in update.layer_names:
+            x = torch.randn(64, update.lora[f"{layer}.lora_A.weight"].shape[1], generator=g)
+            grams[layer] = (x.T @ x).double()
+        x = torch.cat([torch.randn(64, width, generator=g), torch.ones(64, 1)], dim=1)
+        update.extras.update(gram=grams, head_gram=(x.T @ x).double())
+    if "fisher" in needs:
+        fisher = {k: torch.rand(v.shape, generator=g).double() for k, v in update.lora.items()}
+        fisher["head.weight"] = torch.rand(update.head_weight.shape, generator=g).double()
+        fisher["head.bias"] = torch.rand(update.head_bias.shape, generator=g).double()
+        update.extras["fisher"] = fisher
+    if "prototypes" in needs:
+        counts = np.random.default_rng(seed).integers(1, 30, NUM_CLASSES).astype(np.float64)
+        counts[seed % NUM_CLASSES] = 0
+        mean = torch.randn(NUM_CLASSES, width, generator=g).double().numpy()
+        mean[counts == 0] = np.nan
+        update.extras.update(proto_mean=mean, proto_count=counts)
+    return update
+
+
 def packed(update: ClientUpdate, config_hash: str = "h" * 64) -> RecordDict:
     return pack_reply(
         update,
@@ -105,11 +132,13 @@ def packed(update: ClientUpdate, config_hash: str = "h" * 64) -> RecordDict:
     )
 
 
-def spec_for(model: torch.nn.Module, config_hash: str | None = "h" * 64) -> ReplySpec:
+def spec_for(
+    model: torch.nn.Module, config_hash: str | None = "h" * 64, needs: set[str] | None = None
+) -> ReplySpec:
     return ReplySpec.from_global(
         global_tensors(model, "product"),
         tuple(find_lora_parameters(model)),
-        needs=frozenset({"omega", "sigma"}),
+        needs=frozenset(needs or {"omega", "sigma"}),
         table=TABLE,
         config_hash=config_hash,
     )
@@ -221,6 +250,65 @@ def test_validate_reply_rejects_bad_replies_with_a_reason(model, case):
         assert "client 'client_2'" in message
 
 
+STATISTICS = {"omega", "sigma", "gram", "fisher", "prototypes"}
+
+
+def test_statistics_round_trip_over_the_wire(model):
+    update = with_statistics(fake_update(model, "client_3", seed=3), STATISTICS, seed=3)
+    content = over_the_wire(packed(update))
+    back = validate_reply(content, spec_for(model, needs=STATISTICS), node_id=1)
+    assert_same_update(update, back)
+    for key in ("gram", "fisher"):
+        assert back.extras[key].keys() == update.extras[key].keys()
+        for name, value in update.extras[key].items():
+            assert back.extras[key][name].dtype == torch.float64
+            assert torch.equal(back.extras[key][name], value), name
+    assert torch.equal(back.extras["head_gram"], update.extras["head_gram"])
+    np.testing.assert_array_equal(back.extras["proto_mean"], update.extras["proto_mean"])
+    np.testing.assert_array_equal(back.extras["proto_count"], update.extras["proto_count"])
+    # statistics a method does not need are refused, not silently carried
+    with pytest.raises(InvalidReplyError, match="unexpected array 'fisher/"):
+        validate_reply(content, spec_for(model, needs={"omega", "sigma", "gram", "prototypes"}))
+
+
+GRAM_KEY = "gram/base_model.model.blocks.1.mlp.fc2"
+BAD_STATISTICS = {
+    "gram shape": (_set("arrays", GRAM_KEY, Array(np.eye(32))), f"'{GRAM_KEY}' has shape (32, 32)"),
+    "gram nan": (
+        _set("arrays", GRAM_KEY, Array(np.full((128, 128), np.nan))),
+        f"'{GRAM_KEY}' holds 16384 NaN/Inf",
+    ),
+    "gram dtype": (
+        _set("arrays", GRAM_KEY, Array(np.eye(128, dtype=np.float32))),
+        f"'{GRAM_KEY}' has dtype float32",
+    ),
+    "missing head gram": (_delete("arrays", "head-gram"), "'head-gram' is missing"),
+    "negative fisher": (
+        _set("arrays", "fisher/head.bias", Array(-np.ones(NUM_CLASSES))),
+        "'fisher/head.bias' holds negative values",
+    ),
+    "nan prototype": (
+        _set("arrays", "proto-mean", Array(np.full((NUM_CLASSES, 32), np.nan))),
+        "'proto-mean' holds NaN/Inf for class 0",
+    ),
+    "negative count": (
+        _set("arrays", "proto-count", Array(-np.ones(NUM_CLASSES))),
+        "'proto-count' holds negative values",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STATISTICS))
+def test_validate_reply_rejects_bad_statistics(model, case):
+    mutate, expected = BAD_STATISTICS[case]
+    content = packed(with_statistics(fake_update(model, "client_4", seed=4), STATISTICS, 4))
+    mutate(content)
+    with pytest.raises(InvalidReplyError) as err:
+        validate_reply(content, spec_for(model, needs=STATISTICS), node_id=9)
+    message = str(err.value)
+    assert "node 9 (client 'client_4')" in message and expected in message, message
+
+
 # ------------------------------------------------------------------------------ strategy
 def strategy_for(model: torch.nn.Module, **kw) -> LivarStrategy:
     fresh = tiny_peft_vit(rank=4, alpha=4.0, num_classes=NUM_CLASSES, seed=0)
@@ -281,10 +369,15 @@ def test_duplicate_client_ids_keep_the_lowest_node(model):
     ]
 
 
-@pytest.mark.parametrize("method", ["livar", "fedavg", "livar-alpha", "livar-sigma"])
-def test_reduction_is_deterministic_regardless_of_reply_order(model, method):
+@pytest.mark.parametrize(
+    "method", ["livar", "fedavg", "livar-alpha", "livar-sigma", "regmean", "fisher", "fedproto"]
+)
+def test_reduction_is_deterministic_and_equals_the_aggregator(model, method):
+    """Any reply order gives the same global model, that of the registry's aggregator on the
+    updates in client-id order, installed as livar-fed does."""
+    needs = set(make_aggregator(method).needs)
     updates = [
-        fake_update(model, cid, seed=40 + i)
+        with_statistics(fake_update(model, cid, seed=40 + i), needs, seed=40 + i)
         for i, cid in enumerate(["client_10", "client_2", "client_1"])
     ]
     contents = [packed(u) for u in updates]
@@ -302,15 +395,150 @@ def test_reduction_is_deterministic_regardless_of_reply_order(model, method):
         results.append({k: arrays[k].numpy() for k in arrays})
     for other in results[1:]:
         assert all(np.array_equal(results[0][k], other[k]) for k in results[0])
+    reference = strategy_for(model, method=method)
+    result = make_aggregator(method).aggregate(
+        [updates[2], updates[1], updates[0]],
+        previous_head=reference.global_model.previous_head(),
+        scaling=reference.global_model.scalings,
+    )
+    reference.global_model.apply(result, 1)
+    for key, value in reference.global_model.tensors().items():
+        torch.testing.assert_close(torch.from_numpy(results[0][key]), value, msg=key)
+    if method == "fedproto":  # the global prototypes go out with the next train message
+        np.testing.assert_allclose(strategy.prototypes.numpy(), result.details["prototypes"])
+        grid = FakeGrid([1, 2])
+        messages = list(strategy.configure_train(2, strategy._current, ConfigRecord(), grid))
+        sent = messages[0].content["prototypes"]["prototypes"].numpy()
+        np.testing.assert_array_equal(sent, strategy.prototypes.numpy())
 
 
-def test_strategy_rejects_methods_the_wire_format_does_not_carry(model):
-    from livar_merge.aggregation import available_methods
+class FakeGrid:
+    """The part of a Flower Grid the strategy uses; ``respond(node, message)`` gives a reply
+    content (an ``Error`` for an error reply, None for no reply)."""
 
-    if "regmean" not in available_methods():
-        pytest.skip("no method with extra statistics registered")
-    with pytest.raises(ValueError, match="regmean.*does not carry"):
-        strategy_for(model, method="regmean")
+    def __init__(self, nodes: list[int], respond=None) -> None:
+        self.nodes, self.respond, self.sent = nodes, respond, []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            content = self.respond(message.metadata.dst_node_id, message)
+            if content is not None:
+                replies.append(Message(content, reply_to=message))
+        return replies
+
+
+def class_moments(seed: int, width: int = 32, full: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    count = rng.integers(0, 20, NUM_CLASSES).astype(np.float64)
+    mean = rng.normal(size=(NUM_CLASSES, width))
+    if full:
+        x = rng.normal(size=(NUM_CLASSES, 3 * width, width))
+        cov = np.einsum("cnd,cne->cde", x, x) / (3 * width)
+    else:
+        cov = rng.uniform(0.1, 1.0, size=(NUM_CLASSES, width))
+    return {"mean": mean, "cov": cov, "count": count}
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_ccvr_queries_moments_and_retrains_the_head(model, covariance):
+    """After aggregating, the strategy sends the new global model as a QUERY to the nodes whose
+    replies it accepted, drops a bad moment reply, and re-trains the head exactly as
+    CCVRAggregator.refine_head does on the valid moments in client-id order."""
+    from livar_merge.federated.data import derive_seed
+    from livar_merge.flower.messages import pack_moments
+
+    full = covariance == "full"
+    updates = [fake_update(model, f"client_{m}", seed=60 + m) for m in range(3)]
+    moments = {m: class_moments(70 + m, full=full) for m in range(3)}
+
+    def respond(node: int, message: Message):
+        assert message.metadata.message_type == "query"
+        assert message.content["config"]["ccvr-covariance"] == covariance
+        m = node - 20
+        if m == 1:  # a reply with a NaN mean is dropped with its reason
+            bad = {**moments[m], "mean": np.full_like(moments[m]["mean"], np.nan)}
+            return pack_moments(bad, client_id=f"client_{m}", partition_id=m)
+        return pack_moments(moments[m], client_id=f"client_{m}", partition_id=m)
+
+    grid = FakeGrid([20, 21, 22], respond)
+    options = {"ccvr_covariance": covariance, "ccvr_samples": 16, "ccvr_epochs": 1}
+    strategy = strategy_for(model, method="livar+ccvr", method_options=options, min_replies=2)
+    strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord({"x": 1}), grid)
+    arrays, _ = strategy.aggregate_train(1, replies_for([packed(u) for u in updates], [20, 21, 22]))
+    queries = [m for m in grid.sent if m.metadata.message_type == "query"]
+    assert sorted(m.metadata.dst_node_id for m in queries) == [20, 21, 22]
+    assert queries[0].content["config"]["x"] == 1  # the run's options travel with the query
+    entry = strategy.history[0]
+    dropped = [o for o in entry.outcomes if not o["accepted"]]
+    assert len(dropped) == 1 and "client 'client_1'" in dropped[0]["reason"]
+    assert "'mean' holds NaN/Inf" in dropped[0]["reason"] and entry.moments_seconds > 0
+
+    reference = strategy_for(model, method="livar+ccvr", method_options=options)
+    aggregator = reference.aggregator
+    result = aggregator.aggregate(
+        updates,
+        previous_head=reference.global_model.previous_head(),
+        scaling=reference.global_model.scalings,
+    )
+    reference.global_model.apply(result, 1)
+    weight, bias = reference.global_model.previous_head()
+    weight, bias = aggregator.refine_head(
+        weight, bias, [moments[0], moments[2]], seed=derive_seed(42, 1, "ccvr")
+    )
+    torch.testing.assert_close(torch.from_numpy(arrays["head/weight"].numpy()), weight)
+    torch.testing.assert_close(torch.from_numpy(arrays["head/bias"].numpy()), bias)
+    assert not torch.equal(weight, result.head.weight)  # the calibration changed the head
+
+
+def test_ccvr_fails_the_round_with_too_few_moment_replies(model):
+    updates = [fake_update(model, f"client_{m}", seed=80 + m) for m in range(2)]
+    error = Error(code=0, reason="ClientApp crashed")
+    grid = FakeGrid([1, 2], lambda node, message: error)
+    strategy = strategy_for(model, method="ccvr", min_replies=1)
+    strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid)
+    with pytest.raises(RoundFailedError, match="0 valid CCVR moment replies of 2 nodes"):
+        strategy.aggregate_train(1, replies_for([packed(u) for u in updates], [1, 2]))
+
+
+def test_validate_moments_rejects_bad_replies():
+    from livar_merge.flower.messages import pack_moments, validate_moments
+
+    good = class_moments(1, width=8, full=False)
+    kw = {"num_classes": NUM_CLASSES, "width": 8, "full_covariance": False, "node_id": 3}
+    client, back = validate_moments(pack_moments(good, client_id="client_5", partition_id=5), **kw)
+    assert client == "client_5"
+    for key in good:
+        np.testing.assert_array_equal(back[key], good[key])
+    cases = {
+        "full covariance expected": (
+            {**kw, "full_covariance": True},
+            good,
+            "'cov' has shape (5, 8), expected (5, 8, 8)",
+        ),
+        "fractional count": (kw, {**good, "count": good["count"] + 0.5}, "fractional counts"),
+        "inf covariance": (kw, {**good, "cov": good["cov"] * np.inf}, "'cov' holds NaN/Inf"),
+    }
+    for options, moments, expected in cases.values():
+        content = pack_moments(moments, client_id="client_5", partition_id=5)
+        with pytest.raises(InvalidReplyError, match=re.escape(expected)):
+            validate_moments(content, **options)
+    content = pack_moments(good, client_id="client_5", partition_id=5)
+    del content["info"]["client-id"]
+    with pytest.raises(InvalidReplyError, match="node 3.*'client-id' is missing"):
+        validate_moments(content, **kw)
+
+
+def test_strategy_rejects_needs_the_wire_format_does_not_carry():
+    from livar_merge.flower.strategy import check_method
+
+    check_method("regmean")  # every method of the registry runs over Flower
+    with pytest.raises(ValueError, match="needs \\['hessian'\\].*does not carry"):
+        check_method("newton", {"omega", "hessian"})
 
 
 def test_run_config_to_livar_fed_options(tmp_path):
@@ -337,7 +565,6 @@ def test_run_config_to_livar_fed_options(tmp_path):
 
 
 def test_cli_engine_option_and_refusals(capsys, tmp_path):
-    from livar_merge.aggregation import available_methods
     from livar_merge.federated.cli import main
 
     with pytest.raises(SystemExit):
@@ -346,10 +573,6 @@ def test_cli_engine_option_and_refusals(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--preset", "tiny", "--engine", "ray"])
     assert "engine must be one of" in capsys.readouterr().err
-    if "regmean" in available_methods():  # refused before Ray starts
-        args = ["--preset", "tiny", "--engine", "flower", "--method", "regmean"]
-        assert main([*args, "--out", str(tmp_path / "r")]) == 2
-        assert "does not carry" in capsys.readouterr().err
     assert (
         resolve_config("tiny", None, {"engine": "flower"}).config_hash()
         == resolve_config("tiny", None, {}).config_hash()
@@ -407,6 +630,32 @@ def test_simulation_engine_matches_the_inprocess_run(tmp_path, inprocess_run):
         pd.read_csv(reference_out / "alpha.csv")[["round", "client", "layer", "bin_a", "bin_b"]],
     )
     assert json.loads((out / "config.json").read_text())["config"]["engine"] == "flower"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["regmean", "fisher", "fedproto", "livar+ccvr"])
+def test_simulation_engine_runs_the_baselines_as_livar_fed(tmp_path, method):
+    """Grams, Fisher and prototypes travel in the replies, FedProto's prototypes back to the
+    clients, CCVR's moments through a QUERY round: the same global model as in-process."""
+    from livar_merge.federated.cli import main
+
+    args = ["--preset", "tiny", "--method", method, "--fisher-samples", "16"]
+    args += ["--ccvr-samples", "32", "--ccvr-epochs", "1"]
+    assert main([*args, "--out", str(tmp_path / "inprocess")]) == 0
+    assert main([*args, "--engine", "flower", "--out", str(tmp_path / "flower")]) == 0
+    reference = json.loads((tmp_path / "inprocess" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert_accuracies_match(summary["accuracy_per_round"], reference["accuracy_per_round"], 200)
+    got = load_checkpoint(tmp_path / "flower")
+    expected = load_checkpoint(tmp_path / "inprocess")
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
+    clients = pd.read_csv(tmp_path / "flower" / "clients.csv")
+    reference_clients = pd.read_csv(tmp_path / "inprocess" / "clients.csv")
+    assert list(clients["statistics_bytes"]) == list(reference_clients["statistics_bytes"])
+    metrics = pd.read_csv(tmp_path / "flower" / "metrics.csv")
+    assert ((metrics["moments_seconds"] > 0) == method.endswith("ccvr")).all()
 
 
 # ------------------------------------------------------------------ Deployment Engine

@@ -39,8 +39,10 @@ from livar_merge.flower.messages import (
     ARRAYS,
     CONFIG,
     PROTOCOL,
+    PROTOTYPES,
     from_array_record,
     load_global_tensors,
+    pack_moments,
     pack_reply,
 )
 
@@ -137,6 +139,7 @@ class ServerRun:
             self.model,
             seed=config.seed,
             method=config.method,
+            method_options=config.method_options(),
             table=config.table,
             lora_merge=config.lora_merge,
             min_replies=self.settings.resolved_min_replies(config.num_clients),
@@ -144,6 +147,7 @@ class ServerRun:
             node_wait_timeout=self.settings.node_wait_timeout,
             config_hash=config.config_hash(),
             frozen_checksum=frozen_checksum(self.model, config.lora_merge),
+            query_timeout=self.settings.round_timeout,
         )
         self.metrics: list[dict[str, Any]] = []
 
@@ -232,6 +236,7 @@ class ServerRun:
                 "test_loss": loss,
                 "train_seconds": entry.train_seconds,
                 "aggregation_seconds": entry.aggregation_seconds,
+                "moments_seconds": entry.moments_seconds,
                 "uncovered_classes": len(entry.result.head.uncovered),
                 "replies_accepted": accepted,
                 "replies_dropped": len(entry.outcomes) - accepted,
@@ -392,12 +397,12 @@ def _save_memory(state: RecordDict, memory: Any) -> None:
     )
 
 
-def train_on_node(content: RecordDict, context: Context) -> RecordDict:
-    """One round on one node: load the global model, train the node's partition, reply."""
-    from livar_merge.federated.client import train_client
-
+def _prepare_node(content: RecordDict, context: Context) -> tuple[Any, int, ClientRuntime, Any]:
+    """Shared start of a node's work: the run config of the message, the node's partition, its
+    (cached) runtime with the global model of the message loaded. Returns
+    ``(config, partition, runtime, config record)``."""
     if CONFIG not in content or ARRAYS not in content:
-        raise ValueError(f"train message lacks the {CONFIG!r} or {ARRAYS!r} record")
+        raise ValueError(f"message lacks the {CONFIG!r} or {ARRAYS!r} record")
     record = content[CONFIG]
     if record.get("protocol") != PROTOCOL:
         raise ValueError(
@@ -426,6 +431,17 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
             f"{str(expected)[:19]}...): other weights file, architecture or seed"
         )
     load_global_tensors(runtime.model, from_array_record(content[ARRAYS]))
+    return config, partition, runtime, record
+
+
+def train_on_node(content: RecordDict, context: Context) -> RecordDict:
+    """One round on one node: load the global model, train the node's partition, reply."""
+    from livar_merge.federated.client import train_client
+
+    config, partition, runtime, record = _prepare_node(content, context)
+    prototypes = None
+    if PROTOTYPES in content:
+        prototypes = from_array_record(content[PROTOTYPES])[PROTOTYPES].to(runtime.source.device)
     memory = _load_memory(context.state)
     update, report = train_client(
         runtime.model,
@@ -438,6 +454,7 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
         round_index=int(record["server-round"]),
         needs=frozenset(str(n) for n in record.get("needs", [])),
         memory=memory,
+        prototypes=prototypes,
     )
     _save_memory(context.state, memory)
     return pack_reply(
@@ -460,7 +477,30 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
 client_app = ClientApp()
 
 
+def moments_on_node(content: RecordDict, context: Context) -> RecordDict:
+    """CCVR's query on one node: class feature moments of its partition under the global
+    model of the message."""
+    from livar_merge.federated.statistics import feature_moments
+
+    _, partition, runtime, record = _prepare_node(content, context)
+    moments = feature_moments(
+        runtime.model,
+        runtime.source,
+        runtime.parts[partition],
+        runtime.num_classes,
+        batch_size=runtime.settings.eval_batch_size,
+        full_covariance=record.get("ccvr-covariance", "full") == "full",
+    )
+    return pack_moments(moments, client_id=f"client_{partition}", partition_id=partition)
+
+
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """Flower entry point of a training round (errors become error replies)."""
     return Message(train_on_node(msg.content, context), reply_to=msg)
+
+
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Flower entry point of CCVR's moment query (errors become error replies)."""
+    return Message(moments_on_node(msg.content, context), reply_to=msg)

@@ -9,9 +9,25 @@ Tensor keys (global model and reply alike; the same names as ``checkpoint/global
                                           only with lora_merge="product", where every round's
                                           merged update is folded into it)
 
-A reply is a RecordDict with three records:
+Baselines' client statistics travel in the reply's ``arrays`` too (float64), only when the method
+needs them::
 
-``arrays``  (ArrayRecord)   the client's LoRA factors and head after local training;
+    gram/<layer>                 [k, k]   RegMean: input Gram of a LoRA Linear
+    head-gram                    [D+1, D+1]  RegMean: Gram of the head's inputs with a 1 appended
+    fisher/<lora key or head.weight/head.bias>  diagonal Fisher, the shape of the parameter
+    proto-mean, proto-count      [C, D], [C]  FedProto: class-mean features (NaN rows for classes
+                                              the client has no sample of) and counts
+
+FedProto's global prototypes go to clients as a ``prototypes`` ArrayRecord (``[C, D]``) in the
+train message. CCVR asks, after each aggregation, for class feature moments under the new
+global model with a QUERY message (``arrays``: the global model, ``config``); the reply holds
+``moments`` (ArrayRecord ``mean [C, D]``, ``cov [C, D, D]`` or ``[C, D]``, ``count [C]``) and
+``info`` (``protocol``, ``client-id``, ``partition-id``).
+
+A train reply is a RecordDict with three records:
+
+``arrays``  (ArrayRecord)   the client's LoRA factors and head after local training, and the
+                            method's statistics above;
 ``metrics`` (MetricRecord)  ``num-examples``; ``omega-a``/``omega-b`` (one value per layer, in
                             the order of ``layer-names``) when the method needs omega;
                             ``class-sigma`` (0 where absent), ``class-present`` (0/1) and
@@ -39,6 +55,8 @@ from livar_merge.errors import ClientUpdateError
 
 PROTOCOL = 1
 ARRAYS, METRICS, INFO, CONFIG = "arrays", "metrics", "info", "config"
+PROTOTYPES, MOMENTS = "prototypes", "moments"
+MOMENT_KEYS = ("mean", "cov", "count")
 TABLE_KEYS = ("name", "version", "checksum")
 
 
@@ -127,6 +145,7 @@ def pack_reply(
     tensors["head/weight"] = update.head_weight
     if update.head_bias is not None:
         tensors["head/bias"] = update.head_bias
+    tensors.update(statistics_tensors(update.extras))
     metrics = MetricRecord({"num-examples": int(update.num_samples)})
     if update.omega_a is not None and update.omega_b is not None:
         metrics["omega-a"] = _floats(update.omega_a)
@@ -150,6 +169,38 @@ def pack_reply(
         }
     )
     return RecordDict({ARRAYS: to_array_record(tensors), METRICS: metrics, INFO: info})
+
+
+def statistics_tensors(extras: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The baselines' statistics of ``ClientUpdate.extras`` under their wire names (float64)."""
+
+    def f64(value: Any) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(value, dtype=np.float64))
+
+    tensors = {f"gram/{layer}": f64(g) for layer, g in extras.get("gram", {}).items()}
+    if "head_gram" in extras:
+        tensors["head-gram"] = f64(extras["head_gram"])
+    tensors.update({f"fisher/{key}": f64(f) for key, f in extras.get("fisher", {}).items()})
+    if "proto_mean" in extras:
+        tensors["proto-mean"] = f64(extras["proto_mean"])
+        tensors["proto-count"] = f64(extras["proto_count"])
+    return tensors
+
+
+def statistics_extras(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Inverse of :func:`statistics_tensors`: the ``extras`` entries the aggregators read."""
+    extras: dict[str, Any] = {}
+    grams = {k[len("gram/") :]: v for k, v in tensors.items() if k.startswith("gram/")}
+    if grams or "head-gram" in tensors:
+        extras["gram"] = grams
+        extras["head_gram"] = tensors["head-gram"]
+    fisher = {k[len("fisher/") :]: v for k, v in tensors.items() if k.startswith("fisher/")}
+    if fisher:
+        extras["fisher"] = fisher
+    if "proto-mean" in tensors:
+        extras["proto_mean"] = tensors["proto-mean"].numpy()
+        extras["proto_count"] = tensors["proto-count"].numpy()
+    return extras
 
 
 def unpack_reply(content: RecordDict) -> ClientUpdate:
@@ -177,6 +228,7 @@ def unpack_reply(content: RecordDict) -> ClientUpdate:
         update.class_sigma = np.where(present, sigma, np.nan)
         update.class_counts = np.asarray(metrics["class-counts"], dtype=np.int64)
     update.extras = {
+        **statistics_extras(tensors),
         "partition_id": int(info["partition-id"]),
         "config_hash": str(info.get("config-hash", "")),
         "table": {k: info.get(f"table-{k}") for k in TABLE_KEYS},
@@ -218,6 +270,7 @@ class ReplySpec:
             for k, v in tensors.items()
             if not k.startswith("base/")
         }
+        arrays.update(statistics_spec(tensors, layer_names, needs))
         return cls(
             arrays=arrays,
             layer_names=tuple(layer_names),
@@ -226,6 +279,30 @@ class ReplySpec:
             table=dict(table) if table is not None else None,
             config_hash=config_hash,
         )
+
+
+def statistics_spec(
+    tensors: Mapping[str, torch.Tensor], layer_names: tuple[str, ...], needs: frozenset[str]
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Wire names, shapes and dtypes of the statistics a method ``needs`` (from the global
+    model's LoRA factors ``[r, k]`` and head ``[C, D]``)."""
+    spec: dict[str, tuple[tuple[int, ...], str]] = {}
+    classes, width = (int(n) for n in tensors["head/weight"].shape)
+    if "gram" in needs:
+        for layer in layer_names:
+            k = int(tensors[f"lora/{layer}.lora_A.weight"].shape[1])
+            spec[f"gram/{layer}"] = ((k, k), "float64")
+        spec["head-gram"] = ((width + 1, width + 1), "float64")
+    if "fisher" in needs:
+        for key, value in tensors.items():
+            kind, _, name = key.partition("/")
+            if kind in ("lora", "head"):
+                wire = f"fisher/{name}" if kind == "lora" else f"fisher/head.{name}"
+                spec[wire] = (tuple(int(n) for n in value.shape), "float64")
+    if "prototypes" in needs:
+        spec["proto-mean"] = ((classes, width), "float64")
+        spec["proto-count"] = ((classes,), "float64")
+    return spec
 
 
 def _reject(who: str, what: str) -> InvalidReplyError:
@@ -345,8 +422,81 @@ def validate_reply(
         if tensor is not None and not bool(torch.isfinite(tensor).all()):
             count = int((~torch.isfinite(tensor)).sum())
             raise _reject(who, f"array {key!r} holds {count} NaN/Inf values")
+    _check_statistics(who, arrays)
     update.extras["node_id"] = node_id
     return update
+
+
+def _check_statistics(who: str, arrays: ArrayRecord) -> None:
+    """Statistics are finite and non-negative where they must be; a prototype row may be NaN
+    only for a class of count 0."""
+    for key in arrays:
+        kind = key.partition("/")[0]
+        if kind not in ("gram", "head-gram", "fisher", "proto-mean", "proto-count"):
+            continue
+        value = arrays[key].numpy()
+        if key == "proto-mean":
+            counts = arrays["proto-count"].numpy()
+            bad = ~np.isfinite(value).all(axis=1) & (counts > 0)
+            if bad.any():
+                raise _reject(
+                    who, f"array 'proto-mean' holds NaN/Inf for class {int(np.flatnonzero(bad)[0])}"
+                )
+            continue
+        if not np.isfinite(value).all():
+            raise _reject(who, f"array {key!r} holds {int((~np.isfinite(value)).sum())} NaN/Inf")
+        if kind in ("fisher", "proto-count") and (value < 0).any():
+            raise _reject(who, f"array {key!r} holds negative values")
+
+
+def pack_moments(
+    moments: Mapping[str, np.ndarray], *, client_id: str, partition_id: int
+) -> RecordDict:
+    """CCVR's QUERY reply: class feature moments under the global model it was sent."""
+    arrays = ArrayRecord(
+        {k: Array(np.ascontiguousarray(moments[k], dtype=np.float64)) for k in MOMENT_KEYS}
+    )
+    info = ConfigRecord(
+        {"protocol": PROTOCOL, "client-id": str(client_id), "partition-id": int(partition_id)}
+    )
+    return RecordDict({MOMENTS: arrays, INFO: info})
+
+
+def validate_moments(
+    content: RecordDict,
+    *,
+    num_classes: int,
+    width: int,
+    full_covariance: bool,
+    node_id: int | None = None,
+) -> tuple[str, dict[str, np.ndarray]]:
+    """``(client id, {"mean", "cov", "count"})`` of a CCVR QUERY reply, or
+    :class:`InvalidReplyError` naming the node, client and key."""
+    who = f"moments reply from node {node_id}" if node_id is not None else "moments reply"
+    for key, kind in ((MOMENTS, ArrayRecord), (INFO, ConfigRecord)):
+        if key not in content or not isinstance(content[key], kind):
+            raise _reject(who, f"record {key!r} ({kind.__name__}) is missing")
+    info, arrays = content[INFO], content[MOMENTS]
+    if "client-id" not in info:
+        raise _reject(who, "info key 'client-id' is missing")
+    who = f"{who} (client {info['client-id']!r})"
+    if info.get("protocol") != PROTOCOL:
+        raise _reject(who, f"info key 'protocol' is {info.get('protocol')!r}, expected {PROTOCOL}")
+    cov_shape = (num_classes, width, width) if full_covariance else (num_classes, width)
+    expected = {"mean": (num_classes, width), "cov": cov_shape, "count": (num_classes,)}
+    out = {}
+    for key, shape in expected.items():
+        if key not in arrays:
+            raise _reject(who, f"array {key!r} is missing")
+        value = arrays[key].numpy()
+        if tuple(value.shape) != shape:
+            raise _reject(who, f"array {key!r} has shape {tuple(value.shape)}, expected {shape}")
+        if not np.isfinite(value).all():
+            raise _reject(who, f"array {key!r} holds NaN/Inf")
+        out[key] = np.asarray(value, dtype=np.float64)
+    if (out["count"] < 0).any() or (out["count"] != np.round(out["count"])).any():
+        raise _reject(who, "array 'count' holds negative or fractional counts")
+    return str(info["client-id"]), out
 
 
 def frozen_checksum(model: torch.nn.Module, lora_merge: str) -> str:

@@ -3,8 +3,12 @@
 Each round the strategy broadcasts the global model to every connected node, checks each reply
 with :func:`~livar_merge.flower.messages.validate_reply`, drops bad ones with a logged reason,
 reduces the rest in client-id order with an aggregator of our registry and installs the result
-exactly as ``livar-fed`` does (:class:`GlobalModel`). Client-side evaluation is not used: the
-ServerApp evaluates centrally through ``Strategy.start(evaluate_fn=...)``.
+exactly as ``livar-fed`` does (:class:`GlobalModel`). Every method of the registry runs: the
+baselines' statistics travel in the replies; FedProto's global prototypes go out with the next
+train message; CCVR (``ccvr``, ``livar+ccvr``) sends a QUERY round after each aggregation for the
+clients' class feature moments under the new global model, then re-trains the head. Client-side
+evaluation is not used: the ServerApp evaluates centrally through
+``Strategy.start(evaluate_fn=...)``.
 """
 
 from __future__ import annotations
@@ -27,17 +31,18 @@ from livar_merge.flower.messages import (
     ARRAYS,
     CONFIG,
     PROTOCOL,
+    PROTOTYPES,
     InvalidReplyError,
     ReplySpec,
     global_tensors,
     load_global_tensors,
     to_array_record,
+    validate_moments,
     validate_reply,
 )
 
 log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
-SUPPORTED_NEEDS = frozenset({"omega", "sigma"})
-FLOWER_METHODS = ("fedavg", "livar", "livar-alpha", "livar-sigma")
+SUPPORTED_NEEDS = frozenset({"omega", "sigma", "gram", "fisher", "prototypes", "moments"})
 
 
 class RoundFailedError(LivarError):
@@ -52,7 +57,7 @@ def check_method(method: str, needs: Iterable[str] | None = None) -> None:
     if unsupported:
         raise ValueError(
             f"method {method!r} needs {sorted(unsupported)}, which the Flower wire format "
-            f"does not carry; methods it supports: {', '.join(FLOWER_METHODS)}"
+            f"does not carry; it carries {sorted(SUPPORTED_NEEDS)}"
         )
 
 
@@ -125,7 +130,8 @@ class RoundLog:
     result: AggregationResult
     outcomes: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
-    aggregation_seconds: float = 0.0
+    aggregation_seconds: float = 0.0  # server: merge, install, CCVR head re-training
+    moments_seconds: float = 0.0  # CCVR's QUERY round trip (client-side moment pass)
 
 
 class LivarStrategy(Strategy):
@@ -134,7 +140,8 @@ class LivarStrategy(Strategy):
     Args:
         model: the peft LoRA ViT holding the initial global model (the server's copy).
         seed: run seed (LoRA restarts in product mode derive from it).
-        method: ``livar``, ``fedavg``, ``livar-alpha`` or ``livar-sigma`` (our registry).
+        method: any method of our registry (``livar``, ``fedavg``, ``regmean``, ``ccvr``, ...).
+        method_options: the method's options (``regmean_shrinkage``, ``ccvr_samples``, ...).
         table: G_SHAP table name or path; replies must carry the same table identity.
         lora_merge: ``product`` (Eq. 3 folded into the frozen weights), ``svd`` or ``factors``.
         min_replies: a round fails (:class:`RoundFailedError`) with fewer valid replies.
@@ -142,6 +149,7 @@ class LivarStrategy(Strategy):
             round; after that the round goes on with those connected (at least ``min_replies``).
         config_hash: if given, replies trained with other options are dropped.
         frozen_checksum: sent to clients, which refuse to train on another backbone.
+        query_timeout: seconds to wait for CCVR's moment replies (None: no limit).
     """
 
     def __init__(
@@ -150,6 +158,7 @@ class LivarStrategy(Strategy):
         *,
         seed: int,
         method: str = "livar",
+        method_options: Mapping[str, Any] | None = None,
         table: str = "paper-table-a",
         lora_merge: str = "product",
         min_replies: int = 1,
@@ -157,13 +166,15 @@ class LivarStrategy(Strategy):
         node_wait_timeout: float = 60.0,
         config_hash: str | None = None,
         frozen_checksum: str | None = None,
+        query_timeout: float | None = None,
     ) -> None:
         from livar_merge.tables import GShapTable
 
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
         self.method = method
-        self.aggregator = make_aggregator(method, table=table, lora_merge=lora_merge)
+        options = {**dict(method_options or {}), "table": table, "lora_merge": lora_merge}
+        self.aggregator = make_aggregator(method, **options)
         check_method(method, self.aggregator.needs)
         self.table_identity = GShapTable.load(table).identity()
         self.global_model = GlobalModel(model, seed=seed, lora_merge=lora_merge)
@@ -172,11 +183,15 @@ class LivarStrategy(Strategy):
         self.node_wait_timeout = node_wait_timeout
         self.config_hash = config_hash
         self.frozen_checksum = frozen_checksum
+        self.query_timeout = query_timeout
         self.history: list[RoundLog] = []
         self._current: ArrayRecord | None = None
+        self.prototypes: torch.Tensor | None = None  # FedProto's global prototypes [C, D]
         self._messages: list[Message] = []
         self._sent_at = 0.0
         self._spec: ReplySpec | None = None
+        self._grid: Grid | None = None
+        self._train_config: ConfigRecord | None = None
 
     # ------------------------------------------------------------------------- helpers
     def initial_arrays(self) -> ArrayRecord:
@@ -251,6 +266,9 @@ class LivarStrategy(Strategy):
         if self.frozen_checksum is not None:
             config["frozen-checksum"] = self.frozen_checksum
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
+        if self.prototypes is not None:
+            content[PROTOTYPES] = to_array_record({PROTOTYPES: self.prototypes})
+        self._grid, self._train_config = grid, config
         messages = [
             Message(
                 content=content,
@@ -276,6 +294,7 @@ class LivarStrategy(Strategy):
         train_seconds = time.perf_counter() - self._sent_at if self._sent_at else 0.0
         replies = list(replies)
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._messages}
+        sent.pop("", None)  # ids are set when the Grid pushes the messages
         self._messages = []
         spec = self.reply_spec()
         outcomes: list[dict[str, Any]] = []
@@ -337,6 +356,13 @@ class LivarStrategy(Strategy):
             scaling=self.global_model.scalings,
         )
         self.global_model.apply(result, server_round)
+        if "prototypes" in result.details:
+            self.prototypes = torch.as_tensor(result.details["prototypes"], dtype=torch.float32)
+        moments_seconds = 0.0
+        if "moments" in self.aggregator.needs:
+            nodes = [int(u.extras["node_id"]) for u in updates]
+            moments, moments_seconds = self._query_moments(server_round, nodes, outcomes)
+            self._calibrate_head(server_round, moments)
         self._current = self.global_model.arrays()
         self.history.append(
             RoundLog(
@@ -345,10 +371,92 @@ class LivarStrategy(Strategy):
                 result,
                 sorted(outcomes, key=lambda o: (not o["accepted"], str(o["client"]), o["node_id"])),
                 train_seconds,
-                time.perf_counter() - start,
+                time.perf_counter() - start - moments_seconds,
+                moments_seconds,
             )
         )
         return self._current, _train_metrics(updates, len(outcomes) - len(updates))
+
+    # ----------------------------------------------------------------------------- CCVR
+    def _query_moments(
+        self, server_round: int, nodes: list[int], outcomes: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], float]:
+        """CCVR's extra round trip: the new global model to ``nodes`` (those whose train reply
+        was accepted), their class feature moments back, validated, in client-id order."""
+        if self._grid is None:
+            raise RoundFailedError("CCVR needs the Grid of configure_train to query moments")
+        start = time.perf_counter()
+        config = ConfigRecord(
+            {
+                **dict(self._train_config or {}),  # the run's options, as the train message
+                "server-round": server_round,
+                "protocol": PROTOCOL,
+                "ccvr-covariance": "full" if self.aggregator.full_covariance else "diag",
+                "lora-merge": self.global_model.lora_merge,
+            }
+        )
+        if self.frozen_checksum is not None:
+            config["frozen-checksum"] = self.frozen_checksum
+        content = RecordDict({ARRAYS: self.global_model.arrays(), CONFIG: config})
+        messages = [
+            Message(
+                content=content,
+                message_type=MessageType.QUERY,
+                dst_node_id=node,
+                group_id=f"{server_round}-moments",
+            )
+            for node in nodes
+        ]
+        replies = list(self._grid.send_and_receive(messages, timeout=self.query_timeout))
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        sent.pop("", None)  # ids are set when the Grid pushes the messages
+        weight = self.global_model.previous_head()[0]
+        valid: list[tuple[str, int, dict[str, Any]]] = []
+        for msg in replies:
+            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            row = {"round": server_round, "node_id": node, "client": None}
+            if msg.has_error():
+                reason = f"moments reply from node {node}: error reply: {msg.error.reason}"
+                self._drop(outcomes, reason, **row)
+                continue
+            try:
+                client, moments = validate_moments(
+                    msg.content,
+                    num_classes=int(weight.shape[0]),
+                    width=int(weight.shape[1]),
+                    full_covariance=self.aggregator.full_covariance,
+                    node_id=node,
+                )
+            except InvalidReplyError as err:
+                self._drop(outcomes, str(err), **row)
+                continue
+            valid.append((client, node, moments))
+        valid.sort(key=lambda item: (client_order(item[0]), item[1]))
+        unique = [v for i, v in enumerate(valid) if i == 0 or v[0] != valid[i - 1][0]]
+        if len(unique) < self.min_replies:
+            raise RoundFailedError(
+                f"round {server_round}: {len(unique)} valid CCVR moment replies of "
+                f"{len(nodes)} nodes asked, min_replies is {self.min_replies}"
+            )
+        log.info("round %d: CCVR moments from %d nodes", server_round, len(unique))
+        return [m for _, _, m in unique], time.perf_counter() - start
+
+    def _calibrate_head(self, server_round: int, moments: list[dict[str, Any]]) -> None:
+        """CCVR's head re-training on the pooled moments (needs autograd: no ``no_grad``)."""
+        from livar_merge.federated.data import derive_seed
+        from livar_merge.federated.model import head_module
+
+        head = head_module(self.global_model.model)
+        weight, bias = self.aggregator.refine_head(
+            head.weight.detach(),
+            None if head.bias is None else head.bias.detach(),
+            moments,
+            seed=derive_seed(self.global_model.seed, server_round, "ccvr"),
+        )
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if bias is not None:
+                head.bias.copy_(bias)
 
     # ------------------------------------------------------------------------- evaluate
     def configure_evaluate(
