@@ -527,6 +527,21 @@ class CCVRAggregator(Aggregator):
     def aggregate(self, updates, *, previous_head=None, scaling=1.0):
         return self.base.aggregate(updates, previous_head=previous_head, scaling=scaling)
 
+    def calibrate(
+        self, head: torch.nn.Linear, moments: Sequence[Mapping[str, np.ndarray]], *, seed: int
+    ) -> None:
+        """:meth:`refine_head` on a model's head module, in place."""
+        weight, bias = self.refine_head(
+            head.weight.detach(),
+            None if head.bias is None else head.bias.detach(),
+            moments,
+            seed=seed,
+        )
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if bias is not None:
+                head.bias.copy_(bias)
+
     def refine_head(
         self,
         weight: torch.Tensor,

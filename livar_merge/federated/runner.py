@@ -287,17 +287,8 @@ class FederatedRun:
             for part in self.parts
         ]
         moments_seconds = time.perf_counter() - start
-        head = head_module(self.model)
-        weight, bias = self.aggregator.refine_head(  # type: ignore[attr-defined]
-            head.weight.detach(),
-            None if head.bias is None else head.bias.detach(),
-            moments,
-            seed=derive_seed(self.config.seed, round_index, "ccvr"),
-        )
-        with torch.no_grad():
-            head.weight.copy_(weight)
-            if bias is not None:
-                head.bias.copy_(bias)
+        seed = derive_seed(self.config.seed, round_index, "ccvr")
+        self.aggregator.calibrate(head_module(self.model), moments, seed=seed)  # type: ignore[attr-defined]
         return moments_seconds
 
     def run_round(self, round_index: int, progress: Any = None) -> dict[str, Any]:

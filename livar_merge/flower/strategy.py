@@ -446,17 +446,11 @@ class LivarStrategy(Strategy):
         from livar_merge.federated.data import derive_seed
         from livar_merge.federated.model import head_module
 
-        head = head_module(self.global_model.model)
-        weight, bias = self.aggregator.refine_head(
-            head.weight.detach(),
-            None if head.bias is None else head.bias.detach(),
+        self.aggregator.calibrate(
+            head_module(self.global_model.model),
             moments,
             seed=derive_seed(self.global_model.seed, server_round, "ccvr"),
         )
-        with torch.no_grad():
-            head.weight.copy_(weight)
-            if bias is not None:
-                head.bias.copy_(bias)
 
     # ------------------------------------------------------------------------- evaluate
     def configure_evaluate(
