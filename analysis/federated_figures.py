@@ -130,6 +130,12 @@ def plot_accuracy_curves(
         )
 
 
+def seed_range(counts: pd.Series) -> str:
+    """``n=3``, or ``n=1-3`` when the points of a line have different numbers of seeds."""
+    low, high = int(counts.min()), int(counts.max())
+    return f"n={high}" if low == high else f"n={low}-{high}"
+
+
 def plot_accuracy_vs_beta(
     rows: Sequence[dict], dataset: str, path: str | os.PathLike[str], *, title: str | None = None
 ) -> FigureOutput:
@@ -160,7 +166,7 @@ def plot_accuracy_vs_beta(
                 marker="o",
                 ms=4,
                 capsize=3,
-                label=f"{method_name(method)} (n≤{int(part['n'].max())})",
+                label=f"{method_name(method)} ({seed_range(part['n'])})",
             )
         ax.set_xscale("log")
         ax.set_xticks(betas, [format_beta(b) for b in betas])

@@ -35,12 +35,11 @@ from flwr.app import Array, ConfigRecord, Error, Message, RecordDict  # noqa: E4
 from livar_merge.aggregation import ClientUpdate, make_aggregator  # noqa: E402
 from livar_merge.federated.client import lora_state  # noqa: E402
 from livar_merge.federated.config import resolve_config  # noqa: E402
-from livar_merge.federated.model import head_module  # noqa: E402
+from livar_merge.federated.model import global_tensors, head_module  # noqa: E402
 from livar_merge.flower.app import FlowerSettings, config_from_run_config  # noqa: E402
 from livar_merge.flower.messages import (  # noqa: E402
     InvalidReplyError,
     ReplySpec,
-    global_tensors,
     pack_reply,
     unpack_reply,
     validate_reply,

@@ -164,6 +164,22 @@ def head_module(model: torch.nn.Module) -> torch.nn.Linear:
     return head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
 
 
+def global_tensors(model: torch.nn.Module, lora_merge: str) -> dict[str, torch.Tensor]:
+    """The global state of a peft model: LoRA factors, head and (product mode) folded weights."""
+    from livar_merge.federated.client import lora_state
+
+    head = head_module(model)
+    tensors = {f"lora/{k}": v for k, v in lora_state(model).items()}
+    tensors["head/weight"] = head.weight.detach()
+    if head.bias is not None:
+        tensors["head/bias"] = head.bias.detach()
+    if lora_merge == "product":
+        for name, param in model.named_parameters():
+            if ".base_layer." in name:
+                tensors[f"base/{name}"] = param.detach()
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+
 def snapshot_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trainable parameters (LoRA factors and head)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

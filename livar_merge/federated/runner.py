@@ -30,13 +30,13 @@ from livar_merge.federated.client import (
     ClientMemory,
     TrainSettings,
     evaluate,
-    lora_state,
     train_client,
 )
 from livar_merge.federated.config import FedConfig
 from livar_merge.federated.data import BatchSource, derive_seed
 from livar_merge.federated.model import (
     fold_into_base,
+    global_tensors,
     head_module,
     restart_lora,
     restore_parameters,
@@ -183,17 +183,11 @@ class FederatedRun:
 
     # ------------------------------------------------------------ checkpoint
     def _global_tensors(self) -> dict[str, torch.Tensor]:
-        head = head_module(self.model)
-        tensors = {f"lora/{k}": v for k, v in lora_state(self.model).items()}
-        tensors["head/weight"] = head.weight.detach()
-        if head.bias is not None:
-            tensors["head/bias"] = head.bias.detach()
-        for name, param in self.model.named_parameters():
-            if "base_layer" in name and self.config.lora_merge == "product":
-                tensors[f"base/{name}"] = param.detach()
+        """The checkpoint: the global model (:func:`global_tensors`) and server state."""
+        tensors = global_tensors(self.model, self.config.lora_merge)
         if self.prototypes is not None:
-            tensors["server/prototypes"] = self.prototypes
-        return {k: v.contiguous().cpu() for k, v in tensors.items()}
+            tensors["server/prototypes"] = self.prototypes.contiguous().cpu()
+        return tensors
 
     def save_checkpoint(self) -> None:
         from safetensors.torch import save_file

@@ -206,9 +206,10 @@ class ServerRun:
         folder = self.out / "checkpoint"
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "global.safetensors.tmp"
-        save_file(
-            self.strategy.global_model.tensors(), str(tmp), metadata={"round": str(round_index)}
-        )
+        tensors = self.strategy.global_model.tensors()
+        if self.strategy.prototypes is not None:  # server state, as livar-fed's checkpoint
+            tensors["server/prototypes"] = self.strategy.prototypes.contiguous().cpu()
+        save_file(tensors, str(tmp), metadata={"round": str(round_index)})
         tmp.replace(folder / "global.safetensors")
 
     def evaluate(self, round_index: int, arrays: Any) -> MetricRecord | None:

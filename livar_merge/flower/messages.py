@@ -65,26 +65,10 @@ class InvalidReplyError(ClientUpdateError):
 
 
 # ------------------------------------------------------------------------------ global model
-def global_tensors(model: torch.nn.Module, lora_merge: str) -> dict[str, torch.Tensor]:
-    """The global state of a peft model: LoRA factors, head and (product mode) folded weights."""
-    from livar_merge.federated.client import lora_state
-    from livar_merge.federated.model import head_module
-
-    head = head_module(model)
-    tensors = {f"lora/{k}": v for k, v in lora_state(model).items()}
-    tensors["head/weight"] = head.weight.detach()
-    if head.bias is not None:
-        tensors["head/bias"] = head.bias.detach()
-    if lora_merge == "product":
-        for name, param in model.named_parameters():
-            if ".base_layer." in name:
-                tensors[f"base/{name}"] = param.detach()
-    return {k: v.contiguous().cpu() for k, v in tensors.items()}
-
-
 @torch.no_grad()
 def load_global_tensors(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Copy tensors named as in :func:`global_tensors` into ``model`` (shapes must match)."""
+    """Copy tensors named as in :func:`livar_merge.federated.model.global_tensors` into
+    ``model`` (shapes must match)."""
     from livar_merge.federated.model import head_module
 
     params = dict(model.named_parameters())

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 
 from livar_merge.aggregation import AggregationResult, ClientUpdate, make_aggregator
 from livar_merge.errors import LivarError
+from livar_merge.federated.model import global_tensors
 from livar_merge.flower.messages import (
     ARRAYS,
     CONFIG,
@@ -34,7 +35,6 @@ from livar_merge.flower.messages import (
     PROTOTYPES,
     InvalidReplyError,
     ReplySpec,
-    global_tensors,
     load_global_tensors,
     to_array_record,
     validate_moments,
