@@ -129,3 +129,22 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_writes_tables(tmp_path: Pat
     assert "server aggregation per round (ms)" in (tmp_path / "costs.md").read_text()
     assert main(args) == 0  # everything finished: nothing re-run
     assert [os.stat(p).st_mtime_ns for p in summaries] == stamps
+
+
+@pytest.mark.slow
+def test_sweep_runs_on_the_flower_engine_and_refuses_to_resume_it(tmp_path: Path, capsys):
+    """``--set engine=flower`` runs the grid through the Flower Simulation Engine (not silently
+    in-process); an interrupted Flower run is refused with the folder named."""
+    import json
+
+    pytest.importorskip("flwr")
+    base = ["--root", str(tmp_path), "--preset", "tiny", "--methods", "fedavg", "--betas", "0.5"]
+    options = ["--set", "engine=flower", "rounds=1", "num_clients=2", "max_train=120"]
+    assert main([*base, "--seeds", "0", *options]) == 0
+    run = tmp_path / "synthetic-fedavg-b0.5-s0"
+    assert json.loads((run / "summary.json").read_text())["engine"] == "flower"
+    assert (run / "replies.csv").is_file()  # written by the Flower ServerApp only
+    (tmp_path / "synthetic-fedavg-b0.5-s1" / "checkpoint").mkdir(parents=True)
+    assert main([*base, "--seeds", "1", *options]) == 2
+    err = capsys.readouterr().err
+    assert "synthetic-fedavg-b0.5-s1 holds an interrupted Flower run" in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from livar_merge._options import add_dataclass_options, collect_overrides
 from livar_merge.federated.config import PRESETS, FedConfig, load_config_file, resolve_config
@@ -71,6 +72,26 @@ def list_available(what: str) -> None:
             print(f"{name}: versions {versions}")
 
 
+def run_with_engine(
+    config: Any, out: Path, *, resume: bool = False, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Run ``config`` on its engine (``inprocess``: :func:`run_federated`; ``flower``: the
+    Flower Simulation Engine, which neither resumes nor stops early). Returns the summary."""
+    from livar_merge.errors import LivarError
+
+    if config.engine != "flower":
+        from livar_merge.federated.runner import run_federated
+
+        return run_federated(config, out, resume=resume, stop_after=stop_after)
+    if resume or stop_after is not None:
+        raise LivarError("resume and stop-after are not supported with engine flower")
+    try:
+        from livar_merge.flower.simulation import run_flower_simulation
+    except ImportError as err:
+        raise LivarError(f"--engine flower needs the flower extra: {err}") from err
+    return run_flower_simulation(config, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -88,17 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resume and --stop-after are not supported with --engine flower")
 
     from livar_merge.errors import LivarError
-    from livar_merge.federated.runner import run_federated
 
     try:
-        if config.engine == "flower":
-            try:
-                from livar_merge.flower.simulation import run_flower_simulation
-            except ImportError as err:
-                raise LivarError(f"--engine flower needs the flower extra: {err}") from err
-            summary = run_flower_simulation(config, out)
-        else:
-            summary = run_federated(config, out, resume=args.resume, stop_after=args.stop_after)
+        summary = run_with_engine(config, out, resume=args.resume, stop_after=args.stop_after)
     except (LivarError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"livar-fed: error: {err}", file=sys.stderr)
         return 2

@@ -35,9 +35,11 @@ def run_grid(
     seeds: Sequence[int],
     overrides: dict[str, Any],
 ) -> list[Path]:
-    """Run every (method, beta, seed) not finished yet; returns the run folders."""
+    """Run every (method, beta, seed) not finished yet on the configured engine (in-process
+    runs resume where they stopped); returns the run folders."""
+    from livar_merge.errors import LivarError
+    from livar_merge.federated.cli import run_with_engine
     from livar_merge.federated.config import resolve_config
-    from livar_merge.federated.runner import run_federated
 
     folders = []
     for beta in betas:
@@ -52,7 +54,12 @@ def run_grid(
                     continue
                 start = time.perf_counter()
                 resume = (folder / "checkpoint" / "state.json").is_file()
-                summary = run_federated(config, folder, resume=resume)
+                if config.engine == "flower" and (folder / "checkpoint").exists():
+                    raise LivarError(
+                        f"{folder} holds an interrupted Flower run; Flower runs do not resume: "
+                        "delete the folder to run it again"
+                    )
+                summary = run_with_engine(config, folder, resume=resume)
                 print(
                     f"{config.run_name()}: {summary['final_accuracy']:.4f} "
                     f"({time.perf_counter() - start:.0f} s)",
@@ -234,14 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     args.root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if not args.table_only:
-        run_grid(
-            args.root,
-            preset=args.preset,
-            methods=args.methods,
-            betas=args.betas,
-            seeds=args.seeds,
-            overrides=overrides,
-        )
+        from livar_merge.errors import LivarError
+
+        try:
+            run_grid(
+                args.root,
+                preset=args.preset,
+                methods=args.methods,
+                betas=args.betas,
+                seeds=args.seeds,
+                overrides=overrides,
+            )
+        except (LivarError, FileExistsError, FileNotFoundError, ValueError) as err:
+            print(f"livar-sweep: error: {err}", file=sys.stderr)
+            return 2
     print(write_table(args.root, args.methods, args.betas))
     print(f"wall time {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
