@@ -24,7 +24,9 @@ LoRA is not published, so the definitions here are ours (documented per function
   means, covariances (full or diagonal) and counts computed with the *new global* backbone; the
   server pools them, samples ``samples_per_class`` virtual features per class from the Gaussians
   and re-trains the head (SGD momentum 0.9, lr 0.01, cosine schedule, 5 epochs, logit-normalised
-  cross-entropy with temperature 0.1, as the released code).
+  cross-entropy with temperature 0.1, as the released code). ``livar-fed`` calibrates after every
+  round, so the next round starts from the calibrated head (``--ccvr-rounds all``, default), or
+  once after the last round (``last``: post hoc, as the CCVR paper).
 """
 
 from __future__ import annotations

@@ -494,6 +494,28 @@ def test_ccvr_queries_moments_and_retrains_the_head(model, covariance):
     assert not torch.equal(weight, result.head.weight)  # the calibration changed the head
 
 
+def test_ccvr_last_round_only_queries_in_that_round(model):
+    from livar_merge.flower.messages import pack_moments
+
+    def respond(node: int, message: Message):
+        m = node - 1
+        return pack_moments(class_moments(m), client_id=f"client_{m}", partition_id=m)
+
+    grid = FakeGrid([1, 2], respond)
+    options = {"ccvr_samples": 16, "ccvr_epochs": 1}
+    strategy = strategy_for(model, method="ccvr", method_options=options, ccvr_round=2)
+    arrays = strategy.initial_arrays()
+    for server_round in (1, 2):
+        strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        updates = [fake_update(model, f"client_{m}", seed=90 + m) for m in range(2)]
+        arrays, _ = strategy.aggregate_train(
+            server_round, replies_for([packed(u) for u in updates], [1, 2])
+        )
+        queries = [m for m in grid.sent if m.metadata.message_type == "query"]
+        assert len(queries) == (0 if server_round == 1 else 2)
+    assert [e.moments_seconds > 0 for e in strategy.history] == [False, True]
+
+
 def test_ccvr_fails_the_round_with_too_few_moment_replies(model):
     updates = [fake_update(model, f"client_{m}", seed=80 + m) for m in range(2)]
     error = Error(code=0, reason="ClientApp crashed")

@@ -285,3 +285,28 @@ def test_fedproto_server_state_survives_resume(tmp_path):
     run_federated(tiny(**options), tmp_path / "b", stop_after=2)
     resumed = run_federated(tiny(**options), tmp_path / "b", resume=True)
     assert resumed["accuracy_per_round"] == straight["accuracy_per_round"]
+
+
+def test_ccvr_last_round_only_is_fedavg_then_a_calibrated_head(tmp_path):
+    """--ccvr-rounds last: the rounds before the last are FedAvg's exactly; the last changes only
+    the head (CCVR calibrates post hoc, as its paper)."""
+    from safetensors.torch import load_file
+
+    common = {"rounds": 2, "num_clients": 2, "max_train": 120, "max_test": 40}
+    ccvr = {**common, "method": "ccvr", "ccvr_rounds": "last", "ccvr_samples": 32}
+    run_federated(tiny(**ccvr), tmp_path / "ccvr")
+    run_federated(tiny(**common, method="fedavg"), tmp_path / "fedavg")
+    metrics = pd.read_csv(tmp_path / "ccvr" / "metrics.csv")
+    reference = pd.read_csv(tmp_path / "fedavg" / "metrics.csv")
+    assert metrics["moments_seconds"].iloc[0] == 0 and metrics["moments_seconds"].iloc[1] > 0
+    assert metrics["test_accuracy"].iloc[0] == reference["test_accuracy"].iloc[0]
+    got = load_file(str(tmp_path / "ccvr" / "checkpoint" / "global.safetensors"))
+    expected = load_file(str(tmp_path / "fedavg" / "checkpoint" / "global.safetensors"))
+    for key, value in expected.items():
+        assert torch.equal(got[key], value) != key.startswith("head/"), key
+    with pytest.raises(ValueError, match="ccvr_rounds must be one of"):
+        tiny(ccvr_rounds="first")
+    # an option added later leaves the hash of older runs (at its default) unchanged
+    body = {k: v for k, v in tiny().to_dict().items() if k != "ccvr_rounds"}
+    assert resolve_config(None, None, body).config_hash() == tiny().config_hash()
+    assert tiny().config_hash() != tiny(ccvr_rounds="last").config_hash()

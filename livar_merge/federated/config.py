@@ -92,6 +92,11 @@ class FedConfig:
     ccvr_lr: float = _opt(0.01, "CCVR: SGD learning rate (momentum 0.9, cosine schedule)")
     ccvr_temperature: float = _opt(0.1, "CCVR: temperature of the logit-normalised loss")
     ccvr_covariance: str = _opt("full", "CCVR: 'full' or 'diag' class covariances")
+    ccvr_rounds: str = _opt(
+        "all",
+        "CCVR: calibrate the head after 'all' rounds (the next round starts from it) or only "
+        "after the 'last' (post-hoc, as the CCVR paper)",
+    )
     # run
     seed: int = _opt(42, "seed of the split, initialisation and training")
     out: str | None = _opt(None, "results folder (default runs/<dataset>-<method>-b<beta>-s<seed>)")
@@ -130,6 +135,9 @@ class FedConfig:
         ignore = {"out", "progress", "threads", "num_workers", "eval_batch_size"}
         ignore |= {"engine", "client_cpus", "client_gpus"}  # same results on either engine
         body = {k: v for k, v in self.to_dict().items() if k not in ignore}
+        for name, default in HASH_OMITS_DEFAULT.items():  # options added later: old runs keep
+            if body.get(name) == default:  # their hash (and resume) while at the default
+                body.pop(name)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def run_name(self) -> str:
@@ -227,6 +235,10 @@ def resolve_config(
     return config
 
 
+# options added after results folders existed, left out of the hash at their default value
+HASH_OMITS_DEFAULT = {"ccvr_rounds": "all"}
+
+
 def validate_config(config: FedConfig) -> None:
     choices = {
         "lora_merge": ("product", "svd", "factors"),
@@ -235,6 +247,7 @@ def validate_config(config: FedConfig) -> None:
         "sigma_pass": ("final", "last-epoch", "pretrained"),
         "precision": ("auto", "fp32", "bf16", "fp16"),
         "engine": ("inprocess", "flower"),
+        "ccvr_rounds": ("all", "last"),
     }
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:

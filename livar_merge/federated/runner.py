@@ -350,7 +350,9 @@ class FederatedRun:
                 result.details["prototypes"], dtype=torch.float32, device=self.device
             )
         moments_seconds = 0.0
-        if "moments" in self.aggregator.needs:
+        if "moments" in self.aggregator.needs and (
+            self.config.ccvr_rounds == "all" or round_index == self.config.rounds
+        ):
             moments_seconds = self.calibrate_head(round_index)
         # server time only: merge, install and (CCVR) head re-training; the clients' moment
         # pass is client-side work and is reported as its own column

@@ -148,6 +148,7 @@ class ServerRun:
             config_hash=config.config_hash(),
             frozen_checksum=frozen_checksum(self.model, config.lora_merge),
             query_timeout=self.settings.round_timeout,
+            ccvr_round=config.rounds if config.ccvr_rounds == "last" else None,
         )
         self.metrics: list[dict[str, Any]] = []
 

@@ -150,6 +150,7 @@ class LivarStrategy(Strategy):
         config_hash: if given, replies trained with other options are dropped.
         frozen_checksum: sent to clients, which refuse to train on another backbone.
         query_timeout: seconds to wait for CCVR's moment replies (None: no limit).
+        ccvr_round: calibrate (CCVR) only after this round; None: after every round.
     """
 
     def __init__(
@@ -167,6 +168,7 @@ class LivarStrategy(Strategy):
         config_hash: str | None = None,
         frozen_checksum: str | None = None,
         query_timeout: float | None = None,
+        ccvr_round: int | None = None,
     ) -> None:
         from livar_merge.tables import GShapTable
 
@@ -184,6 +186,7 @@ class LivarStrategy(Strategy):
         self.config_hash = config_hash
         self.frozen_checksum = frozen_checksum
         self.query_timeout = query_timeout
+        self.ccvr_round = ccvr_round
         self.history: list[RoundLog] = []
         self._current: ArrayRecord | None = None
         self.prototypes: torch.Tensor | None = None  # FedProto's global prototypes [C, D]
@@ -359,7 +362,7 @@ class LivarStrategy(Strategy):
         if "prototypes" in result.details:
             self.prototypes = torch.as_tensor(result.details["prototypes"], dtype=torch.float32)
         moments_seconds = 0.0
-        if "moments" in self.aggregator.needs:
+        if "moments" in self.aggregator.needs and self.ccvr_round in (None, server_round):
             nodes = [int(u.extras["node_id"]) for u in updates]
             moments, moments_seconds = self._query_moments(server_round, nodes, outcomes)
             self._calibrate_head(server_round, moments)
