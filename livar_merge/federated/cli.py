@@ -85,6 +85,11 @@ def run_with_engine(
         return run_federated(config, out, resume=resume, stop_after=stop_after)
     if resume or stop_after is not None:
         raise LivarError("resume and stop-after are not supported with engine flower")
+    if (out / "checkpoint").exists() and not (out / "summary.json").exists():
+        raise LivarError(
+            f"{out} holds an interrupted Flower run; Flower runs do not resume: "
+            "delete the folder to run it again"
+        )
     try:
         from livar_merge.flower.simulation import run_flower_simulation
     except ImportError as err:

@@ -111,6 +111,24 @@ def run_summary(
     }
 
 
+def save_global_checkpoint(
+    folder: Path, model: Any, lora_merge: str, round_index: int, prototypes: Any = None
+) -> None:
+    """``folder/global.safetensors`` (atomically): the global model
+    (:func:`livar_merge.federated.model.global_tensors`) and the server's FedProto prototypes."""
+    from safetensors.torch import save_file
+
+    from livar_merge.federated.model import global_tensors
+
+    tensors = global_tensors(model, lora_merge)
+    if prototypes is not None:
+        tensors["server/prototypes"] = prototypes.contiguous().cpu()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "global.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"round": str(round_index)})
+    tmp.replace(folder / "global.safetensors")
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (tmp file + rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")

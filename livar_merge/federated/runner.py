@@ -36,7 +36,6 @@ from livar_merge.federated.config import FedConfig
 from livar_merge.federated.data import BatchSource, derive_seed
 from livar_merge.federated.model import (
     fold_into_base,
-    global_tensors,
     head_module,
     restart_lora,
     restore_parameters,
@@ -45,6 +44,7 @@ from livar_merge.federated.model import (
 from livar_merge.federated.results import (
     aggregation_rows,
     run_summary,
+    save_global_checkpoint,
     write_csv,
     write_json,
     write_run_header,
@@ -182,23 +182,15 @@ class FederatedRun:
         self.partition_table.to_csv(self.out / "partition.csv", index_label="client")
 
     # ------------------------------------------------------------ checkpoint
-    def _global_tensors(self) -> dict[str, torch.Tensor]:
-        """The checkpoint: the global model (:func:`global_tensors`) and server state."""
-        tensors = global_tensors(self.model, self.config.lora_merge)
-        if self.prototypes is not None:
-            tensors["server/prototypes"] = self.prototypes.contiguous().cpu()
-        return tensors
-
     def save_checkpoint(self) -> None:
-        from safetensors.torch import save_file
-
         folder = self.out / "checkpoint"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "global.safetensors.tmp"
-        save_file(
-            self._global_tensors(), str(tmp), metadata={"round": str(self.state.completed_rounds)}
+        save_global_checkpoint(
+            folder,
+            self.model,
+            self.config.lora_merge,
+            self.state.completed_rounds,
+            self.prototypes,
         )
-        tmp.replace(folder / "global.safetensors")
         write_json(
             folder / "state.json",
             {

@@ -37,7 +37,6 @@ def run_grid(
 ) -> list[Path]:
     """Run every (method, beta, seed) not finished yet on the configured engine (in-process
     runs resume where they stopped); returns the run folders."""
-    from livar_merge.errors import LivarError
     from livar_merge.federated.cli import run_with_engine
     from livar_merge.federated.config import resolve_config
 
@@ -54,11 +53,6 @@ def run_grid(
                     continue
                 start = time.perf_counter()
                 resume = (folder / "checkpoint" / "state.json").is_file()
-                if config.engine == "flower" and (folder / "checkpoint").exists():
-                    raise LivarError(
-                        f"{folder} holds an interrupted Flower run; Flower runs do not resume: "
-                        "delete the folder to run it again"
-                    )
                 summary = run_with_engine(config, folder, resume=resume)
                 print(
                     f"{config.run_name()}: {summary['final_accuracy']:.4f} "
@@ -105,16 +99,15 @@ def collect_costs(root: Path) -> list[dict[str, Any]]:
     per row of the run's CSV; a column the run did not record gives no rows)."""
     import pandas as pd
 
+    files = {file for file, _, _, _ in COST_COLUMNS}
     rows = []
     for run in collect_results(root):
+        folder = root / run["run"]
+        frames = {f: pd.read_csv(folder / f) for f in files if (folder / f).is_file()}
         for file, column, _, _ in COST_COLUMNS:
-            path = root / run["run"] / file
-            if not path.is_file():
+            if file not in frames or column not in frames[file]:
                 continue
-            frame = pd.read_csv(path)
-            if column not in frame:
-                continue
-            for value in frame[column].dropna():
+            for value in frames[file][column].dropna():
                 rows.append(
                     {
                         "dataset": run["dataset"],

@@ -172,9 +172,7 @@ class ServerRun:
         )
 
     def _write_round(self, round_index: int) -> None:
-        from safetensors.torch import save_file
-
-        from livar_merge.federated.results import write_csv, write_json
+        from livar_merge.federated.results import save_global_checkpoint, write_csv, write_json
         from livar_merge.flower.strategy import reply_outcomes
 
         clients, alpha, heads = [], [], []
@@ -204,14 +202,13 @@ class ServerRun:
         write_csv(self.out / "alpha.csv", alpha)
         write_csv(self.out / "head_weights.csv", heads)
         write_csv(self.out / "replies.csv", reply_outcomes(self.strategy.history))
-        folder = self.out / "checkpoint"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "global.safetensors.tmp"
-        tensors = self.strategy.global_model.tensors()
-        if self.strategy.prototypes is not None:  # server state, as livar-fed's checkpoint
-            tensors["server/prototypes"] = self.strategy.prototypes.contiguous().cpu()
-        save_file(tensors, str(tmp), metadata={"round": str(round_index)})
-        tmp.replace(folder / "global.safetensors")
+        save_global_checkpoint(
+            self.out / "checkpoint",
+            self.model,
+            self.config.lora_merge,
+            round_index,
+            self.strategy.prototypes,
+        )
 
     def evaluate(self, round_index: int, arrays: Any) -> MetricRecord | None:
         """Central evaluation after each round (none before round 1, as livar-fed)."""

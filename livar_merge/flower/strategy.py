@@ -296,8 +296,7 @@ class LivarStrategy(Strategy):
         """Validate, drop, sort by client id, aggregate, install; returns the new global."""
         train_seconds = time.perf_counter() - self._sent_at if self._sent_at else 0.0
         replies = list(replies)
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._messages}
-        sent.pop("", None)  # ids are set when the Grid pushes the messages
+        sent = _destinations(self._messages)
         self._messages = []
         spec = self.reply_spec()
         outcomes: list[dict[str, Any]] = []
@@ -305,7 +304,7 @@ class LivarStrategy(Strategy):
         answered: set[str] = set()
         for msg in replies:
             answered.add(msg.metadata.reply_to_message_id)
-            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            node = _sender(sent, msg)
             row = {"round": server_round, "node_id": node, "client": None}
             if msg.has_error():
                 self._drop(
@@ -389,17 +388,9 @@ class LivarStrategy(Strategy):
         if self._grid is None:
             raise RoundFailedError("CCVR needs the Grid of configure_train to query moments")
         start = time.perf_counter()
-        config = ConfigRecord(
-            {
-                **dict(self._train_config or {}),  # the run's options, as the train message
-                "server-round": server_round,
-                "protocol": PROTOCOL,
-                "ccvr-covariance": "full" if self.aggregator.full_covariance else "diag",
-                "lora-merge": self.global_model.lora_merge,
-            }
-        )
-        if self.frozen_checksum is not None:
-            config["frozen-checksum"] = self.frozen_checksum
+        # the round's train config (run options, protocol, checksum, ...) plus the covariance kind
+        covariance = "full" if self.aggregator.full_covariance else "diag"
+        config = ConfigRecord({**dict(self._train_config or {}), "ccvr-covariance": covariance})
         content = RecordDict({ARRAYS: self.global_model.arrays(), CONFIG: config})
         messages = [
             Message(
@@ -411,12 +402,11 @@ class LivarStrategy(Strategy):
             for node in nodes
         ]
         replies = list(self._grid.send_and_receive(messages, timeout=self.query_timeout))
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        sent.pop("", None)  # ids are set when the Grid pushes the messages
-        weight = self.global_model.previous_head()[0]
+        sent = _destinations(messages)
+        num_classes, width = self.reply_spec().arrays["head/weight"][0]
         valid: list[tuple[str, int, dict[str, Any]]] = []
         for msg in replies:
-            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            node = _sender(sent, msg)
             row = {"round": server_round, "node_id": node, "client": None}
             if msg.has_error():
                 reason = f"moments reply from node {node}: error reply: {msg.error.reason}"
@@ -425,8 +415,8 @@ class LivarStrategy(Strategy):
             try:
                 client, moments = validate_moments(
                     msg.content,
-                    num_classes=int(weight.shape[0]),
-                    width=int(weight.shape[1]),
+                    num_classes=num_classes,
+                    width=width,
                     full_covariance=self.aggregator.full_covariance,
                     node_id=node,
                 )
@@ -466,6 +456,19 @@ class LivarStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return None
+
+
+def _destinations(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id -> destination node of sent messages (ids are set when the Grid pushes them;
+    unset ids are left out)."""
+    return {
+        m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id
+    }
+
+
+def _sender(destinations: Mapping[str, int], reply: Message) -> int:
+    """The node a reply answers for: the destination of its instruction, else its source."""
+    return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 def _train_metrics(updates: list[ClientUpdate], dropped: int) -> MetricRecord:
