@@ -63,6 +63,8 @@ def coerce_option(cls: type, name: str, value: Any) -> Any:
             raise ValueError(f"option {name} cannot be None")
         return None
     if is_list:
+        if isinstance(value, str):  # "a,b" or "a b" (TOML strings, Flower run-config values)
+            value = [item for item in value.replace(",", " ").split() if item]
         items = value if isinstance(value, list | tuple) else [value]
         return [_scalar(name, kind, item) for item in items]
     return _scalar(name, kind, value)

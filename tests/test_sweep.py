@@ -148,3 +148,36 @@ def test_sweep_runs_on_the_flower_engine_and_refuses_to_resume_it(tmp_path: Path
     assert main([*base, "--seeds", "1", *options]) == 2
     err = capsys.readouterr().err
     assert "synthetic-fedavg-b0.5-s1 holds an interrupted Flower run" in err
+
+
+def test_sweep_paired_table_against_a_brute_force_interval(tmp_path: Path):
+    """--paired gives each run the listed methods less its own; paired.csv of the grid holds
+    method - paired in points with the t-interval over (seed, round), checked by hand."""
+    from scipy import stats
+
+    args = ["--root", str(tmp_path), "--preset", "tiny", "--methods", "fedavg", "livar-sigma"]
+    args += ["--betas", "0.5", "--seeds", "0", "1", "--paired", "fedavg"]
+    args += ["--set", "rounds=2", "num_clients=2", "max_train=120", "max_test=40"]
+    assert main(args) == 0
+    assert not (tmp_path / "synthetic-fedavg-b0.5-s0" / "paired.csv").exists()  # own method
+    gains = []
+    for seed in (0, 1):
+        folder = tmp_path / f"synthetic-livar-sigma-b0.5-s{seed}"
+        rows = pd.read_csv(folder / "paired.csv")
+        assert list(rows["method"]) == ["fedavg", "fedavg"]
+        own = pd.read_csv(folder / "metrics.csv")["test_accuracy"].to_numpy()
+        gains += list(100 * (own - rows["test_accuracy"].to_numpy()))
+    table = pd.read_csv(tmp_path / "paired.csv")
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row["method"], row["paired"], row["n_rounds"], row["n_seeds"]) == (
+        "livar-sigma",
+        "fedavg",
+        4,
+        2,
+    )
+    assert row["mean"] == pytest.approx(sum(gains) / 4)
+    if statistics.stdev(gains) > 0:
+        low, high = stats.t.interval(0.95, 3, loc=sum(gains) / 4, scale=statistics.stdev(gains) / 2)
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+    assert "livar-sigma − fedavg" in (tmp_path / "paired.md").read_text()

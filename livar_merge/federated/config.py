@@ -97,6 +97,12 @@ class FedConfig:
         "CCVR: calibrate the head after 'all' rounds (the next round starts from it) or only "
         "after the 'last' (post-hoc, as the CCVR paper)",
     )
+    paired: list[str] = _opt(
+        [],
+        "also aggregate every round's client updates with these methods, evaluate each result "
+        "on a copy of the global model and discard it (paired.csv); the run goes on with "
+        "--method",
+    )
     # run
     seed: int = _opt(42, "seed of the split, initialisation and training")
     out: str | None = _opt(None, "results folder (default runs/<dataset>-<method>-b<beta>-s<seed>)")
@@ -236,7 +242,7 @@ def resolve_config(
 
 
 # options added after results folders existed, left out of the hash at their default value
-HASH_OMITS_DEFAULT = {"ccvr_rounds": "all"}
+HASH_OMITS_DEFAULT: dict[str, Any] = {"ccvr_rounds": "all", "paired": []}
 
 
 def validate_config(config: FedConfig) -> None:
@@ -260,6 +266,10 @@ def validate_config(config: FedConfig) -> None:
             raise ValueError(f"option {name} must be >= 1, got {getattr(config, name)}")
     if config.beta <= 0:
         raise ValueError(f"option beta must be > 0, got {config.beta}")
+    if config.paired:  # before any data or model is built
+        from livar_merge.federated.paired import check_paired
+
+        check_paired(config.method, config.paired, config.method_options())
     if config.client_cpus <= 0 or config.client_gpus < 0:
         raise ValueError(
             f"options client_cpus must be > 0 and client_gpus >= 0, got "

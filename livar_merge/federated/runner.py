@@ -9,6 +9,8 @@ One results folder per run::
     clients.csv        per round and client: samples, train loss/accuracy, steps, seconds
     alpha.csv          per round, client and layer: omega_A, omega_B, bins, LoRA weight
     head_weights.csv   per round, client and class: head merge weight
+    paired.csv         (--paired) per round and paired method: top-1, loss, difference to the
+                       run's own method on the same client updates, its cost
     summary.json       final and best accuracy, wall time
     checkpoint/        global state after the last completed round (for --resume)
 """
@@ -34,13 +36,13 @@ from livar_merge.federated.client import (
 )
 from livar_merge.federated.config import FedConfig
 from livar_merge.federated.data import BatchSource, derive_seed
+from livar_merge.federated.install import install_result
 from livar_merge.federated.model import (
-    fold_into_base,
     head_module,
-    restart_lora,
     restore_parameters,
     snapshot_trainable,
 )
+from livar_merge.federated.paired import PairedEvaluation, paired_summary, with_differences
 from livar_merge.federated.results import (
     aggregation_rows,
     run_summary,
@@ -49,7 +51,7 @@ from livar_merge.federated.results import (
     write_json,
     write_run_header,
 )
-from livar_merge.lora import peft_scalings, to_peft_state_dict
+from livar_merge.lora import peft_scalings
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
@@ -64,6 +66,7 @@ class RunState:
     clients: list[dict[str, Any]] = field(default_factory=list)
     alpha: list[dict[str, Any]] = field(default_factory=list)
     head_weights: list[dict[str, Any]] = field(default_factory=list)
+    paired: list[dict[str, Any]] = field(default_factory=list)
     memories: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -128,6 +131,19 @@ class FederatedRun:
         self.model.to(self.device)
         self.scalings = peft_scalings(self.model)
         self.aggregator = make_aggregator(config.method, **config.method_options())
+        self.paired = (
+            PairedEvaluation(
+                config.method,
+                config.paired,
+                config.method_options(),
+                lora_merge=config.lora_merge,
+                seed=config.seed,
+            )
+            if config.paired
+            else None
+        )
+        # the run's clients also compute what the paired methods need (after local training)
+        self.needs = self.aggregator.needs | (self.paired.needs if self.paired else frozenset())
         self.prototypes: torch.Tensor | None = None  # FedProto's server state
         source = {
             "mean": self.info.mean,
@@ -238,21 +254,23 @@ class FederatedRun:
     # ----------------------------------------------------------------- round
     def apply(self, result: AggregationResult, round_index: int) -> None:
         """Install the merged LoRA and head as the next global model."""
-        head = head_module(self.model)
-        with torch.no_grad():
-            head.weight.copy_(result.head.weight)
-            if head.bias is not None and result.head.bias is not None:
-                head.bias.copy_(result.head.bias)
-            if self.config.lora_merge == "product":
-                # Eq. 3 exactly: fold sum_m alpha_m s B_m A_m into the frozen weight, restart LoRA.
-                fold_into_base(self.model, {k: d.to_dense() for k, d in result.lora.items()})
-                seed = derive_seed(self.config.seed, round_index, "lora-restart")
-                restart_lora(self.model, list(result.lora), seed)
-            else:
-                state = to_peft_state_dict(result.lora, adapter_name="default")
-                params = dict(self.model.named_parameters())
-                for key, value in state.items():
-                    params[key].copy_(value.to(params[key].dtype))
+        install_result(
+            self.model,
+            result,
+            lora_merge=self.config.lora_merge,
+            seed=self.config.seed,
+            round_index=round_index,
+        )
+
+    def evaluate_model(self, model: torch.nn.Module) -> tuple[float, float]:
+        """Test top-1 and loss of ``model`` on the run's test set."""
+        return evaluate(
+            model,
+            self.test_source,
+            self.test_indices,
+            batch_size=self.config.eval_batch_size,
+            precision=self.precision,
+        )
 
     def calibrate_head(self, round_index: int) -> float:
         """CCVR: clients' class feature moments under the new global model, then the server
@@ -299,7 +317,7 @@ class FederatedRun:
                 settings=self.settings,
                 seed=self.config.seed,
                 round_index=round_index,
-                needs=self.aggregator.needs,
+                needs=self.needs,
                 memory=memory,
                 prototypes=self.prototypes,
             )
@@ -334,6 +352,16 @@ class FederatedRun:
             head.weight.detach().clone(),
             None if head.bias is None else head.bias.detach().clone(),
         )
+        paired_rows: list[dict[str, Any]] = []
+        if self.paired is not None:  # on the pre-round global model, before it is replaced
+            paired_rows = self.paired.evaluate_round(
+                self.model,
+                updates,
+                round_index=round_index,
+                previous_head=previous,
+                scaling=self.scalings,
+                evaluate=self.evaluate_model,
+            )
         agg_start = time.perf_counter()
         result = self.aggregator.aggregate(updates, previous_head=previous, scaling=self.scalings)
         self.apply(result, round_index)
@@ -350,13 +378,8 @@ class FederatedRun:
         # pass is client-side work and is reported as its own column
         agg_seconds = time.perf_counter() - agg_start - moments_seconds
         self._log_aggregation(round_index, updates, result)
-        accuracy, loss = evaluate(
-            self.model,
-            self.test_source,
-            self.test_indices,
-            batch_size=self.config.eval_batch_size,
-            precision=self.precision,
-        )
+        accuracy, loss = self.evaluate_model(self.model)
+        self.state.paired.extend(with_differences(paired_rows, accuracy))
         row = {
             "round": round_index,
             "test_accuracy": accuracy,
@@ -364,6 +387,9 @@ class FederatedRun:
             "train_seconds": train_seconds,
             "aggregation_seconds": agg_seconds,
             "moments_seconds": moments_seconds,
+            "paired_seconds": sum(
+                r["aggregation_seconds"] + r["evaluation_seconds"] for r in paired_rows
+            ),
             "uncovered_classes": len(result.head.uncovered),
         }
         self.state.metrics.append(row)
@@ -382,6 +408,8 @@ class FederatedRun:
         write_csv(self.out / "clients.csv", self.state.clients)
         write_csv(self.out / "alpha.csv", self.state.alpha)
         write_csv(self.out / "head_weights.csv", self.state.head_weights)
+        if self.state.paired:
+            write_csv(self.out / "paired.csv", self.state.paired)
 
     def run(self, *, stop_after: int | None = None) -> dict[str, Any]:
         """Run the remaining rounds (all, or up to round ``stop_after``) and return the summary."""
@@ -406,8 +434,11 @@ class FederatedRun:
                 self._write_tables()
                 self.save_checkpoint()
                 bar.set_postfix(round=r, acc=f"{row['test_accuracy']:.4f}")
+        extra = {}
+        if self.state.paired:
+            extra["paired"] = paired_summary(self.state.paired, self.config.method)
         summary = run_summary(
-            self.config, self.state.metrics, self.info, time.perf_counter() - wall
+            self.config, self.state.metrics, self.info, time.perf_counter() - wall, **extra
         )
         if self.state.completed_rounds == self.config.rounds:
             write_json(self.out / "summary.json", summary)

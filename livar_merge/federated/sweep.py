@@ -9,6 +9,12 @@ ones resumed, so the command can be re-run after an interruption. The table is w
 and Markdown (``table.csv``, ``table.md``); a missing cell is marked, not fatal. The costs of each
 method (server aggregation per round, client training, statistic passes and upload per client),
 medians over every round of every run, go to ``costs.csv`` and ``costs.md``.
+
+``--paired fedavg ...`` gives every run these paired methods (less its own): each round they are
+aggregated from the run's own client updates and evaluated (``paired.csv`` of the run). The grid's
+``paired.csv``/``paired.md`` then hold, per (method, paired method, beta), the difference
+``method - paired method`` in top-1 points on the same updates: mean and 95 % Student-t interval
+over every (seed, round), and over seeds of the final round.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ def run_grid(
     betas: Sequence[float],
     seeds: Sequence[int],
     overrides: dict[str, Any],
+    paired: Sequence[str] = (),
 ) -> list[Path]:
     """Run every (method, beta, seed) not finished yet on the configured engine (in-process
     runs resume where they stopped); returns the run folders."""
@@ -44,9 +51,10 @@ def run_grid(
     for beta in betas:
         for seed in seeds:
             for method in methods:
-                config = resolve_config(
-                    preset, None, {**overrides, "method": method, "beta": beta, "seed": seed}
-                )
+                options = {**overrides, "method": method, "beta": beta, "seed": seed}
+                if [p for p in paired if p != method]:
+                    options["paired"] = [p for p in paired if p != method]
+                config = resolve_config(preset, None, options)
                 folder = root / config.run_name()
                 folders.append(folder)
                 if (folder / "summary.json").is_file():
@@ -172,6 +180,90 @@ def results_table(
     return cells, stats
 
 
+def collect_paired(root: Path) -> list[dict[str, Any]]:
+    """Rows of every finished run's ``paired.csv``: method (the run's own), paired method,
+    beta, seed, round, and ``gain`` = own top-1 minus the paired method's (same updates)."""
+    import pandas as pd
+
+    rows = []
+    for run in collect_results(root):
+        path = root / run["run"] / "paired.csv"
+        if not path.is_file():
+            continue
+        for row in pd.read_csv(path).to_dict("records"):
+            rows.append(
+                {
+                    "dataset": run["dataset"],
+                    "method": run["method"],
+                    "paired": row["method"],
+                    "beta": run["beta"],
+                    "seed": run["seed"],
+                    "round": int(row["round"]),
+                    "gain": -float(row["difference"]),
+                }
+            )
+    return rows
+
+
+def paired_table(rows: list[dict[str, Any]], *, scale: float = 100.0):
+    """Per (method, paired, beta): ``method - paired`` in points, mean and 95 % interval over
+    all (seed, round) pairs, the same over seeds for the final round, and rounds won."""
+    import pandas as pd
+
+    from livar_merge.federated.paired import mean_interval
+
+    columns = ["method", "paired", "beta", "seed", "round", "gain"]
+    frame = pd.DataFrame(rows, columns=columns)
+    out = []
+    for (method, paired, beta), group in frame.groupby(["method", "paired", "beta"], sort=True):
+        every = mean_interval(list(group["gain"] * scale))
+        last = group[group["round"] == group["round"].max()]
+        final = mean_interval(list(last["gain"] * scale))
+        out.append(
+            {
+                "method": method,
+                "paired": paired,
+                "beta": beta,
+                "n_rounds": every["n"],
+                "mean": every["mean"],
+                "ci_low": every["low"],
+                "ci_high": every["high"],
+                "won": int((group["gain"] > 0).sum()),
+                "lost": int((group["gain"] < 0).sum()),
+                "n_seeds": final["n"],
+                "final_mean": final["mean"],
+                "final_ci_low": final["low"],
+                "final_ci_high": final["high"],
+            }
+        )
+    return pd.DataFrame(out, columns=list(out[0]) if out else ["method", "paired", "beta"])
+
+
+def paired_markdown(table) -> str:
+    """The paired table as Markdown: "mean [low, high]" cells in top-1 points."""
+
+    def cell(mean: Any, low: Any, high: Any) -> str:
+        if mean is None or mean != mean:
+            return MISSING_CELL
+        if low is None or low != low:
+            return f"{mean:+.2f}"
+        return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+    lines = [
+        "| method − paired | beta | every round: mean [95 % CI] (n) | won/lost | "
+        "final round: mean [95 % CI] (seeds) |",
+        "|---|---|---|---|---|",
+    ]
+    for _, r in table.iterrows():
+        lines.append(
+            f"| {r['method']} − {r['paired']} | {r['beta']:g} | "
+            f"{cell(r['mean'], r['ci_low'], r['ci_high'])} ({r['n_rounds']}) | "
+            f"{r['won']}/{r['lost']} | "
+            f"{cell(r['final_mean'], r['final_ci_low'], r['final_ci_high'])} ({r['n_seeds']}) |"
+        )
+    return "\n".join(lines)
+
+
 def write_table(root: Path, methods: Sequence[str] | None, betas: Sequence[float] | None) -> str:
     cells, stats = results_table(collect_results(root), methods=methods, betas=betas)
     cells.to_csv(root / "table.csv")
@@ -182,7 +274,15 @@ def write_table(root: Path, methods: Sequence[str] | None, betas: Sequence[float
     costs.to_csv(root / "costs.csv")
     costs_markdown = markdown_table(costs.map(format_number))
     (root / "costs.md").write_text(costs_markdown + "\n")
-    return markdown + "\n\n" + costs_markdown
+    text = markdown + "\n\n" + costs_markdown
+    paired = collect_paired(root)
+    if paired:
+        table = paired_table(paired)
+        table.to_csv(root / "paired.csv", index=False)
+        paired_md = paired_markdown(table)
+        (root / "paired.md").write_text(paired_md + "\n")
+        text += "\n\n" + paired_md
+    return text
 
 
 def format_number(value: float) -> str:
@@ -216,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--betas", nargs="+", type=float, default=[0.05, 0.5])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--paired",
+        nargs="*",
+        default=[],
+        metavar="METHOD",
+        help="paired methods of every run (less its own): paired.csv/.md of method - paired",
+    )
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table")
     parser.add_argument(
         "--set",
@@ -244,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 betas=args.betas,
                 seeds=args.seeds,
                 overrides=overrides,
+                paired=args.paired,
             )
         except (LivarError, FileExistsError, FileNotFoundError, ValueError) as err:
             print(f"livar-sweep: error: {err}", file=sys.stderr)

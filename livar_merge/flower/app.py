@@ -114,6 +114,7 @@ class ServerRun:
 
         from livar_merge.federated.builders import build_seeded_model, load_train_test
         from livar_merge.federated.data import BatchSource
+        from livar_merge.federated.paired import PairedEvaluation
         from livar_merge.federated.runner import resolve_device, resolve_precision
         from livar_merge.flower.messages import frozen_checksum
         from livar_merge.flower.strategy import LivarStrategy
@@ -135,6 +136,17 @@ class ServerRun:
             test, mean=self.info.mean, std=self.info.std, device=self.device
         )
         self.test_size = len(test)
+        paired = (
+            PairedEvaluation(
+                config.method,
+                config.paired,
+                config.method_options(),
+                lora_merge=config.lora_merge,
+                seed=config.seed,
+            )
+            if config.paired
+            else None
+        )
         self.strategy = LivarStrategy(
             self.model,
             seed=config.seed,
@@ -149,8 +161,11 @@ class ServerRun:
             frozen_checksum=frozen_checksum(self.model, config.lora_merge),
             query_timeout=self.settings.round_timeout,
             ccvr_round=config.rounds if config.ccvr_rounds == "last" else None,
+            paired=paired,
+            paired_evaluate=self.evaluate_model,
         )
         self.metrics: list[dict[str, Any]] = []
+        self.paired_rows: list[dict[str, Any]] = []
 
     def _write_static(self) -> None:
         from livar_merge.federated.results import write_run_header
@@ -202,6 +217,8 @@ class ServerRun:
         write_csv(self.out / "alpha.csv", alpha)
         write_csv(self.out / "head_weights.csv", heads)
         write_csv(self.out / "replies.csv", reply_outcomes(self.strategy.history))
+        if self.paired_rows:
+            write_csv(self.out / "paired.csv", self.paired_rows)
         save_global_checkpoint(
             self.out / "checkpoint",
             self.model,
@@ -210,23 +227,30 @@ class ServerRun:
             self.strategy.prototypes,
         )
 
-    def evaluate(self, round_index: int, arrays: Any) -> MetricRecord | None:
-        """Central evaluation after each round (none before round 1, as livar-fed)."""
+    def evaluate_model(self, model: Any) -> tuple[float, float]:
+        """Test top-1 and loss of ``model`` on the server's test set."""
         import numpy as np
 
         from livar_merge.federated.client import evaluate
 
-        if round_index == 0:
-            return None
-        self.strategy.sync(arrays)
-        accuracy, loss = evaluate(
-            self.model,
+        return evaluate(
+            model,
             self.test_source,
             np.arange(self.test_size),
             batch_size=self.config.eval_batch_size,
             precision=self.precision,
         )
+
+    def evaluate(self, round_index: int, arrays: Any) -> MetricRecord | None:
+        """Central evaluation after each round (none before round 1, as livar-fed)."""
+        from livar_merge.federated.paired import with_differences
+
+        if round_index == 0:
+            return None
+        self.strategy.sync(arrays)
+        accuracy, loss = self.evaluate_model(self.model)
         entry = self.strategy.history[-1]
+        self.paired_rows.extend(with_differences(entry.paired, accuracy))
         accepted = sum(o["accepted"] for o in entry.outcomes)
         self.metrics.append(
             {
@@ -236,6 +260,9 @@ class ServerRun:
                 "train_seconds": entry.train_seconds,
                 "aggregation_seconds": entry.aggregation_seconds,
                 "moments_seconds": entry.moments_seconds,
+                "paired_seconds": sum(
+                    r["aggregation_seconds"] + r["evaluation_seconds"] for r in entry.paired
+                ),
                 "uncovered_classes": len(entry.result.head.uncovered),
                 "replies_accepted": accepted,
                 "replies_dropped": len(entry.outcomes) - accepted,
@@ -265,8 +292,13 @@ class ServerRun:
             train_config=train_config,
             evaluate_fn=self.evaluate,
         )
+        from livar_merge.federated.paired import paired_summary
+
+        extra: dict[str, Any] = {"engine": "flower"}
+        if self.paired_rows:
+            extra["paired"] = paired_summary(self.paired_rows, self.config.method)
         summary = run_summary(
-            self.config, self.metrics, self.info, time.perf_counter() - wall, engine="flower"
+            self.config, self.metrics, self.info, time.perf_counter() - wall, **extra
         )
         write_json(self.out / "summary.json", summary)
         return summary

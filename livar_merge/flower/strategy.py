@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from livar_merge.aggregation import AggregationResult, ClientUpdate, make_aggregator
 from livar_merge.errors import LivarError
 from livar_merge.federated.model import global_tensors
+from livar_merge.federated.paired import PairedEvaluation
 from livar_merge.flower.messages import (
     ARRAYS,
     CONFIG,
@@ -100,24 +101,16 @@ class GlobalModel:
         bias = None if head.bias is None else head.bias.detach().clone()
         return head.weight.detach().clone(), bias
 
-    @torch.no_grad()
     def apply(self, result: AggregationResult, round_index: int) -> None:
-        from livar_merge.federated.data import derive_seed
-        from livar_merge.federated.model import fold_into_base, head_module, restart_lora
-        from livar_merge.lora import to_peft_state_dict
+        from livar_merge.federated.install import install_result
 
-        head = head_module(self.model)
-        head.weight.copy_(result.head.weight)
-        if head.bias is not None and result.head.bias is not None:
-            head.bias.copy_(result.head.bias)
-        if self.lora_merge == "product":
-            fold_into_base(self.model, {k: d.to_dense() for k, d in result.lora.items()})
-            seed = derive_seed(self.seed, round_index, "lora-restart")
-            restart_lora(self.model, list(result.lora), seed)
-        else:
-            params = dict(self.model.named_parameters())
-            for key, value in to_peft_state_dict(result.lora, adapter_name="default").items():
-                params[key].copy_(value.to(params[key].dtype))
+        install_result(
+            self.model,
+            result,
+            lora_merge=self.lora_merge,
+            seed=self.seed,
+            round_index=round_index,
+        )
 
 
 @dataclass
@@ -132,6 +125,7 @@ class RoundLog:
     train_seconds: float = 0.0
     aggregation_seconds: float = 0.0  # server: merge, install, CCVR head re-training
     moments_seconds: float = 0.0  # CCVR's QUERY round trip (client-side moment pass)
+    paired: list[dict[str, Any]] = field(default_factory=list)  # paired.csv rows (no difference)
 
 
 class LivarStrategy(Strategy):
@@ -151,6 +145,9 @@ class LivarStrategy(Strategy):
         frozen_checksum: sent to clients, which refuse to train on another backbone.
         query_timeout: seconds to wait for CCVR's moment replies (None: no limit).
         ccvr_round: calibrate (CCVR) only after this round; None: after every round.
+        paired: other methods aggregated on the same accepted updates every round, each
+            installed on a copy of the pre-round global model and scored by
+            ``paired_evaluate(model) -> (top-1, loss)`` (:mod:`livar_merge.federated.paired`).
     """
 
     def __init__(
@@ -169,6 +166,8 @@ class LivarStrategy(Strategy):
         frozen_checksum: str | None = None,
         query_timeout: float | None = None,
         ccvr_round: int | None = None,
+        paired: PairedEvaluation | None = None,
+        paired_evaluate: Callable[[torch.nn.Module], tuple[float, float]] | None = None,
     ) -> None:
         from livar_merge.tables import GShapTable
 
@@ -177,7 +176,12 @@ class LivarStrategy(Strategy):
         self.method = method
         options = {**dict(method_options or {}), "table": table, "lora_merge": lora_merge}
         self.aggregator = make_aggregator(method, **options)
-        check_method(method, self.aggregator.needs)
+        if paired is not None and paired_evaluate is None:
+            raise ValueError("paired evaluation needs paired_evaluate (model -> top-1, loss)")
+        self.paired, self.paired_evaluate = paired, paired_evaluate
+        # clients also compute the statistics of the paired methods, after local training
+        self.needs = self.aggregator.needs | (paired.needs if paired else frozenset())
+        check_method(method, self.needs)
         self.table_identity = GShapTable.load(table).identity()
         self.global_model = GlobalModel(model, seed=seed, lora_merge=lora_merge)
         self.min_replies = min_replies
@@ -208,7 +212,7 @@ class LivarStrategy(Strategy):
             self._spec = ReplySpec.from_global(
                 self.global_model.tensors(),
                 self.global_model.layer_names,
-                needs=self.aggregator.needs,
+                needs=self.needs,
                 table=self.table_identity,
                 config_hash=self.config_hash,
             )
@@ -262,7 +266,7 @@ class LivarStrategy(Strategy):
         nodes = self._wait_for_nodes(grid, server_round)
         config["server-round"] = server_round
         config["protocol"] = PROTOCOL
-        config["needs"] = sorted(self.aggregator.needs)
+        config["needs"] = sorted(self.needs)
         config["lora-merge"] = self.global_model.lora_merge
         for key, value in self.table_identity.items():
             config[f"table-{key}"] = value
@@ -351,10 +355,21 @@ class LivarStrategy(Strategy):
                 f"round {server_round}: {len(updates)} valid replies of {len(replies)} "
                 f"received, min_replies is {self.min_replies}. Dropped: {reasons or 'none'}"
             )
+        previous_head = self.global_model.previous_head()
+        paired_rows: list[dict[str, Any]] = []
+        if self.paired is not None:  # on the pre-round global model, before it is replaced
+            paired_rows = self.paired.evaluate_round(
+                self.global_model.model,
+                updates,
+                round_index=server_round,
+                previous_head=previous_head,
+                scaling=self.global_model.scalings,
+                evaluate=self.paired_evaluate,  # type: ignore[arg-type]
+            )
         start = time.perf_counter()
         result = self.aggregator.aggregate(
             updates,
-            previous_head=self.global_model.previous_head(),
+            previous_head=previous_head,
             scaling=self.global_model.scalings,
         )
         self.global_model.apply(result, server_round)
@@ -375,6 +390,7 @@ class LivarStrategy(Strategy):
                 train_seconds,
                 time.perf_counter() - start - moments_seconds,
                 moments_seconds,
+                paired_rows,
             )
         )
         return self._current, _train_metrics(updates, len(outcomes) - len(updates))

@@ -1,0 +1,183 @@
+"""Paired evaluation: every method on the same client updates.
+
+Each round the server aggregates the round's accepted client updates once with the run's own
+method (which becomes the next global model) and, in addition, with every method of
+``paired``: each such result is installed on a copy of the pre-round global model, evaluated on
+the test set and discarded. The run's trajectory does not depend on ``paired`` (the clients only
+compute the extra statistics those methods need, after their local training). Because both
+models come from identical client updates, the difference of their accuracies isolates the
+aggregation rule from the trajectory noise that separate runs add.
+
+Used by both engines (``livar-fed``'s in-process runner and the Flower ``LivarStrategy``).
+Rows of ``paired.csv``: round, method, test_accuracy, test_loss, difference (paired method minus
+the run's own method, in top-1), aggregation_seconds, evaluation_seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from livar_merge.aggregation import ClientUpdate, available_methods, make_aggregator
+from livar_merge.errors import LivarError
+from livar_merge.federated.install import install_result
+
+# Statistics a client computes after (not during) local training, or passively while training:
+# collecting them for a paired method leaves the run's own trajectory unchanged.
+PASSIVE_NEEDS = frozenset({"omega", "sigma", "gram", "fisher"})
+
+Evaluate = Callable[[torch.nn.Module], tuple[float, float]]
+
+
+class PairedMethodError(LivarError):
+    """A ``paired`` method cannot be evaluated on the run's client updates."""
+
+
+def check_paired(own_method: str, paired: Sequence[str], method_options: Mapping[str, Any]):
+    """The paired methods' aggregators, validated before any data or model is built.
+
+    Refuses unknown names, duplicates, the run's own method, and methods whose client
+    statistics would change local training (FedProto's prototype term) or need a client pass
+    under their own global model (CCVR's moments), which the run's clients cannot supply.
+    """
+    known = available_methods()
+    seen: set[str] = set()
+    aggregators = {}
+    for name in paired:
+        if name not in known:
+            raise PairedMethodError(f"paired method {name!r} is unknown; available: {known}")
+        if name in seen:
+            raise PairedMethodError(f"paired method {name!r} is listed twice")
+        if name == own_method:
+            raise PairedMethodError(
+                f"paired method {name!r} is the run's own method (its difference is 0 by "
+                "definition); list only other methods"
+            )
+        seen.add(name)
+        aggregator = make_aggregator(name, **method_options)
+        foreign = set(aggregator.needs) - PASSIVE_NEEDS
+        if foreign:
+            raise PairedMethodError(
+                f"paired method {name!r} needs client statistics {sorted(foreign)} that the "
+                f"run's clients do not collect on the same updates (they change local training "
+                f"or need a pass under that method's own global model); paired evaluation "
+                f"takes methods needing only {sorted(PASSIVE_NEEDS)}"
+            )
+        aggregators[name] = aggregator
+    return aggregators
+
+
+class PairedEvaluation:
+    """The paired methods of a run and how to evaluate a model; stateless between rounds."""
+
+    def __init__(
+        self,
+        own_method: str,
+        paired: Sequence[str],
+        method_options: Mapping[str, Any],
+        *,
+        lora_merge: str,
+        seed: int,
+    ) -> None:
+        self.own_method = own_method
+        self.aggregators = check_paired(own_method, paired, method_options)
+        self.lora_merge = lora_merge
+        self.seed = seed
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.aggregators)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Client statistics the paired methods need (the run collects them too)."""
+        out: set[str] = set()
+        for aggregator in self.aggregators.values():
+            out |= aggregator.needs
+        return frozenset(out)
+
+    def evaluate_round(
+        self,
+        model: torch.nn.Module,
+        updates: Sequence[ClientUpdate],
+        *,
+        round_index: int,
+        previous_head: tuple[torch.Tensor, torch.Tensor | None],
+        scaling: float | Mapping[str, float],
+        evaluate: Evaluate,
+    ) -> list[dict[str, Any]]:
+        """One row per paired method. ``model`` is the pre-round global model (the one the
+        clients started from); it is copied, never modified."""
+        rows = []
+        for name, aggregator in self.aggregators.items():
+            start = time.perf_counter()
+            result = aggregator.aggregate(updates, previous_head=previous_head, scaling=scaling)
+            candidate = copy.deepcopy(model)
+            install_result(
+                candidate,
+                result,
+                lora_merge=self.lora_merge,
+                seed=self.seed,
+                round_index=round_index,
+            )
+            aggregated = time.perf_counter()
+            accuracy, loss = evaluate(candidate)
+            del candidate
+            rows.append(
+                {
+                    "round": round_index,
+                    "method": name,
+                    "test_accuracy": accuracy,
+                    "test_loss": loss,
+                    "difference": None,
+                    "aggregation_seconds": aggregated - start,
+                    "evaluation_seconds": time.perf_counter() - aggregated,
+                }
+            )
+        return rows
+
+
+def with_differences(rows: list[dict[str, Any]], own_accuracy: float) -> list[dict[str, Any]]:
+    """``rows`` with ``difference`` = paired top-1 minus the run's own top-1 of that round."""
+    return [{**row, "difference": row["test_accuracy"] - own_accuracy} for row in rows]
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean, sample std and the two-sided Student-t interval of the mean (None for n < 2)."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=np.float64)
+    n = int(x.size)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "low": None, "high": None}
+    mean = float(x.mean())
+    if n < 2:
+        return {"n": 1, "mean": mean, "std": None, "low": None, "high": None}
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half}
+
+
+def paired_summary(rows: Sequence[Mapping[str, Any]], own_method: str) -> dict[str, Any]:
+    """``summary.json``'s ``paired`` entry: per method, the final round's difference, the
+    differences' mean and 95 % t-interval over rounds, wins, and the extra cost."""
+    out: dict[str, Any] = {"against": own_method, "methods": {}}
+    for name in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["round"])
+        diffs = [float(r["difference"]) for r in mine]
+        out["methods"][name] = {
+            "final_accuracy": float(mine[-1]["test_accuracy"]),
+            "final_difference": diffs[-1],
+            "rounds": mean_interval(diffs),
+            "rounds_better": int(sum(d > 0 for d in diffs)),
+            "rounds_worse": int(sum(d < 0 for d in diffs)),
+            "aggregation_seconds": float(sum(r["aggregation_seconds"] for r in mine)),
+            "evaluation_seconds": float(sum(r["evaluation_seconds"] for r in mine)),
+        }
+    return out
