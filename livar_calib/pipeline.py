@@ -144,8 +144,13 @@ def run_calibration(
         shap_info["mean_abs_shap_samples"] = {
             k: float(v) for k, v in explained_samples.values.abs().mean().items()
         }
+    shap_info["trend_spearman"] = shap_trends(explained)
     write_json(root / "shap.json", shap_info)
     timings["shap"] = time.perf_counter() - start
+    log(
+        "SHAP trend (Spearman rank correlation of each feature with its SHAP value): "
+        + ", ".join(f"{k} {v:+.2f}" for k, v in shap_info["trend_spearman"].items())
+    )
 
     start = time.perf_counter()
     name = config.table_name or config.default_table_name()
@@ -155,6 +160,8 @@ def run_calibration(
     prov = {
         "proxy_dataset": config.proxy,
         "backbone": config.model,
+        "weights": config.weights,
+        "weights_provenance": weights_provenance(config.weights),
         "config_hash": config.config_hash(),
         "calibration_config": config.to_dict(),
         "rows": len(rows),
@@ -200,15 +207,45 @@ def run_calibration(
         "repeats": int(rows["repeat_id"].nunique()),
         "held_out_repeats": test_ids,
         "forest_metrics": forests,
+        "shap_trend_spearman": shap_info["trend_spearman"],
         "quality_summary": json.loads(summary_report.to_json(orient="index")),
         "timings_seconds": timings,
     }
     write_json(root / "summary.json", summary)
     write_json(
         root / "provenance.json",
-        provenance({"seed": config.seed, "config_hash": config.config_hash()}),
+        provenance(
+            {
+                "seed": config.seed,
+                "config_hash": config.config_hash(),
+                "table": table.identity(),
+                "weights": config.weights,
+                "weights_provenance": weights_provenance(config.weights),
+            }
+        ),
     )
     return summary
+
+
+def weights_provenance(weights: str) -> dict[str, Any] | None:
+    """Source, checksums and licence of a named weight source (None for other weights)."""
+    from livar_merge.federated import pretrained
+
+    if not pretrained.is_source_name(weights):
+        return None
+    return pretrained.cached_weights(weights)[1]
+
+
+def shap_trends(explained: Any) -> dict[str, float]:
+    """Per feature: Spearman's rho between the feature's value and its SHAP value (positive: a
+    larger feature raises lambda)."""
+    from scipy.stats import spearmanr
+
+    out = {}
+    for feature in explained.feature_names:
+        rho = spearmanr(explained.data[feature].to_numpy(), explained.values[feature].to_numpy())[0]
+        out[feature] = float(rho) if rho == rho else 0.0
+    return out
 
 
 def _check_config(config: CalibConfig, root: Path) -> None:

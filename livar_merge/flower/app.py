@@ -178,6 +178,7 @@ class ServerRun:
                 "aggregator": self.strategy.aggregator.describe(),
                 "table": self.strategy.table_identity,
                 "model_weights": self.info.weights,
+                "weights_provenance": self.info.weights_provenance,
                 "dataset_source": self.dataset_source,
                 "device": str(self.device),
                 "precision": self.precision,
