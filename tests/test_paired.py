@@ -195,3 +195,29 @@ def test_flower_engine_writes_the_same_paired_rows(tmp_path, runs):
     np.testing.assert_allclose(got["test_loss"], expected["test_loss"], rtol=1e-4)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["paired"]["methods"]) == {"livar", "livar-sigma"}
+
+
+def test_cpu_preset_is_the_pretrained_backbone_and_cpu_random_the_control():
+    cpu, control = resolve_config("cpu"), resolve_config("cpu-random")
+    assert (cpu.model, cpu.weights) == ("vit_small_patch14_dinov2", "dinov2-s14-imgfocus")
+    assert (control.weights, control.embed_dim) == ("random", 96)
+
+
+@pytest.mark.slow
+def test_pretrained_cpu_preset_end_to_end_with_paired_methods(tmp_path):
+    """``livar-fed --preset cpu --paired fedavg livar-sigma`` on the real converted DINOv2
+    backbone (shrunk: digits, 2 clients, 1 round); the provenance names the source."""
+    pytest.importorskip("onnx")
+    out = tmp_path / "run"
+    args = ["--preset", "cpu", "--dataset", "digits", "--num-clients", "2", "--rounds", "2"]
+    args += ["--local-epochs", "1", "--max-train", "80", "--max-test", "40", "--beta", "0.5"]
+    args += ["--min-client-samples", "10", "--paired", "fedavg", "livar-sigma", "--out", str(out)]
+    assert main(args) == 0
+    paired = pd.read_csv(out / "paired.csv")
+    assert len(paired) == 2 * 2 and set(paired["method"]) == {"fedavg", "livar-sigma"}
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["model_weights"].startswith("dinov2-s14-imgfocus:")
+    weights = prov["weights_provenance"]
+    assert weights["onnx_sha256"].startswith("198644e3") and "Apache-2.0" in str(
+        weights["licences"]
+    )
