@@ -8,6 +8,11 @@ seeds, in percent. One figure per dataset, one panel per beta, one line (mean) a
 Accuracy against beta: the final test top-1 of each finished sweep run, mean ± std (ddof=1) over
 seeds per (method, beta), beta on a log axis; one figure per dataset.
 
+Paired differences against beta: from the runs' ``paired.csv`` (``livar-fed --paired``), the
+difference ``method - reference`` in top-1 points on the same client updates, mean and 95 %
+Student-t interval over every (seed, round) per (method, beta); one line per method run with the
+reference as a paired method, beta on a log axis.
+
 Alpha heat map: the LoRA merge weight of each client (rows) and layer (columns) of one run,
 read from ``alpha.csv``, one panel per round.
 """
@@ -179,6 +184,66 @@ def plot_accuracy_vs_beta(
             path,
             title,
             {"stats": stats.reset_index(drop=True), "methods": methods, "betas": betas},
+        )
+
+
+def plot_paired_vs_beta(
+    rows: Sequence[dict],
+    dataset: str,
+    path: str | os.PathLike[str],
+    *,
+    reference: str = "fedavg",
+    title: str | None = None,
+) -> FigureOutput:
+    """``method - reference`` on the same client updates against beta, with 95 % intervals.
+
+    ``rows``: :func:`livar_merge.federated.sweep.collect_paired` rows. ``data``: ``table``
+    (:func:`livar_merge.federated.sweep.paired_table` rows of ``reference``), ``methods``,
+    ``betas``.
+    """
+    from livar_merge.federated.sweep import paired_table
+
+    subset = [r for r in rows if r["dataset"] == dataset and r["paired"] == reference]
+    if not subset:
+        raise ValueError(f"no paired rows against {reference!r} for dataset {dataset!r}")
+    table = paired_table(subset)
+    methods = sort_methods(table["method"].unique())
+    betas = sorted(float(b) for b in table["beta"].unique())
+    title = title or (
+        f"Paired difference to {method_name(reference)} on the same client updates "
+        f"({dataset_name(dataset)}; mean, 95 % CI over seeds x rounds)"
+    )
+    with styled():
+        figure, (ax,) = new_figure(1, width=6.0, height=3.8)
+        ax.axhline(0.0, color="0.5", lw=0.8, ls="--")
+        for i, method in enumerate(methods):
+            part = table.loc[table["method"] == method].sort_values("beta")
+            mean = part["mean"].to_numpy(dtype=float)
+            low = part["ci_low"].to_numpy(dtype=float)
+            high = part["ci_high"].to_numpy(dtype=float)
+            error = np.vstack([np.nan_to_num(mean - low), np.nan_to_num(high - mean)])
+            n = int(part["n_rounds"].min())
+            ax.errorbar(
+                part["beta"].to_numpy(dtype=float),
+                mean,
+                yerr=error,
+                color=method_colour(method, i),
+                marker="o",
+                ms=4,
+                capsize=3,
+                label=f"{method_name(method)} (n={n})",
+            )
+        ax.set_xscale("log")
+        ax.set_xticks(betas, [format_beta(b) for b in betas])
+        ax.minorticks_off()
+        ax.set_xlabel("Dirichlet β (smaller = more heterogeneous)")
+        ax.set_ylabel(f"top-1 minus {method_name(reference)} (points)")
+        ax.legend(loc="best", fontsize="small")
+        return finish(
+            figure,
+            path,
+            title,
+            {"table": table.reset_index(drop=True), "methods": methods, "betas": betas},
         )
 
 

@@ -3,9 +3,11 @@
 Layout of ``out``::
 
     figures/   figure2, figureA, figure3-imagenet-r, figureB-cifar100, ... (PNG + PDF each),
-               table-heatmap-*, table-comparison, accuracy-<dataset>, alpha-<run>
+               table-heatmap-*, table-comparison, accuracy-<dataset>, alpha-<run>,
+               accuracy-vs-beta-<dataset>, paired-vs-beta-<dataset> (sweeps run with --paired)
     tables/    table1..table4, results-<dataset>, ablation-<dataset> (.csv, .md, _stats.csv),
-               aposteriori_agreement.{csv,json}, aposteriori_curves.csv, accuracy_curves.csv
+               aposteriori_agreement.{csv,json}, aposteriori_curves.csv, accuracy_curves.csv,
+               costs-<dataset>, paired-<dataset> (.csv, .md)
     catalogue.json
 
 An item whose inputs are absent is *skipped* with the reason; an unexpected error marks it
@@ -36,6 +38,7 @@ from analysis.federated_figures import (
     plot_accuracy_curves,
     plot_accuracy_vs_beta,
     plot_alpha_heatmap,
+    plot_paired_vs_beta,
 )
 from analysis.shap_figures import plot_aposteriori, plot_shap_summary
 from analysis.style import LAMBDA, OMEGA_A, OMEGA_B, dataset_name, format_beta, method_name
@@ -50,6 +53,7 @@ from analysis.tables import (
     write_costs,
     write_table,
 )
+from livar_merge.federated.sweep import collect_paired, paired_markdown, paired_table
 
 # a posteriori datasets of the paper (Sec. 5.4, Appendix C): normalised name -> (file, label)
 PAPER_APOSTERIORI = {
@@ -492,12 +496,42 @@ class Regeneration:
             def costs(dataset: str = dataset) -> tuple[list[Path], str]:
                 return write_costs(self.sweeps, dataset, self.tables_dir), "medians per method"
 
+            def paired_figure(dataset: str = dataset) -> tuple[list[Path], str]:
+                paired = [
+                    r
+                    for root in unique_paths([Path(p) for p in self.sweeps])
+                    for r in collect_paired(root)
+                ]
+                if not any(r["dataset"] == dataset and r["paired"] == "fedavg" for r in paired):
+                    raise ArtifactError(
+                        f"no {dataset} sweep run has paired.csv rows against fedavg "
+                        "(run the sweep with --paired fedavg)"
+                    )
+                path = self.figures / f"paired-vs-beta-{dataset}"
+                out = plot_paired_vs_beta(paired, dataset, path)
+                self.tables_dir.mkdir(parents=True, exist_ok=True)
+                table = out.data["table"]
+                table.to_csv(self.tables_dir / f"paired-{dataset}.csv", index=False)
+                (self.tables_dir / f"paired-{dataset}.md").write_text(
+                    paired_markdown(paired_table([r for r in paired if r["dataset"] == dataset]))
+                    + "\n"
+                )
+                methods = ", ".join(method_name(m) for m in out.data["methods"])
+                return [*out.files, self.tables_dir / f"paired-{dataset}.csv"], methods
+
             name = dataset_name(dataset)
             _produce(
                 self.catalogue,
                 f"accuracy-vs-beta-{dataset}",
                 f"Accuracy against β ({name})",
                 beta_figure,
+                self.sweeps,
+            )
+            _produce(
+                self.catalogue,
+                f"paired-vs-beta-{dataset}",
+                f"Paired differences to FedAvg against β ({name})",
+                paired_figure,
                 self.sweeps,
             )
             _produce(self.catalogue, f"costs-{dataset}", f"Costs ({name})", costs, self.sweeps)

@@ -539,3 +539,50 @@ def test_smoke_on_a_real_tiny_calibration(tmp_path: Path):
         assert len(curve) == 20 and curve["count"].sum() == len(rows), (feature, source)
     agreement = pd.read_csv(tmp_path / "out" / "tables" / "aposteriori_agreement.csv")
     np.testing.assert_allclose(agreement["spearman"], 1.0)  # the same run on both sides
+
+
+def test_paired_vs_beta_hand_computed_intervals(tmp_path: Path):
+    """paired.csv rows (difference = fedavg - livar on livar's updates) -> livar - fedavg in
+    points with the t-interval over (seed, round); a sweep without paired rows is skipped."""
+    from scipy import stats
+
+    from analysis.federated_figures import plot_paired_vs_beta
+    from livar_merge.federated.sweep import collect_paired
+
+    root = tmp_path / "sweep"
+    gains = {0.05: [[0.02, 0.05], [0.01, 0.04]], 0.5: [[0.00, -0.01], [0.01, 0.02]]}
+    for beta, per_seed in gains.items():
+        for seed, seed_gains in enumerate(per_seed):
+            own = [0.6, 0.7]
+            folder = write_run(root, "fashion-mnist", "livar", beta, seed, own)
+            pd.DataFrame(
+                {
+                    "round": [1, 2],
+                    "method": "fedavg",
+                    "test_accuracy": [o - g for o, g in zip(own, seed_gains, strict=True)],
+                    "test_loss": 1.0,
+                    "difference": [-g for g in seed_gains],
+                    "aggregation_seconds": 0.1,
+                    "evaluation_seconds": 1.0,
+                }
+            ).to_csv(folder / "paired.csv", index=False)
+        write_run(root, "fashion-mnist", "fedavg", beta, 0, [0.5, 0.6])
+    out = plot_paired_vs_beta(collect_paired(root), "fashion-mnist", tmp_path / "paired")
+    assert out.png.is_file() and out.data["methods"] == ["livar"]
+    table = out.data["table"].set_index("beta")
+    x = 100 * np.array([g for seed in gains[0.05] for g in seed])
+    low, high = stats.t.interval(0.95, 3, loc=x.mean(), scale=stats.sem(x))
+    assert table.loc[0.05, "mean"] == pytest.approx(x.mean())
+    assert (table.loc[0.05, "ci_low"], table.loc[0.05, "ci_high"]) == pytest.approx((low, high))
+    assert table.loc[0.05, "final_mean"] == pytest.approx(100 * np.mean([0.05, 0.04]))
+    assert (table.loc[0.5, "won"], table.loc[0.5, "lost"]) == (2, 1)
+
+    catalogue = regenerate(tmp_path / "out", sweeps=[root])
+    entry = {e.id: e for e in catalogue.entries}["paired-vs-beta-fashion-mnist"]
+    assert entry.status == "made", entry.reason
+    assert (tmp_path / "out/tables/paired-fashion-mnist.md").is_file()
+    plain = tmp_path / "plain"
+    write_run(plain, "fashion-mnist", "fedavg", 0.5, 0, [0.5, 0.6])
+    catalogue = regenerate(tmp_path / "out2", sweeps=[plain])
+    entry = {e.id: e for e in catalogue.entries}["paired-vs-beta-fashion-mnist"]
+    assert entry.status == "skipped" and "--paired fedavg" in entry.reason
