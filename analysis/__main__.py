@@ -140,7 +140,24 @@ def main(argv: list[str] | None = None) -> int:
         ablation_beta=args.table4_beta,
         alpha_rounds=rounds,
     ).run()
-    return 1 if catalogue.count("failed") else 0
+    if catalogue.count("failed"):
+        return 1
+    given = [Path(p).resolve() for p in [args.calibration, *args.runs, *args.sweeps] if p]
+    given += [parse_named_path(item)[1].resolve() for item in args.a_posteriori]
+
+    def from_inputs(source: str) -> bool:
+        path = Path(source).resolve()
+        return any(path == g or g in path.parents for g in given)
+
+    made = [e for e in catalogue.entries if e.status == "made"]
+    if given and not any(from_inputs(src) for e in made for src in e.sources):
+        print(
+            "analysis: error: nothing could be made from the inputs given (see the reasons "
+            "above and catalogue.json)",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

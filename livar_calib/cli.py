@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from livar_calib.config import CALIB_PRESETS, CalibConfig
+from livar_calib.config import CALIB_PRESETS, CalibConfig, validate_calib_config
 from livar_merge._options import add_dataclass_options, coerce_option, collect_overrides
 
 EXAMPLES = """examples:
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(CALIB_PRESETS),
         default="default",
-        help="default (embedded proxy), paper (Tiny-ImageNet, ViT-B/16), tiny",
+        help="default (embedded proxy: Fashion-MNIST, pretrained DINOv2 ViT-S/14), paper "
+        "(Tiny-ImageNet, ViT-B/16), random-init (the earlier digits / random-init control), tiny",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="run folder (default runs/calibration/<table name>)"
@@ -61,10 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> CalibConfig:
     options = {**CALIB_PRESETS[args.preset], **collect_overrides(args, CalibConfig)}
     config = CalibConfig(**{k: coerce_option(CalibConfig, k, v) for k, v in options.items()})
-    if config.next_start not in ("joint", "fedavg"):
-        raise ValueError(f"--next-start must be 'joint' or 'fedavg', got {config.next_start!r}")
-    if config.edges not in ("paper", "shap-curve"):
-        raise ValueError(f"--edges must be 'paper' or 'shap-curve', got {config.edges!r}")
+    validate_calib_config(config)
     return config
 
 
@@ -85,9 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    from livar_calib.pipeline import run_calibration
+    from livar_calib.pipeline import preflight, run_calibration
     from livar_merge.errors import LivarError
 
+    try:  # data and weights found before anything is written to --out
+        preflight(config)
+    except (LivarError, OSError) as err:
+        print(f"livar-calibrate: error: {err} (nothing was written to {out})", file=sys.stderr)
+        return 2
     try:
         summary = run_calibration(config, out, publish_dir=args.publish)
     except (LivarError, FileNotFoundError) as err:

@@ -150,3 +150,48 @@ CALIB_PRESETS: dict[str, dict[str, Any]] = {
         "progress": False,
     },
 }
+
+
+def validate_calib_config(config: CalibConfig) -> None:
+    """Raise ``ValueError`` naming the option at fault; cheap (imports nothing heavy), so it runs
+    before anything is written."""
+    choices = {
+        "next_start": ("joint", "fedavg"),
+        "edges": ("paper", "shap-curve"),
+        "omega_reduction": ("matrix", "elementwise"),
+        "precision": ("auto", "fp32", "bf16", "fp16"),
+    }
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be one of {allowed}, got "
+                f"{getattr(config, name)!r}"
+            )
+    for name in (
+        "image_size",
+        "num_clients",
+        "rounds",
+        "local_epochs",
+        "lora_rank",
+        "batch_size",
+        "n_estimators",
+        "min_samples_leaf",
+    ):
+        if getattr(config, name) < 1:
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}"
+            )
+    if config.max_train is not None and config.max_train < config.num_clients:
+        raise ValueError(
+            f"--max-train {config.max_train} is below --num-clients {config.num_clients}"
+        )
+    if not config.betas or any(not beta > 0 for beta in config.betas):
+        raise ValueError(f"--betas must be one or more values > 0, got {config.betas}")
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
+        raise ValueError(f"--seeds must be one or more distinct seeds, got {config.seeds}")
+    if not 0 < config.holdout_fraction < 1:
+        raise ValueError(f"--holdout-fraction must be in (0, 1), got {config.holdout_fraction}")
+    if config.lr <= 0 or config.weight_decay < 0:
+        raise ValueError(
+            f"--lr must be > 0 and --weight-decay >= 0, got {config.lr}, {config.weight_decay}"
+        )

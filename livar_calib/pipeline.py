@@ -68,6 +68,25 @@ def _save_forest(result: Any, path: Path) -> None:
     sio.dump(result.model, path)
 
 
+def preflight(config: CalibConfig) -> None:
+    """Find the proxy data and the weights (without resizing or training) so that a bad
+    dataset, data root or weights source fails before the run folder is touched."""
+    from livar_merge.federated import pretrained
+    from livar_merge.federated.datasets import load_dataset
+
+    load_dataset(config.proxy, config.data_root, image_size=None, seed=config.seeds[0])
+    if pretrained.is_source_name(config.weights):
+        pretrained.check_model_name(config.weights, config.model)
+        overrides = [
+            n for n in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(config, n)
+        ]
+        if overrides:
+            raise pretrained.WeightsError(
+                f"architecture overrides {overrides} need --weights random, not {config.weights}"
+            )
+        pretrained.cached_weights(config.weights)
+
+
 def run_calibration(
     config: CalibConfig, root: Path, *, publish_dir: Path | None = None, log: Any = print
 ) -> dict[str, Any]:

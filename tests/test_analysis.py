@@ -519,6 +519,13 @@ def test_cli(tmp_path: Path, capsys):
     assert "Figure A: made figures/figureA.png" in capsys.readouterr().out
 
 
+def test_cli_fails_when_no_input_given_is_usable(tmp_path: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = analysis_main(["--sweeps", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert code == 2 and "nothing could be made" in capsys.readouterr().err
+    assert analysis_main(["--out", str(tmp_path / "out2")]) == 0  # no inputs: nothing expected
+
+
 # ------------------------------------------------------------------------- real run (smoke)
 @pytest.mark.slow
 def test_smoke_on_a_real_tiny_calibration(tmp_path: Path):

@@ -151,3 +151,32 @@ def test_bad_options_fail_cleanly(tmp_path, capsys):
         == 2
     )
     assert "tiny-imagenet" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written: a correct rerun is not refused
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--betas", "-1"], "--betas"),
+        (["--seeds", "0", "0"], "--seeds"),
+        (["--holdout-fraction", "1.5"], "--holdout-fraction"),
+        (["--rounds", "0"], "--rounds"),
+        (["--edges", "magic"], "--edges"),
+    ],
+)
+def test_invalid_options_are_refused_before_anything_is_written(tmp_path, capsys, options, message):
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "tiny", *options, "--out", str(out)])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_proxy_and_bad_weights_leave_the_folder_clean(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["--preset", "tiny", "--proxy", "nope", "--out", str(out)]) == 2
+    assert "unknown dataset 'nope'" in capsys.readouterr().err and not out.exists()
+    args = ["--preset", "tiny", "--weights", "dinov2-s14-imgfocus", "--out", str(out)]
+    assert main(args) == 2  # the tiny preset's vit_tiny model cannot take these weights
+    assert "vit_small_patch14_dinov2" in capsys.readouterr().err and not out.exists()
+    assert main(["--preset", "tiny", "--out", str(out), "--resume", "--rounds", "1"]) == 0

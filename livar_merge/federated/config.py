@@ -25,7 +25,7 @@ class FedConfig:
     """Every option of a ``livar-fed`` run; defaults reproduce the paper (Section 5.1)."""
 
     # data
-    dataset: str = _opt("cifar100", "dataset name of the registry (see --list-datasets)")
+    dataset: str = _opt("cifar100", "dataset name of the registry (see --list datasets)")
     data_root: str | None = _opt(None, "folder holding the dataset in its standard layout")
     image_size: int = _opt(224, "input resolution (images are resized to it)")
     max_train: int | None = _opt(None, "stratified subsample of the training set (None: all)")
