@@ -141,6 +141,30 @@ def seed_range(counts: pd.Series) -> str:
     return f"n={high}" if low == high else f"n={low}-{high}"
 
 
+def _beta_line(ax, beta, mean, error, method: str, i: int, label: str) -> None:
+    """One method's points with error bars against beta."""
+    ax.errorbar(
+        beta,
+        mean,
+        yerr=error,
+        color=method_colour(method, i),
+        marker="o",
+        ms=4,
+        capsize=3,
+        label=label,
+    )
+
+
+def _beta_axis(ax, betas: list[float], ylabel: str) -> None:
+    """Log-beta x axis with the betas as ticks, labels and legend."""
+    ax.set_xscale("log")
+    ax.set_xticks(betas, [format_beta(b) for b in betas])
+    ax.minorticks_off()
+    ax.set_xlabel("Dirichlet β (smaller = more heterogeneous)")
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="best", fontsize="small")
+
+
 def plot_accuracy_vs_beta(
     rows: Sequence[dict], dataset: str, path: str | os.PathLike[str], *, title: str | None = None
 ) -> FigureOutput:
@@ -163,22 +187,9 @@ def plot_accuracy_vs_beta(
         figure, (ax,) = new_figure(1, width=6.0, height=3.8)
         for i, method in enumerate(methods):
             part = stats.loc[stats["method"] == method].sort_values("beta")
-            ax.errorbar(
-                part["beta"],
-                part["mean"],
-                yerr=part["std"].fillna(0.0),
-                color=method_colour(method, i),
-                marker="o",
-                ms=4,
-                capsize=3,
-                label=f"{method_name(method)} ({seed_range(part['n'])})",
-            )
-        ax.set_xscale("log")
-        ax.set_xticks(betas, [format_beta(b) for b in betas])
-        ax.minorticks_off()
-        ax.set_xlabel("Dirichlet β (smaller = more heterogeneous)")
-        ax.set_ylabel("final test top-1 accuracy (%)")
-        ax.legend(loc="best", fontsize="small")
+            label = f"{method_name(method)} ({seed_range(part['n'])})"
+            _beta_line(ax, part["beta"], part["mean"], part["std"].fillna(0.0), method, i, label)
+        _beta_axis(ax, betas, "final test top-1 accuracy (%)")
         return finish(
             figure,
             path,
@@ -222,23 +233,9 @@ def plot_paired_vs_beta(
             low = part["ci_low"].to_numpy(dtype=float)
             high = part["ci_high"].to_numpy(dtype=float)
             error = np.vstack([np.nan_to_num(mean - low), np.nan_to_num(high - mean)])
-            n = int(part["n_rounds"].min())
-            ax.errorbar(
-                part["beta"].to_numpy(dtype=float),
-                mean,
-                yerr=error,
-                color=method_colour(method, i),
-                marker="o",
-                ms=4,
-                capsize=3,
-                label=f"{method_name(method)} (n={n})",
-            )
-        ax.set_xscale("log")
-        ax.set_xticks(betas, [format_beta(b) for b in betas])
-        ax.minorticks_off()
-        ax.set_xlabel("Dirichlet β (smaller = more heterogeneous)")
-        ax.set_ylabel(f"top-1 minus {method_name(reference)} (points)")
-        ax.legend(loc="best", fontsize="small")
+            label = f"{method_name(method)} (n={int(part['n_rounds'].min())})"
+            _beta_line(ax, part["beta"].to_numpy(dtype=float), mean, error, method, i, label)
+        _beta_axis(ax, betas, f"top-1 minus {method_name(reference)} (points)")
         return finish(
             figure,
             path,

@@ -143,6 +143,19 @@ class PairedEvaluation:
         return rows
 
 
+def paired_from_config(config: Any) -> PairedEvaluation | None:
+    """The :class:`PairedEvaluation` of a ``FedConfig`` (None without ``paired``)."""
+    if not config.paired:
+        return None
+    return PairedEvaluation(
+        config.method,
+        config.paired,
+        config.method_options(),
+        lora_merge=config.lora_merge,
+        seed=config.seed,
+    )
+
+
 def with_differences(rows: list[dict[str, Any]], own_accuracy: float) -> list[dict[str, Any]]:
     """``rows`` with ``difference`` = paired top-1 minus the run's own top-1 of that round."""
     return [{**row, "difference": row["test_accuracy"] - own_accuracy} for row in rows]

@@ -42,7 +42,7 @@ from livar_merge.federated.model import (
     restore_parameters,
     snapshot_trainable,
 )
-from livar_merge.federated.paired import PairedEvaluation, paired_summary, with_differences
+from livar_merge.federated.paired import paired_from_config, paired_summary, with_differences
 from livar_merge.federated.results import (
     aggregation_rows,
     run_summary,
@@ -131,17 +131,7 @@ class FederatedRun:
         self.model.to(self.device)
         self.scalings = peft_scalings(self.model)
         self.aggregator = make_aggregator(config.method, **config.method_options())
-        self.paired = (
-            PairedEvaluation(
-                config.method,
-                config.paired,
-                config.method_options(),
-                lora_merge=config.lora_merge,
-                seed=config.seed,
-            )
-            if config.paired
-            else None
-        )
+        self.paired = paired_from_config(config)
         # the run's clients also compute what the paired methods need (after local training)
         self.needs = self.aggregator.needs | (self.paired.needs if self.paired else frozenset())
         self.prototypes: torch.Tensor | None = None  # FedProto's server state

@@ -114,7 +114,7 @@ class ServerRun:
 
         from livar_merge.federated.builders import build_seeded_model, load_train_test
         from livar_merge.federated.data import BatchSource
-        from livar_merge.federated.paired import PairedEvaluation
+        from livar_merge.federated.paired import paired_from_config
         from livar_merge.federated.runner import resolve_device, resolve_precision
         from livar_merge.flower.messages import frozen_checksum
         from livar_merge.flower.strategy import LivarStrategy
@@ -136,17 +136,7 @@ class ServerRun:
             test, mean=self.info.mean, std=self.info.std, device=self.device
         )
         self.test_size = len(test)
-        paired = (
-            PairedEvaluation(
-                config.method,
-                config.paired,
-                config.method_options(),
-                lora_merge=config.lora_merge,
-                seed=config.seed,
-            )
-            if config.paired
-            else None
-        )
+        paired = paired_from_config(config)
         self.strategy = LivarStrategy(
             self.model,
             seed=config.seed,
