@@ -5,7 +5,58 @@ Server side: :func:`livar_coefficients` (Eq. 5) from a :class:`GShapTable`, :fun
 omega_B) and :class:`ClassFeatureStats` (sigma^(c)).
 """
 
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily
+    from livar_merge.aggregation import (
+        AggregationResult,
+        Aggregator,
+        ClientUpdate,
+        available_methods,
+        make_aggregator,
+        register_method,
+    )
+    from livar_merge.coefficients import (
+        CoefficientDetails,
+        livar_coefficient_details,
+        livar_coefficients,
+    )
+    from livar_merge.errors import ClientUpdateError, LivarError, TableError, WeightsError
+    from livar_merge.fedavg import fedavg_head, fedavg_lora, fedavg_weights
+    from livar_merge.heads import (
+        MergedHead,
+        merge_heads,
+        sample_class_weights,
+        variance_class_weights,
+    )
+    from livar_merge.lora import (
+        LoraDelta,
+        lora_layer_names,
+        merge_lora,
+        peft_scalings,
+        to_peft_state_dict,
+    )
+    from livar_merge.signals import (
+        ClassFeatureStats,
+        ClassStatistics,
+        ImportanceTracker,
+        LayerImportance,
+        find_lora_parameters,
+    )
+    from livar_merge.tables import GShapTable, available_tables, make_table
+
+# name -> module: the one list of the public API (``__all__`` and ``dir()`` come from it)
 _LAZY = {
+    "AggregationResult": "livar_merge.aggregation",
+    "Aggregator": "livar_merge.aggregation",
+    "ClientUpdate": "livar_merge.aggregation",
+    "available_methods": "livar_merge.aggregation",
+    "make_aggregator": "livar_merge.aggregation",
+    "register_method": "livar_merge.aggregation",
+    "WeightsError": "livar_merge.errors",
     "ClassFeatureStats": "livar_merge.signals",
     "ClassStatistics": "livar_merge.signals",
     "ClientUpdateError": "livar_merge.errors",
@@ -49,34 +100,9 @@ def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_LAZY))
 
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("livar")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
-__all__ = [
-    "ClassFeatureStats",
-    "ClassStatistics",
-    "ClientUpdateError",
-    "CoefficientDetails",
-    "GShapTable",
-    "ImportanceTracker",
-    "LayerImportance",
-    "LivarError",
-    "LoraDelta",
-    "MergedHead",
-    "TableError",
-    "__version__",
-    "available_tables",
-    "fedavg_head",
-    "fedavg_lora",
-    "fedavg_weights",
-    "find_lora_parameters",
-    "livar_coefficient_details",
-    "livar_coefficients",
-    "lora_layer_names",
-    "make_table",
-    "merge_heads",
-    "merge_lora",
-    "peft_scalings",
-    "sample_class_weights",
-    "to_peft_state_dict",
-    "variance_class_weights",
-]
+__all__ = sorted([*_LAZY, "__version__"])
