@@ -221,8 +221,8 @@ def plot_paired_vs_beta(
     methods = sort_methods(table["method"].unique())
     betas = sorted(float(b) for b in table["beta"].unique())
     title = title or (
-        f"Paired difference to {method_name(reference)} on the same client updates "
-        f"({dataset_name(dataset)}; mean, 95 % CI over seeds x rounds)"
+        f"{dataset_name(dataset)}: minus {method_name(reference)} on the same updates "
+        "(mean, 95 % CI)"
     )
     with styled():
         figure, (ax,) = new_figure(1, width=6.0, height=3.8)
