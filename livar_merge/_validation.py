@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from livar_merge.errors import ClientUpdateError
 
+#: What the merging functions accept as an array: numpy arrays, torch tensors, nested sequences.
+ArrayInput: TypeAlias = npt.ArrayLike | torch.Tensor
 
-def client_label(index: int, client_ids: Sequence[Any] | None) -> str:
+
+def client_label(index: int, client_ids: Sequence[object] | None) -> str:
     """``client 3`` or ``client 3 ('hospital-b')`` when ids are known."""
     if client_ids is not None and index < len(client_ids):
         return f"client {index} ({client_ids[index]!r})"
@@ -19,13 +23,13 @@ def client_label(index: int, client_ids: Sequence[Any] | None) -> str:
 
 
 def as_float64_matrix(
-    values: Any,
+    values: ArrayInput,
     what: str,
     *,
-    client_ids: Sequence[Any] | None = None,
+    client_ids: Sequence[object] | None = None,
     layer_names: Sequence[str] | None = None,
     nonnegative: bool = True,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """Convert ``values`` to a float64 ``[clients, layers]`` array, finite (and >= 0 by default).
 
     The first offending entry is reported with its client and layer.

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from livar_merge._validation import as_float64_matrix
+from livar_merge._validation import ArrayInput, as_float64_matrix
 from livar_merge.errors import ClientUpdateError
 from livar_merge.tables import GShapTable, assign_bins
 
@@ -27,15 +27,17 @@ class CoefficientDetails:
     ``cuts_b`` hold the omega values at the table's percentile edges.
     """
 
-    alpha: np.ndarray
-    raw: np.ndarray
-    bin_a: np.ndarray
-    bin_b: np.ndarray
-    cuts_a: np.ndarray
-    cuts_b: np.ndarray
+    alpha: npt.NDArray[np.float64]
+    raw: npt.NDArray[np.float64]
+    bin_a: npt.NDArray[np.int64]
+    bin_b: npt.NDArray[np.int64]
+    cuts_a: npt.NDArray[np.float64]
+    cuts_b: npt.NDArray[np.float64]
 
 
-def pooled_cut_points(omega: np.ndarray, percentiles: Sequence[float]) -> np.ndarray:
+def pooled_cut_points(
+    omega: npt.NDArray[np.float64], percentiles: Sequence[float]
+) -> npt.NDArray[np.float64]:
     """Values of the given percentiles (0-100) over all entries of ``omega`` (linear interp.)."""
     if len(percentiles) == 0:
         return np.empty(0)
@@ -43,8 +45,14 @@ def pooled_cut_points(omega: np.ndarray, percentiles: Sequence[float]) -> np.nda
 
 
 def gshap_raw(
-    omega_a: np.ndarray, omega_b: np.ndarray, table: GShapTable
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    omega_a: npt.NDArray[np.float64], omega_b: npt.NDArray[np.float64], table: GShapTable
+) -> tuple[
+    npt.NDArray[np.float64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+]:
     """Un-normalised G_SHAP values ``[clients, layers]`` and the bins and cut points used."""
     cuts_a = pooled_cut_points(omega_a, table.edges_a)
     cuts_b = pooled_cut_points(omega_b, table.edges_b)
@@ -53,25 +61,24 @@ def gshap_raw(
     return table.values[bin_b, bin_a], bin_a, bin_b, cuts_a, cuts_b
 
 
-def normalise_per_layer(raw: np.ndarray) -> np.ndarray:
+def normalise_per_layer(raw: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Divide each column (layer) of ``raw [clients, layers]`` by its sum over clients."""
     return raw / raw.sum(axis=0, keepdims=True)
 
 
 def livar_coefficient_details(
-    omega_a: Any,
-    omega_b: Any,
+    omega_a: ArrayInput,
+    omega_b: ArrayInput,
     table: GShapTable | str,
     *,
-    client_ids: Sequence[Any] | None = None,
+    client_ids: Sequence[object] | None = None,
     layer_names: Sequence[str] | None = None,
 ) -> CoefficientDetails:
     """Like :func:`livar_coefficients`, returning the bins and cut points as well."""
     if isinstance(table, str):
         table = GShapTable.load(table)
-    ids = {"client_ids": client_ids, "layer_names": layer_names}
-    a = as_float64_matrix(omega_a, "omega_A", **ids)
-    b = as_float64_matrix(omega_b, "omega_B", **ids)
+    a = as_float64_matrix(omega_a, "omega_A", client_ids=client_ids, layer_names=layer_names)
+    b = as_float64_matrix(omega_b, "omega_B", client_ids=client_ids, layer_names=layer_names)
     if a.shape != b.shape:
         raise ClientUpdateError(
             f"omega_A has shape {a.shape} but omega_B has {b.shape}; both are [clients, layers]"
@@ -83,13 +90,13 @@ def livar_coefficient_details(
 
 
 def livar_coefficients(
-    omega_a: Any,
-    omega_b: Any,
+    omega_a: ArrayInput,
+    omega_b: ArrayInput,
     table: GShapTable | str,
     *,
-    client_ids: Sequence[Any] | None = None,
+    client_ids: Sequence[object] | None = None,
     layer_names: Sequence[str] | None = None,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """LIVAR coefficients alpha (Eq. 5), float64 ``[clients, layers]``, each column summing to 1.
 
     Args:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
-from livar_merge._validation import check_finite_tensor, client_label
+from livar_merge._validation import ArrayInput, check_finite_tensor, client_label
 from livar_merge.errors import ClientUpdateError
 
 
@@ -30,16 +30,16 @@ class MergedHead:
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    class_weights: np.ndarray
+    class_weights: npt.NDArray[np.float64]
     uncovered: tuple[int, ...]
 
 
 def variance_class_weights(
-    sigma: Any,
-    present: Any,
+    sigma: ArrayInput,
+    present: ArrayInput,
     *,
-    client_ids: Sequence[Any] | None = None,
-) -> np.ndarray:
+    client_ids: Sequence[object] | None = None,
+) -> npt.NDArray[np.float64]:
     """Eq. 6 weights ``sigma_m^(c) / Sigma^(c)`` as ``[clients, classes]`` (float64).
 
     Args:
@@ -80,7 +80,7 @@ def variance_class_weights(
     return np.divide(raw, totals, out=np.zeros_like(raw), where=totals > 0)
 
 
-def sample_class_weights(num_samples: Any, num_classes: int) -> np.ndarray:
+def sample_class_weights(num_samples: ArrayInput, num_classes: int) -> npt.NDArray[np.float64]:
     """FedAvg head weights ``n_m / sum_j n_j``, the same for every class: ``[clients, classes]``."""
     n = np.asarray(num_samples, dtype=np.float64)
     if n.ndim != 1 or n.size == 0 or not np.isfinite(n).all() or (n < 0).any() or n.sum() <= 0:
@@ -91,11 +91,11 @@ def sample_class_weights(num_samples: Any, num_classes: int) -> np.ndarray:
 def merge_heads(
     head_weights: Sequence[torch.Tensor],
     head_biases: Sequence[torch.Tensor] | None,
-    class_weights: Any,
+    class_weights: ArrayInput,
     *,
     previous_weight: torch.Tensor | None = None,
     previous_bias: torch.Tensor | None = None,
-    client_ids: Sequence[Any] | None = None,
+    client_ids: Sequence[object] | None = None,
 ) -> MergedHead:
     """Merge heads class by class: ``H^(c) = sum_m w_m^(c) H_m^(c)`` (Eq. 6).
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
-from livar_merge._validation import check_finite_tensor, client_label
+from livar_merge._validation import ArrayInput, check_finite_tensor, client_label
 from livar_merge.errors import ClientUpdateError
 
 MergeMode = Literal["product", "factors", "svd"]
@@ -94,7 +95,7 @@ def _factor_table(state: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], to
 def client_factor_lists(
     client_states: Sequence[Mapping[str, torch.Tensor]],
     *,
-    client_ids: Sequence[Any] | None = None,
+    client_ids: Sequence[object] | None = None,
     layer_names: Sequence[str] | None = None,
 ) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """Check the client state dicts agree; ``{layer: ([B_m], [A_m])}`` (no copies).
@@ -147,8 +148,11 @@ def client_factor_lists(
 
 
 def _weight_matrix(
-    weights: Any, num_clients: int, layers: Sequence[str], client_ids: Sequence[Any] | None
-) -> np.ndarray:
+    weights: ArrayInput | Mapping[str, ArrayInput],
+    num_clients: int,
+    layers: Sequence[str],
+    client_ids: Sequence[object] | None,
+) -> npt.NDArray[np.float64]:
     """Weights as float64 ``[clients, layers]``: from ``[M, L]``, ``[M]`` or ``{layer: [M]}``."""
     if isinstance(weights, Mapping):
         missing = [layer for layer in layers if layer not in weights]
@@ -228,14 +232,14 @@ def truncated_svd_factors(
 
 def merge_lora(
     client_states: Sequence[Mapping[str, torch.Tensor]],
-    weights: Any,
+    weights: ArrayInput | Mapping[str, ArrayInput],
     *,
     mode: MergeMode = "product",
     output: Literal["factors", "dense"] = "factors",
     scaling: float | Mapping[str, float] = 1.0,
     rank: int | None = None,
     layer_names: Sequence[str] | None = None,
-    client_ids: Sequence[Any] | None = None,
+    client_ids: Sequence[object] | None = None,
 ) -> dict[str, LoraDelta]:
     """Merge client LoRA factors layer by layer (Eq. 3); see the module docstring for modes.
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 import torch
+from torch.utils.hooks import RemovableHandle
 
 Reduction = Literal["matrix", "elementwise"]
 
@@ -23,8 +25,8 @@ class LayerImportance:
     """omega_A, omega_B ``[layers]`` (float64) for ``layer_names``, over ``steps`` steps."""
 
     layer_names: tuple[str, ...]
-    omega_a: np.ndarray
-    omega_b: np.ndarray
+    omega_a: npt.NDArray[np.float64]
+    omega_b: npt.NDArray[np.float64]
     steps: int
 
 
@@ -34,13 +36,32 @@ def find_lora_parameters(
     """``{layer: (A weight, B weight)}`` of a peft model's LoRA layers, in module order.
 
     Layer names are module paths, matching the prefixes of ``get_peft_model_state_dict`` keys.
+    Raises ``ValueError`` for a layer with ``lora_A[adapter_name]`` but no ``lora_B`` of it and
+    ``TypeError`` when a factor's ``weight`` is not a parameter.
     """
-    found = {}
+    found: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
     for name, module in model.named_modules():
         lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
-        if isinstance(lora_a, torch.nn.ModuleDict) and adapter_name in lora_a:
-            found[name] = (lora_a[adapter_name].weight, lora_b[adapter_name].weight)
+        if not (isinstance(lora_a, torch.nn.ModuleDict) and adapter_name in lora_a):
+            continue
+        if not (isinstance(lora_b, torch.nn.ModuleDict) and adapter_name in lora_b):
+            raise ValueError(f"LoRA layer {name!r} has lora_A[{adapter_name!r}] but no lora_B")
+        weight_a, weight_b = lora_a[adapter_name].weight, lora_b[adapter_name].weight
+        if not (
+            isinstance(weight_a, torch.nn.Parameter) and isinstance(weight_b, torch.nn.Parameter)
+        ):
+            raise TypeError(f"LoRA layer {name!r}: the lora_A/lora_B weights are not parameters")
+        found[name] = (weight_a, weight_b)
     return found
+
+
+class _StepBuffers(NamedTuple):
+    """Flat work buffers of :class:`ImportanceTracker`, allocated at the first step."""
+
+    grad: torch.Tensor  # [all LoRA entries], gradients (unscaled)
+    before: torch.Tensor  # [all LoRA entries], parameters before the step
+    after: torch.Tensor  # [all LoRA entries], parameters after the step
+    per_matrix: torch.Tensor  # [2 * layers] float64, this step's sum per matrix
 
 
 class ImportanceTracker:
@@ -95,10 +116,9 @@ class ImportanceTracker:
         self._omega = torch.zeros(len(self._params), dtype=torch.float64, device=device)
         self._steps = 0
         self._dtype = torch.promote_types(self._params[0].dtype, torch.float32)
-        self._grad_buf: torch.Tensor | None = None
-        self._before_buf = self._after_buf = self._per_matrix = self._grad_buf
+        self._buffers: _StepBuffers | None = None
         self._pending = False
-        self._handles: list[Any] = []
+        self._handles: list[RemovableHandle] = []
 
     # -------------------------------------------------------------- hooks
     def attach(self, optimizer: torch.optim.Optimizer) -> ImportanceTracker:
@@ -120,36 +140,39 @@ class ImportanceTracker:
         Both go into buffers allocated once; the step costs three flat copies, one fused
         multiply and one segmented sum, with no host synchronisation.
         """
-        if self._grad_buf is None:
+        buffers = self._buffers
+        if buffers is None:
             size = int(self._segments.numel())
-            device = self._params[0].device
-            self._grad_buf = torch.empty(size, dtype=self._dtype, device=device)
-            self._before_buf = torch.empty_like(self._grad_buf)
-            self._after_buf = torch.empty_like(self._grad_buf)
-            self._per_matrix = torch.empty_like(self._omega)
+            grad = torch.empty(size, dtype=self._dtype, device=self._params[0].device)
+            buffers = self._buffers = _StepBuffers(
+                grad=grad,
+                before=torch.empty_like(grad),
+                after=torch.empty_like(grad),
+                per_matrix=torch.empty_like(self._omega),
+            )
         grads = [
             p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
             for p in self._params
         ]
-        torch.cat(grads, out=self._grad_buf)
+        torch.cat(grads, out=buffers.grad)
         if grad_scale is not None:
-            self._grad_buf.div_(grad_scale)
-        torch.cat([p.detach().reshape(-1) for p in self._params], out=self._before_buf)
+            buffers.grad.div_(grad_scale)
+        torch.cat([p.detach().reshape(-1) for p in self._params], out=buffers.before)
         self._pending = True
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Add this step's gradient x update to the running sums."""
-        if not self._pending:
+        buffers = self._buffers
+        if not self._pending or buffers is None:
             raise RuntimeError("ImportanceTracker.after_step() without before_step()")
         self._pending = False
-        after = self._after_buf
-        torch.cat([p.detach().reshape(-1) for p in self._params], out=after)
-        products = self._before_buf.sub_(after).mul_(self._grad_buf).double()
+        torch.cat([p.detach().reshape(-1) for p in self._params], out=buffers.after)
+        products = buffers.before.sub_(buffers.after).mul_(buffers.grad).double()
         if self.reduction == "elementwise":
             products.abs_()
-        self._per_matrix.zero_().index_add_(0, self._segments, products)
-        self._omega.add_(self._per_matrix.abs_())
+        buffers.per_matrix.zero_().index_add_(0, self._segments, products)
+        self._omega.add_(buffers.per_matrix.abs_())
         self._steps += 1
 
     # -------------------------------------------------------------- state
@@ -188,11 +211,11 @@ class ClassStatistics:
     dimensions of the unbiased per-dimension variance; NaN where absent), ``present [C]``
     (``count >= 2``), ``mean [C, D]`` and ``variance [C, D]`` (float64)."""
 
-    count: np.ndarray
-    sigma: np.ndarray
-    present: np.ndarray
-    mean: np.ndarray
-    variance: np.ndarray
+    count: npt.NDArray[np.int64]
+    sigma: npt.NDArray[np.float64]
+    present: npt.NDArray[np.bool_]
+    mean: npt.NDArray[np.float64]
+    variance: npt.NDArray[np.float64]
 
 
 class ClassFeatureStats:

@@ -22,11 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from livar_merge.errors import TableError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -105,7 +109,7 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
-def assign_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+def assign_bins(values: npt.ArrayLike, edges: npt.ArrayLike) -> npt.NDArray[np.int64]:
     """Bin index of each value given increasing cut points ``edges`` (``K-1`` edges, ``K`` bins).
 
     The rule generalises the paper's Table A (``Q < 25``, ``25 <= Q <= 50``, ``Q > 50``) and the
@@ -115,12 +119,12 @@ def assign_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     in the middle bin of a 3-bin table. With a single edge (2 bins) a value on it goes up.
     Tied edges (all omegas equal) put every value in the interior bin next to bin 0.
     """
-    values = np.asarray(values, dtype=np.float64)
-    edges = np.asarray(edges, dtype=np.float64)
-    if edges.size == 0:
-        return np.zeros(values.shape, dtype=np.int64)
-    bins = np.searchsorted(edges, values, side="left")  # number of edges strictly below v
-    return np.where(values == edges[0], 1, bins).astype(np.int64)
+    v = np.asarray(values, dtype=np.float64)
+    e = np.asarray(edges, dtype=np.float64)
+    if e.size == 0:
+        return np.zeros(v.shape, dtype=np.int64)
+    bins = np.searchsorted(e, v, side="left")  # number of edges strictly below v
+    return np.where(v == e[0], 1, bins).astype(np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,7 +144,7 @@ class GShapTable:
     version: int
     edges_a: tuple[float, ...]
     edges_b: tuple[float, ...]
-    values: np.ndarray
+    values: npt.NDArray[np.float64]
     base_value: float | None
     provenance: dict[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -229,7 +233,8 @@ class GShapTable:
     @property
     def shape(self) -> tuple[int, int]:
         """``(number of Q_B bins, number of Q_A bins)``."""
-        return self.values.shape  # type: ignore[return-value]
+        rows, cols = self.values.shape
+        return rows, cols
 
     def identity(self) -> dict[str, Any]:
         """Name, version and checksum: what run provenance records about the table."""
@@ -249,7 +254,7 @@ class GShapTable:
         labels.append(f"{q}>{fmt[-1]}")
         return labels
 
-    def to_dataframe(self):  # -> pandas.DataFrame
+    def to_dataframe(self) -> pd.DataFrame:
         """Values as a DataFrame: rows are Q_B bins, columns Q_A bins, labelled with the edges."""
         import pandas as pd
 
