@@ -60,11 +60,6 @@ class RepeatDeltas:
         """Check names, factor shapes and finiteness; raise :class:`CalibrationError` if bad."""
         validate_repeat(self, where=where or f"repeat {self.repeat_id!r}")
 
-    def layer_shape(self, layer: str) -> tuple[int, int]:
-        """``(d, k)`` of the deltas of ``layer``."""
-        u, v = self.joint_factors[layer]
-        return int(u.shape[0]), int(v.shape[1])
-
 
 def client_key(m: int, layer: str, which: str) -> str:
     """Tensor key of client ``m``'s ``which`` ("U" or "V") factor of ``layer``."""

@@ -20,3 +20,7 @@ class ClientUpdateError(LivarError):
 
 class WeightsError(LivarError):
     """A named pretrained weight source is missing, tampered with or does not fit the model."""
+
+
+class DatasetError(LivarError):
+    """A dataset is unknown, missing, malformed or asked for with bad options."""

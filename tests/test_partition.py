@@ -1,4 +1,4 @@
-"""Tests of livar_merge.federated.partition: Dirichlet label skew, IID split, count table."""
+"""Tests of livar_merge.federated.partition: Dirichlet label skew, count table."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from livar_merge.federated.partition import (
     PartitionError,
     class_count_table,
     dirichlet_partition,
-    iid_partition,
 )
 
 NUM_CLASSES, PER_CLASS, NUM_CLIENTS = 10, 200, 10
@@ -222,24 +221,7 @@ def test_dirichlet_statistics_agree_with_flwr_datasets(beta):
         assert cls_ours < 6 and cls_theirs < 6
 
 
-# --------------------------------------------------------------------------- iid, count table
-
-
-def test_iid_partition_is_balanced_disjoint_complete_and_seeded():
-    parts = iid_partition(103, 10, seed=4)
-    assert_valid_split(parts, 103, 10)
-    assert sorted(len(p) for p in parts) == [10] * 7 + [11] * 3
-    again = iid_partition(103, 10, seed=4)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
-    other = iid_partition(103, 10, seed=5)
-    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
-
-
-def test_iid_partition_rejects_impossible_requests():
-    with pytest.raises(PartitionError, match="num_clients"):
-        iid_partition(5, 0, seed=0)
-    with pytest.raises(PartitionError, match="lower num_clients"):
-        iid_partition(3, 4, seed=0)
+# --------------------------------------------------------------------------- count table
 
 
 def test_class_count_table_by_hand():

@@ -1,4 +1,4 @@
-"""Splitting a labelled dataset across federated clients: Dirichlet label skew and IID.
+"""Splitting a labelled dataset across federated clients: Dirichlet label skew.
 
 The Dirichlet protocol (as used by the LIVAR authors): for each class c, client proportions
 ``p_c ~ Dir(beta * 1_M)``; every sample of class c goes to a client drawn from ``p_c``. Small
@@ -16,7 +16,7 @@ from livar_merge.errors import LivarError
 if TYPE_CHECKING:
     import pandas
 
-__all__ = ["PartitionError", "class_count_table", "dirichlet_partition", "iid_partition"]
+__all__ = ["PartitionError", "class_count_table", "dirichlet_partition"]
 
 
 class PartitionError(LivarError):
@@ -101,22 +101,6 @@ def dirichlet_partition(
         f"{num_clients}, beta={beta}, dataset size {n}, {len(class_indices)} classes); raise "
         f"beta, lower num_clients or min_samples, or allow more max_attempts"
     )
-
-
-def iid_partition(num_samples: int, num_clients: int, *, seed: int) -> list[np.ndarray]:
-    """Uniformly random split of ``range(num_samples)`` into num_clients sorted index arrays.
-
-    Client sizes differ by at most one.
-    """
-    num_samples = _check_count("num_samples", num_samples, 0)
-    num_clients = _check_count("num_clients", num_clients, 1)
-    if num_clients > num_samples:
-        raise PartitionError(
-            f"cannot split {num_samples} samples across {num_clients} clients without leaving "
-            "a client empty; lower num_clients"
-        )
-    perm = np.random.default_rng(seed).permutation(num_samples)
-    return [np.sort(part) for part in np.array_split(perm, num_clients)]
 
 
 def class_count_table(
