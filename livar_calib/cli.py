@@ -13,7 +13,14 @@ import sys
 from pathlib import Path
 
 from livar_calib.config import CALIB_PRESETS, CalibConfig, validate_calib_config
-from livar_merge._options import add_dataclass_options, coerce_option, collect_overrides
+from livar_merge._options import (
+    add_dataclass_options,
+    cli_parser,
+    coerce_option,
+    collect_overrides,
+    report_error,
+)
+from livar_merge.errors import LivarError
 
 EXAMPLES = """examples:
   livar-calibrate                                         # embedded default, ~5 min on 2 cores
@@ -25,12 +32,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="livar-calibrate",
-        description=__doc__,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli_parser("livar-calibrate", __doc__, EXAMPLES)
     parser.add_argument(
         "--preset",
         choices=sorted(CALIB_PRESETS),
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> CalibConfig:
+    """Preset < command line, every value coerced and checked, then the cross-option checks."""
     options = {**CALIB_PRESETS[args.preset], **collect_overrides(args, CalibConfig)}
     config = CalibConfig(**{k: coerce_option(CalibConfig, k, v) for k, v in options.items()})
     validate_calib_config(config)
@@ -67,35 +70,31 @@ def resolve(args: argparse.Namespace) -> CalibConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0, or 2 for a refused run: bad options before anything is loaded (usage
+    error), then missing data or weights before anything is written (``LivarError``/
+    ``OSError``; any other exception is a bug and keeps its traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = resolve(args)
-    except (TypeError, ValueError) as err:
+    except LivarError as err:
         parser.error(str(err))
     name = config.table_name or config.default_table_name()
     out = args.out or Path("runs") / "calibration" / name
     if (out / "config.json").exists() and not args.resume:
-        print(
-            f"livar-calibrate: error: {out} already holds a calibration; pass --resume to "
-            "continue it or choose --out",
-            file=sys.stderr,
-        )
-        return 2
+        message = f"{out} already holds a calibration; pass --resume to continue it or choose --out"
+        return report_error("livar-calibrate", message)
 
     from livar_calib.pipeline import preflight, run_calibration
-    from livar_merge.errors import LivarError
 
     try:  # data and weights found before anything is written to --out
         preflight(config)
     except (LivarError, OSError) as err:
-        print(f"livar-calibrate: error: {err} (nothing was written to {out})", file=sys.stderr)
-        return 2
+        return report_error("livar-calibrate", err, f" (nothing was written to {out})")
     try:
         summary = run_calibration(config, out, publish_dir=args.publish)
-    except (LivarError, FileNotFoundError) as err:
-        print(f"livar-calibrate: error: {err}", file=sys.stderr)
-        return 2
+    except (LivarError, OSError) as err:
+        return report_error("livar-calibrate", err)
     print(
         f"table: {summary['table']}"
         + (f" (published as {summary['published']})" if summary["published"] else "")

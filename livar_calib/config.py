@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import Any
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
 
-
-def _opt(default: Any, help: str) -> Any:
-    if isinstance(default, list | tuple):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+from livar_merge._options import check_dataclass, option
+from livar_merge.errors import ConfigError
+from livar_merge.federated.config import (
+    ARCH_OVERRIDE,
+    OmegaReduction,
+    Precision,
+)
 
 
 @dataclass
@@ -24,52 +27,62 @@ class CalibConfig:
     in21k, 5 clients); ``--preset random-init`` the earlier digits / random-init control."""
 
     # proxy data and federation
-    proxy: str = _opt(
+    proxy: str = option(
         "fashion-mnist", "proxy dataset of the runtime's registry (paper: tiny-imagenet)"
     )
-    data_root: str | None = _opt(None, "folder holding the proxy dataset")
-    image_size: int = _opt(42, "input resolution")
-    max_train: int | None = _opt(1000, "stratified subsample of the proxy training set")
-    num_clients: int = _opt(5, "federated clients per repeat (paper: 5)")
-    min_client_samples: int = _opt(10, "minimum samples per client of the Dirichlet split")
-    betas: list[float] = _opt([0.1, 0.3, 1.0], "Dirichlet concentrations; each is a repeat set")
-    seeds: list[int] = _opt([0, 1], "seeds; each (beta, seed) is one proxy run")
-    rounds: int = _opt(2, "rounds per proxy run; each round is one repeat")
-    next_start: str = _opt(
+    data_root: str | None = option(None, "folder holding the proxy dataset")
+    image_size: int = option(42, "input resolution", ge=1)
+    max_train: int | None = option(1000, "stratified subsample of the proxy training set", ge=1)
+    num_clients: int = option(5, "federated clients per repeat (paper: 5)", ge=1)
+    min_client_samples: int = option(10, "minimum samples per client of the Dirichlet split")
+    betas: list[float] = option(
+        [0.1, 0.3, 1.0], "Dirichlet concentrations; each is a repeat set", gt=0
+    )
+    seeds: list[int] = option([0, 1], "seeds; each (beta, seed) is one proxy run")
+    rounds: int = option(2, "rounds per proxy run; each round is one repeat", ge=1)
+    next_start: Literal["joint", "fedavg"] = option(
         "joint",
         "how the next round starts: 'joint' (the joint model's state) or 'fedavg' (the "
         "sample-weighted merge of the clients)",
     )
     # model and training (as livar-fed)
-    model: str = _opt("vit_small_patch14_dinov2", "timm model name")
-    weights: str = _opt(
+    model: str = option("vit_small_patch14_dinov2", "timm model name")
+    weights: str = option(
         "dinov2-s14-imgfocus",
         "'random', 'auto', 'hf-cache', 'dinov2-s14-imgfocus' (needs --model "
         "vit_small_patch14_dinov2) or a weights file",
     )
-    patch_size: int | None = _opt(None, "patch size override (random init only)")
-    embed_dim: int | None = _opt(None, "width override (random init only)")
-    depth: int | None = _opt(None, "blocks override (random init only)")
-    num_heads: int | None = _opt(None, "heads override (random init only)")
-    lora_rank: int = _opt(8, "LoRA rank")
-    lora_alpha: float = _opt(8.0, "LoRA alpha")
-    lr: float = _opt(1e-3, "AdamW learning rate")
-    weight_decay: float = _opt(0.1, "AdamW weight decay")
-    batch_size: int = _opt(16, "batch size")
-    local_epochs: int = _opt(2, "local epochs per round, for clients and the joint model alike")
-    omega_reduction: str = _opt("matrix", "omega per step: 'matrix' or 'elementwise'")
-    precision: str = _opt("auto", "'auto', 'fp32', 'bf16'")
-    device: str = _opt("auto", "'auto', 'cpu', 'cuda'")
-    threads: int | None = _opt(2, "torch CPU threads")
+    patch_size: int | None = option(None, f"patch size override {ARCH_OVERRIDE}", ge=1)
+    embed_dim: int | None = option(None, f"width override {ARCH_OVERRIDE}", ge=1)
+    depth: int | None = option(None, f"blocks override {ARCH_OVERRIDE}", ge=1)
+    num_heads: int | None = option(None, f"heads override {ARCH_OVERRIDE}", ge=1)
+    lora_rank: int = option(8, "LoRA rank", ge=1)
+    lora_alpha: float = option(8.0, "LoRA alpha", gt=0)
+    lr: float = option(1e-3, "AdamW learning rate", gt=0)
+    weight_decay: float = option(0.1, "AdamW weight decay", ge=0)
+    batch_size: int = option(16, "batch size", ge=1)
+    local_epochs: int = option(
+        2, "local epochs per round, for clients and the joint model alike", ge=1
+    )
+    omega_reduction: OmegaReduction = option("matrix", "omega per step")
+    precision: Precision = option("auto", "'auto': bf16 on GPU, fp32 on CPU")
+    device: str = option("auto", "'auto', 'cpu', 'cuda'")
+    threads: int | None = option(2, "torch CPU threads", ge=1)
     # analysis
-    sample_feature: bool = _opt(True, "also fit a forest with the sample count (paper's Figure A)")
-    n_estimators: int = _opt(200, "trees of the random forest")
-    min_samples_leaf: int = _opt(20, "minimum rows per leaf (keeps exact SHAP fast)")
-    holdout_fraction: float = _opt(0.25, "fraction of repeats held out for error figures")
-    edges: str = _opt("paper", "'paper' (A: 25, 50; B: 60, 80) or 'shap-curve'")
-    table_name: str | None = _opt(None, "table name (default <proxy>-<model>)")
-    seed: int = _opt(0, "seed of the forest and the hold-out split")
-    progress: bool = _opt(True, "progress bars")
+    sample_feature: bool = option(
+        True, "also fit a forest with the sample count (paper's Figure A)"
+    )
+    n_estimators: int = option(200, "trees of the random forest", ge=1)
+    min_samples_leaf: int = option(20, "minimum rows per leaf (keeps exact SHAP fast)", ge=1)
+    holdout_fraction: float = option(
+        0.25, "fraction of repeats held out for error figures", gt=0, lt=1
+    )
+    edges: Literal["paper", "shap-curve"] = option(
+        "paper", "'paper' (A: 25, 50; B: 60, 80) or 'shap-curve'"
+    )
+    table_name: str | None = option(None, "table name (default <proxy>-<model>)")
+    seed: int = option(0, "seed of the forest and the hold-out split")
+    progress: bool = option(True, "progress bars")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,8 +92,6 @@ class CalibConfig:
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def default_table_name(self) -> str:
-        import re
-
         name = f"{self.proxy}-{self.model}".lower()
         return re.sub(r"[^a-z0-9_.+-]", "-", name).strip("-.")
 
@@ -153,45 +164,15 @@ CALIB_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def validate_calib_config(config: CalibConfig) -> None:
-    """Raise ``ValueError`` naming the option at fault; cheap (imports nothing heavy), so it runs
-    before anything is written."""
-    choices = {
-        "next_start": ("joint", "fedavg"),
-        "edges": ("paper", "shap-curve"),
-        "omega_reduction": ("matrix", "elementwise"),
-        "precision": ("auto", "fp32", "bf16", "fp16"),
-    }
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be one of {allowed}, got "
-                f"{getattr(config, name)!r}"
-            )
-    for name in (
-        "image_size",
-        "num_clients",
-        "rounds",
-        "local_epochs",
-        "lora_rank",
-        "batch_size",
-        "n_estimators",
-        "min_samples_leaf",
-    ):
-        if getattr(config, name) < 1:
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}"
-            )
+    """Raise :class:`ConfigError` naming the option at fault: every value against its
+    declaration (type, choices, bounds), then the checks across options. Cheap (imports
+    nothing heavy), so ``livar-calibrate`` runs it before anything is loaded or written."""
+    check_dataclass(config)
     if config.max_train is not None and config.max_train < config.num_clients:
-        raise ValueError(
-            f"--max-train {config.max_train} is below --num-clients {config.num_clients}"
+        raise ConfigError(
+            f"option max_train ({config.max_train}) is below num_clients ({config.num_clients})"
         )
-    if not config.betas or any(not beta > 0 for beta in config.betas):
-        raise ValueError(f"--betas must be one or more values > 0, got {config.betas}")
+    if not config.betas:
+        raise ConfigError("option betas must hold one or more values")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
-        raise ValueError(f"--seeds must be one or more distinct seeds, got {config.seeds}")
-    if not 0 < config.holdout_fraction < 1:
-        raise ValueError(f"--holdout-fraction must be in (0, 1), got {config.holdout_fraction}")
-    if config.lr <= 0 or config.weight_decay < 0:
-        raise ValueError(
-            f"--lr must be > 0 and --weight-decay >= 0, got {config.lr}, {config.weight_decay}"
-        )
+        raise ConfigError(f"option seeds must be one or more distinct seeds, got {config.seeds}")

@@ -24,3 +24,26 @@ class WeightsError(LivarError):
 
 class DatasetError(LivarError):
     """A dataset is unknown, missing, malformed or asked for with bad options."""
+
+
+class ConfigError(LivarError):
+    """An option of a run (command line, config file, Flower run config) is unknown or invalid.
+
+    The message names the option and, for a choice, the allowed values.
+    """
+
+
+class UnknownMethodError(ConfigError):
+    """No aggregation method of the registry has this name."""
+
+
+class MethodOptionError(ConfigError):
+    """An aggregation method was given an option it does not declare, or a value it refuses."""
+
+
+class PairedMethodError(ConfigError):
+    """A ``paired`` method cannot be evaluated on the run's client updates."""
+
+
+class RegistrationError(LivarError):
+    """A method registration is inconsistent: name taken, undeclared options, unknown needs."""

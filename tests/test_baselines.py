@@ -6,17 +6,15 @@ import torch
 from helpers import tiny_peft_vit
 
 from livar_merge.aggregation import ClientUpdate, make_aggregator
-from livar_merge.baselines import (
+from livar_merge.aggregation.ccvr import (
     ClassMoments,
-    fisher_average,
     pool_moments,
-    pooled_prototypes,
-    regmean_delta,
-    regmean_head,
     retrain_head,
     sample_virtual_features,
-    shrink_gram,
 )
+from livar_merge.aggregation.fedproto import pooled_prototypes
+from livar_merge.aggregation.fisher import fisher_average
+from livar_merge.aggregation.regmean import regmean_delta, regmean_head, shrink_gram
 
 
 def test_regmean_delta_solves_the_regression_on_the_clients_data(rng):
@@ -82,24 +80,27 @@ def test_fisher_average_formula(rng):
     np.testing.assert_allclose(merged, num / den)
 
 
-def test_diagonal_fisher_matches_a_per_sample_loop():
+def random_images(count: int, seed: int):
+    """``count`` random 16 px images of 5 classes as a CPU batch source, and their labels."""
     from livar_merge.federated.data import BatchSource
     from livar_merge.federated.datasets import InMemoryImages
+
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (count, 3, 16, 16), generator=gen, dtype=torch.uint8)
+    labels = np.arange(count) % 5
+    images = InMemoryImages(images, labels, list("abcde"))
+    source = BatchSource(images, mean=(0.5,) * 3, std=(0.5,) * 3, device=torch.device("cpu"))
+    return source, labels
+
+
+def test_diagonal_fisher_matches_a_per_sample_loop():
     from livar_merge.federated.statistics import diagonal_fisher
 
     model = tiny_peft_vit(seed=5)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (10, 3, 16, 16), generator=gen, dtype=torch.uint8)
-    labels = np.arange(10) % 5
-    source = BatchSource(
-        InMemoryImages(images, labels, list("abcde")),
-        mean=(0.5,) * 3,
-        std=(0.5,) * 3,
-        device=torch.device("cpu"),
-    )
+    source, _ = random_images(10, seed=0)
     fisher = diagonal_fisher(model, source, np.arange(10), max_samples=10)
     model.eval()
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -184,21 +185,11 @@ def test_retrain_head_fits_virtual_features(rng):
 
 
 def test_feature_moments_and_gram_pass_against_numpy():
-    from livar_merge.federated.data import BatchSource
-    from livar_merge.federated.datasets import InMemoryImages
     from livar_merge.federated.model import forward_with_features
     from livar_merge.federated.statistics import feature_moments, gram_and_prototype_pass
 
     model = tiny_peft_vit(seed=6).eval()
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (23, 3, 16, 16), generator=gen, dtype=torch.uint8)
-    labels = np.arange(23) % 5
-    source = BatchSource(
-        InMemoryImages(images, labels, list("abcde")),
-        mean=(0.5,) * 3,
-        std=(0.5,) * 3,
-        device=torch.device("cpu"),
-    )
+    source, labels = random_images(23, seed=1)
     idx = np.arange(23)
     captured = []
     layer = "base_model.model.blocks.1.mlp.fc2"

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from livar_merge._options import add_dataclass_options, collect_overrides
+from livar_merge._options import add_dataclass_options, cli_parser, collect_overrides, report_error
+from livar_merge.aggregation.registry import available_methods, method_spec
+from livar_merge.errors import LivarError
 from livar_merge.federated.config import PRESETS, FedConfig, load_config_file, resolve_config
 
 EXAMPLES = """examples:
@@ -23,12 +25,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="livar-fed",
-        description=__doc__,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli_parser("livar-fed", __doc__, EXAMPLES)
     parser.add_argument("--config", help="TOML or JSON file of options")
     parser.add_argument(
         "--preset",
@@ -63,9 +60,9 @@ def list_available(what: str) -> None:
         for name, info in sorted(DATASETS.items()):
             print(f"{name:16s} {getattr(info, 'description', '')}")
     elif what == "methods":
-        from livar_merge.aggregation import available_methods
-
-        print("\n".join(available_methods()))
+        for name in available_methods():
+            spec = method_spec(name)
+            print(f"{name:16s} {spec.description} (options: {', '.join(spec.options) or '-'})")
     else:
         from livar_merge.tables import available_tables
 
@@ -78,8 +75,6 @@ def run_with_engine(
 ) -> dict[str, Any]:
     """Run ``config`` on its engine (``inprocess``: :func:`run_federated`; ``flower``: the
     Flower Simulation Engine, which neither resumes nor stops early). Returns the summary."""
-    from livar_merge.errors import LivarError
-
     if config.engine != "flower":
         from livar_merge.federated.runner import run_federated
 
@@ -99,6 +94,9 @@ def run_with_engine(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0, or 2 for a refused run: bad options before anything is loaded (usage
+    error), bad data, weights or folders during the run (``LivarError``/``OSError``; any other
+    exception is a bug and keeps its traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list:
@@ -108,19 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         file_options = load_config_file(args.config) if args.config else {}
         config = resolve_config(args.preset, file_options, overrides)
-    except ValueError as err:
+    except (LivarError, OSError) as err:
         parser.error(str(err))
-    out = Path(config.out or Path("runs") / config.run_name())
     if config.engine == "flower" and (args.resume or args.stop_after is not None):
         parser.error("--resume and --stop-after are not supported with --engine flower")
-
-    from livar_merge.errors import LivarError
-
+    out = Path(config.out or Path("runs") / config.run_name())
     try:
         summary = run_with_engine(config, out, resume=args.resume, stop_after=args.stop_after)
-    except (LivarError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"livar-fed: error: {err}", file=sys.stderr)
-        return 2
+    except (LivarError, OSError) as err:
+        return report_error("livar-fed", err)
     acc = summary["final_accuracy"]
     print(
         f"{summary['run']}: rounds {summary['completed_rounds']}/{summary['rounds']}, "

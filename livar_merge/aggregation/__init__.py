@@ -1,0 +1,97 @@
+"""Server-side aggregation methods behind one registry (used by ``livar-fed`` and Flower).
+
+A method turns the clients' :class:`ClientUpdate` objects into a merged LoRA and head. One
+module per method family, its math beside it:
+
+============== ===================================================================
+``types``      ClientUpdate, AggregationResult, Aggregator, validate_updates
+``registry``   MethodSpec, register_method, method_spec, make_aggregator (no torch)
+``weighted``   fedavg, livar, livar-alpha, livar-sigma (the paper's Table 4)
+``regmean``    regmean: closed-form merge from input Grams
+``fisher``     fisher: Fisher-weighted averaging
+``fedproto``   fedproto: FedAvg plus global class prototypes
+``ccvr``       ccvr, livar+ccvr: head calibration on virtual features
+============== ===================================================================
+
+Importing this package (or its registry) does not import torch; the other names load lazily.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from livar_merge.aggregation.registry import (
+    MethodSpec,
+    available_methods,
+    make_aggregator,
+    method_spec,
+    register_method,
+    unregister_method,
+)
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily
+    from livar_merge.aggregation.ccvr import CCVRAggregator, ClassMoments
+    from livar_merge.aggregation.fedproto import FedProtoAggregator
+    from livar_merge.aggregation.fisher import FisherAggregator
+    from livar_merge.aggregation.regmean import RegMeanAggregator
+    from livar_merge.aggregation.types import (
+        EXTRA_KEYS,
+        AggregationResult,
+        Aggregator,
+        ClientUpdate,
+        payload_nbytes,
+        validate_updates,
+    )
+    from livar_merge.aggregation.weighted import WeightedAggregator
+
+_LAZY = {
+    "AggregationResult": "livar_merge.aggregation.types",
+    "Aggregator": "livar_merge.aggregation.types",
+    "CCVRAggregator": "livar_merge.aggregation.ccvr",
+    "ClassMoments": "livar_merge.aggregation.ccvr",
+    "ClientUpdate": "livar_merge.aggregation.types",
+    "EXTRA_KEYS": "livar_merge.aggregation.types",
+    "FedProtoAggregator": "livar_merge.aggregation.fedproto",
+    "FisherAggregator": "livar_merge.aggregation.fisher",
+    "RegMeanAggregator": "livar_merge.aggregation.regmean",
+    "WeightedAggregator": "livar_merge.aggregation.weighted",
+    "payload_nbytes": "livar_merge.aggregation.types",
+    "validate_updates": "livar_merge.aggregation.types",
+}
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: torch loads with the first of these names
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'livar_merge.aggregation' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+# literal, for static tools; test_options checks it equals the lazy table plus the registry
+__all__ = [
+    "EXTRA_KEYS",
+    "AggregationResult",
+    "Aggregator",
+    "CCVRAggregator",
+    "ClassMoments",
+    "ClientUpdate",
+    "FedProtoAggregator",
+    "FisherAggregator",
+    "MethodSpec",
+    "RegMeanAggregator",
+    "WeightedAggregator",
+    "available_methods",
+    "make_aggregator",
+    "method_spec",
+    "payload_nbytes",
+    "register_method",
+    "unregister_method",
+    "validate_updates",
+]

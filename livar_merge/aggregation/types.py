@@ -1,0 +1,191 @@
+"""What clients send and the server returns, the checks on it, and the methods' base class."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from livar_merge._validation import check_finite_tensor
+from livar_merge.errors import ClientUpdateError
+from livar_merge.heads import MergedHead
+from livar_merge.lora import LoraDelta
+
+# The global head before a round, ``(weight [C, D], bias [C] or None)``, and the LoRA scaling
+# alpha / r (one value, or one per layer).
+PreviousHead = tuple[torch.Tensor, torch.Tensor | None] | None
+Scaling = float | Mapping[str, float]
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends after local training.
+
+    Shapes: ``lora`` peft LoRA state (``<layer>.lora_A.weight`` ``[r, k]``, ``lora_B`` ``[d, r]``);
+    ``head_weight [C, D]``, ``head_bias [C]``; ``omega_a``/``omega_b`` ``[L]`` in the order of
+    ``layer_names``; ``class_sigma``, ``class_present``, ``class_counts`` ``[C]``.
+    """
+
+    client_id: str
+    num_samples: int
+    lora: dict[str, torch.Tensor]
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor | None
+    layer_names: tuple[str, ...] = ()
+    omega_a: np.ndarray | None = None
+    omega_b: np.ndarray | None = None
+    class_sigma: np.ndarray | None = None
+    class_present: np.ndarray | None = None
+    class_counts: np.ndarray | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def nbytes(self, *, extras_only: bool = False) -> int:
+        """Bytes of the tensors and arrays this update carries (what a client uploads), or of
+        the method's extra statistics alone (Grams, Fisher, prototypes, moments)."""
+        if extras_only:
+            return payload_nbytes(self.extras)
+        fields: tuple[Any, ...] = (
+            self.lora,
+            self.head_weight,
+            self.head_bias,
+            self.omega_a,
+            self.omega_b,
+        )
+        fields += (self.class_sigma, self.class_present, self.class_counts, self.extras)
+        return sum(payload_nbytes(f) for f in fields)
+
+
+def payload_nbytes(value: Any) -> int:
+    """Total ``nbytes`` of the tensors and arrays in ``value`` (nested dicts, lists, tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(payload_nbytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(payload_nbytes(v) for v in value)
+    return 0
+
+
+@dataclass
+class AggregationResult:
+    """Merged LoRA ``{layer: LoraDelta}``, merged head, the LoRA weights ``[clients, layers]``
+    used, and method details (bins, cut points, ...) for logging."""
+
+    lora: dict[str, LoraDelta]
+    head: MergedHead
+    lora_weights: np.ndarray
+    layer_names: tuple[str, ...]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# the extras a need implies (the baselines' statistics)
+EXTRA_KEYS = {
+    "gram": ("gram", "head_gram"),
+    "fisher": ("fisher",),
+    "prototypes": ("proto_mean", "proto_count"),
+}
+
+
+def validate_updates(
+    updates: Sequence[ClientUpdate], *, needs: frozenset[str], num_classes: int | None = None
+) -> None:
+    """Reject unusable updates with an error naming the client: empty clients, missing
+    statistics a method needs, NaN/Inf, wrong shapes. LoRA consistency is checked by the merge."""
+    if not updates:
+        raise ClientUpdateError("no client updates to aggregate")
+    ids = [u.client_id for u in updates]
+    if len(set(ids)) != len(ids):
+        raise ClientUpdateError(f"duplicate client ids in one round: {ids}")
+    ref = updates[0]
+    classes = num_classes if num_classes is not None else ref.head_weight.shape[0]
+    for u in updates:
+        who = f"client {u.client_id!r}"
+        if u.num_samples <= 0:
+            raise ClientUpdateError(f"{who} trained on {u.num_samples} samples (empty client)")
+        check_finite_tensor(u.head_weight, f"{who}: head weight")
+        if u.head_weight.shape[0] != classes:
+            raise ClientUpdateError(
+                f"{who}: head has {u.head_weight.shape[0]} classes, expected {classes}"
+            )
+        if "omega" in needs:
+            _check_omegas(u, ref.layer_names)
+        for need, keys in EXTRA_KEYS.items():
+            if need in needs:
+                for key in keys:
+                    if key not in u.extras:
+                        raise ClientUpdateError(f"{who} sent no {key!r} (the method needs {need})")
+                    _check_finite_tree(u.extras[key], f"{who}: {key}")
+        if "sigma" in needs:
+            for name in ("class_sigma", "class_present", "class_counts"):
+                value = getattr(u, name)
+                if value is None or np.shape(value) != (classes,):
+                    raise ClientUpdateError(
+                        f"{who}: {name} missing or not of shape ({classes},) (the method needs it)"
+                    )
+
+
+def _check_omegas(update: ClientUpdate, layer_names: tuple[str, ...]) -> None:
+    """omega_A and omega_B present, ``[L]`` in the first client's layer order."""
+    who = f"client {update.client_id!r}"
+    if update.omega_a is None or update.omega_b is None:
+        raise ClientUpdateError(f"{who} sent no omega_A/omega_B (needed by this method)")
+    if tuple(update.layer_names) != tuple(layer_names):
+        raise ClientUpdateError(f"{who}: omega layer names differ from the first client's")
+    for name, omega in (("omega_A", update.omega_a), ("omega_B", update.omega_b)):
+        if np.shape(omega) != (len(layer_names),):
+            raise ClientUpdateError(
+                f"{who}: {name} has shape {np.shape(omega)}, expected ({len(layer_names)},)"
+            )
+
+
+def _check_finite_tree(value: Any, where: str) -> None:
+    """NaN/Inf check of a tensor, array or dict of them (NaN allowed in prototype rows)."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_finite_tree(item, f"{where}[{key!r}]")
+    elif isinstance(value, torch.Tensor):
+        check_finite_tensor(value, where)
+    elif where.endswith("proto_mean"):
+        return  # classes a client never saw are NaN by design
+    elif not np.isfinite(np.asarray(value, dtype=np.float64)).all():
+        raise ClientUpdateError(f"{where} holds NaN/Inf values")
+
+
+def no_class_weights(updates: Sequence[ClientUpdate]) -> np.ndarray:
+    """``[clients, classes]`` of NaN: a head merge without per-class client weights."""
+    return np.full((len(updates), updates[0].head_weight.shape[0]), np.nan)
+
+
+class Aggregator:
+    """Base of aggregation methods: :meth:`aggregate` checks the updates against
+    :attr:`needs`, then :meth:`merge` combines them. Subclasses implement :meth:`merge` (or
+    override :meth:`aggregate` whole)."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def aggregate(
+        self,
+        updates: Sequence[ClientUpdate],
+        *,
+        previous_head: PreviousHead = None,
+        scaling: Scaling = 1.0,
+    ) -> AggregationResult:
+        """The merged LoRA and head of ``updates`` (:func:`validate_updates` first)."""
+        validate_updates(updates, needs=self.needs)
+        return self.merge(updates, previous_head=previous_head, scaling=scaling)
+
+    def merge(
+        self, updates: Sequence[ClientUpdate], *, previous_head: PreviousHead, scaling: Scaling
+    ) -> AggregationResult:
+        """Combine validated ``updates`` (``previous_head``: the global head before the
+        round, for classes no client saw; ``scaling``: LoRA alpha / r)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name}
