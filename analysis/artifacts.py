@@ -25,11 +25,8 @@ import numpy as np
 import pandas as pd
 
 from livar_calib.explain import ShapResult
+from livar_merge.errors import ArtifactError, TableError
 from livar_merge.tables import GShapTable
-
-
-class ArtifactError(Exception):
-    """An artifact needed for a figure or table is missing or inconsistent."""
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -148,8 +145,6 @@ class CalibrationRun:
 
 def load_table(name_or_path: str | os.PathLike[str]) -> GShapTable:
     """:meth:`GShapTable.load`, with failures as :class:`ArtifactError`."""
-    from livar_merge.errors import TableError
-
     try:
         return GShapTable.load(name_or_path)
     except TableError as err:
@@ -208,22 +203,6 @@ class FedRun:
         if frame.empty:
             raise ArtifactError(f"{self.path / 'alpha.csv'} is empty")
         return frame
-
-
-def find_run_folders(path: str | os.PathLike[str]) -> list[Path]:
-    """``path`` itself if it is a run folder, else its sub-folders that are (a sweep root)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return []
-    if (folder / "metrics.csv").is_file() and (folder / "config.json").is_file():
-        return [folder]
-    return [
-        child
-        for child in sorted(folder.iterdir())
-        if child.is_dir()
-        and (child / "metrics.csv").is_file()
-        and (child / "config.json").is_file()
-    ]
 
 
 def unique_paths(paths: list[Path]) -> list[Path]:

@@ -39,6 +39,7 @@ from analysis.style import (
     sort_methods,
     styled,
 )
+from livar_merge.errors import ArtifactError
 
 CURVE_KEYS = ("dataset", "method", "beta")
 
@@ -86,7 +87,7 @@ def plot_accuracy_curves(
     """
     subset = curves.loc[curves["dataset"] == dataset]
     if subset.empty:
-        raise ValueError(f"no accuracy curves for dataset {dataset!r}")
+        raise ArtifactError(f"no accuracy curves for dataset {dataset!r}")
     betas = sorted(subset["beta"].unique(), reverse=True)
     methods = sort_methods(subset["method"].unique())
     series: dict[tuple[float, str], pd.DataFrame] = {}
@@ -177,7 +178,7 @@ def plot_accuracy_vs_beta(
 
     subset = [r for r in rows if r["dataset"] == dataset]
     if not subset:
-        raise ValueError(f"no finished sweep runs for dataset {dataset!r}")
+        raise ArtifactError(f"no finished sweep runs for dataset {dataset!r}")
     _, stats = results_table(subset)
     stats = stats.assign(mean=100.0 * stats["mean"], std=100.0 * stats["std"])
     methods = sort_methods(stats["method"].unique())
@@ -216,7 +217,7 @@ def plot_paired_vs_beta(
 
     subset = [r for r in rows if r["dataset"] == dataset and r["paired"] == reference]
     if not subset:
-        raise ValueError(f"no paired rows against {reference!r} for dataset {dataset!r}")
+        raise ArtifactError(f"no paired rows against {reference!r} for dataset {dataset!r}")
     table = paired_table(subset)
     methods = sort_methods(table["method"].unique())
     betas = sorted(float(b) for b in table["beta"].unique())
@@ -253,7 +254,7 @@ def alpha_matrix(alpha: pd.DataFrame, round_index: int) -> pd.DataFrame:
     """Clients x layers LoRA merge weights of one round, in the order they appear in the file."""
     part = alpha.loc[alpha["round"] == round_index]
     if part.empty:
-        raise ValueError(f"alpha.csv has no round {round_index}")
+        raise ArtifactError(f"alpha.csv has no round {round_index}")
     clients = list(dict.fromkeys(part["client"]))
     layers = list(dict.fromkeys(part["layer"]))
     matrix = part.pivot_table(index="client", columns="layer", values="weight", aggfunc="first")
@@ -292,7 +293,7 @@ def plot_alpha_heatmap(
     alpha = run.alpha
     chosen = choose_rounds(alpha["round"].unique(), rounds)
     if not chosen:
-        raise ValueError(f"none of the rounds {rounds} is in {run.path / 'alpha.csv'}")
+        raise ArtifactError(f"none of the rounds {rounds} is in {run.path / 'alpha.csv'}")
     matrices = {r: alpha_matrix(alpha, r) for r in chosen}
     vmax = max(float(np.nanmax(m.to_numpy())) for m in matrices.values())
     n_layers = max(m.shape[1] for m in matrices.values())

@@ -28,7 +28,6 @@ from analysis.artifacts import (
     ArtifactError,
     CalibrationRun,
     FedRun,
-    find_run_folders,
     load_table,
     unique_paths,
 )
@@ -53,6 +52,7 @@ from analysis.tables import (
     write_costs,
     write_table,
 )
+from livar_merge.federated.results import run_folders
 from livar_merge.federated.sweep import collect_paired, paired_markdown, paired_table
 
 # a posteriori datasets of the paper (Sec. 5.4, Appendix C): normalised name -> (file, label)
@@ -356,10 +356,10 @@ class Regeneration:
 
     # ------------------------------------------------------------------ federated runs
     def federated(self) -> None:
-        explicit = unique_paths([f for p in self.runs for f in find_run_folders(p)])
-        swept = unique_paths([f for p in self.sweeps for f in find_run_folders(p)])
+        explicit = unique_paths([f for p in self.runs for f in run_folders(p)])
+        swept = unique_paths([f for p in self.sweeps for f in run_folders(p)])
         for given in self.runs:
-            if not find_run_folders(given):
+            if not run_folders(given):
                 self.catalogue.skipped(
                     f"run-{given.name}",
                     f"Run folder {given}",

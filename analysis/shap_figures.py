@@ -32,6 +32,7 @@ from analysis.style import (
 from livar_calib.explain import ShapResult, binned_shap_curve
 from livar_calib.features import percentile_rank_1d
 from livar_calib.figures import LABELS, TITLES
+from livar_merge.errors import ArtifactError
 from livar_merge.tables import GShapTable, assign_bins
 
 QUANTILE_FEATURES = ("q_a", "q_b")
@@ -86,7 +87,7 @@ def curve_agreement(reference: pd.DataFrame, other: pd.DataFrame) -> dict[str, A
     Returns ``{"spearman", "p_value", "bins_compared", "note"}``.
     """
     if len(reference) != len(other) or not np.allclose(reference["q_low"], other["q_low"]):
-        raise ValueError("the two curves use different bins")
+        raise ArtifactError("the two curves use different bins")
     both = (reference["count"].to_numpy() > 0) & (other["count"].to_numpy() > 0)
     x = reference["mean_shap"].to_numpy(dtype=np.float64)[both]
     y = other["mean_shap"].to_numpy(dtype=np.float64)[both]
@@ -179,7 +180,7 @@ def plot_aposteriori(
     features = [f for f in QUANTILE_FEATURES if f in dataset_shap.feature_names]
     features = [f for f in features if f in proxy_shap.feature_names]
     if not features:
-        raise ValueError("neither q_a nor q_b is explained in both runs")
+        raise ArtifactError("neither q_a nor q_b is explained in both runs")
     points = {f: p for f, p in shap_points(dataset_shap).items() if f in features}
     proxy_points = {f: p for f, p in shap_points(proxy_shap).items() if f in features}
     curves = shap_curves(points, bins)

@@ -19,6 +19,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from livar_merge.errors import ConfigError
+
 DPI = 150
 PANEL_WIDTH = 4.2
 PANEL_HEIGHT = 3.4
@@ -101,7 +103,7 @@ def set_dpi(dpi: int) -> None:
     """Resolution of the PNG files written from now on (PDFs are vector graphics)."""
     global DPI
     if dpi < 10:
-        raise ValueError(f"dpi must be >= 10, got {dpi}")
+        raise ConfigError(f"dpi must be >= 10, got {dpi}")
     DPI = int(dpi)
 
 

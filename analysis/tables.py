@@ -15,7 +15,7 @@ Each table is written as CSV (cells), Markdown (caption + cells) and the long-fo
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -267,14 +267,13 @@ def override_specs(
     ablation_beta: float | None = None,
 ) -> dict[str, TableSpec]:
     """Paper specs with other datasets (e.g. ``{"table4": ["fashion-mnist"]}``) or betas."""
-    from dataclasses import replace
 
     out = dict(specs)
     for key, names in (datasets or {}).items():
         if key not in out:
-            raise ValueError(f"unknown table {key!r}; known: {sorted(out)}")
+            raise ArtifactError(f"unknown table {key!r}; known: {sorted(out)}")
         if out[key].ablation and len(names) != 1:
-            raise ValueError(f"{key} is laid out for exactly one dataset, got {list(names)}")
+            raise ArtifactError(f"{key} is laid out for exactly one dataset, got {list(names)}")
         out[key] = replace(out[key], datasets=tuple(names))
     for key, spec in out.items():
         if spec.ablation and ablation_beta is not None:

@@ -26,16 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from livar_merge.errors import LivarError
+from livar_merge.errors import CalibrationError
 
 FORMAT = "livar-repeat-deltas"
 FORMAT_VERSION = "1"
 
 Factors = tuple[np.ndarray, np.ndarray]
-
-
-class CalibrationError(LivarError):
-    """Calibration inputs (repeat files, rows, SHAP results) are missing or inconsistent."""
 
 
 @dataclass

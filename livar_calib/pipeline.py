@@ -16,22 +16,32 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from livar_calib.config import CalibConfig
+from livar_calib.deltas import load_repeat
+from livar_calib.discretise import build_table
+from livar_calib.explain import shap_analysis
+from livar_calib.features import add_quantile_features
+from livar_calib.figures import plot_shap_summary
+from livar_calib.forest import WITH_SAMPLES, fit_forest, split_repeats
+from livar_calib.nnls import nnls_repeat
 from livar_calib.proxy import proxy_runs, run_proxy_training
+from livar_calib.quality import reconstruction_report, summarise_report
+from livar_merge.errors import RunFolderError
+from livar_merge.federated import pretrained
+from livar_merge.federated.datasets import load_dataset
+from livar_merge.federated.results import provenance, write_json
+from livar_merge.tables import GShapTable, TableError
 
 
 def collect_rows(config: CalibConfig, root: Path) -> Any:  # -> pandas.DataFrame
     """Stage 2: rows of every repeat with their NNLS lambda and quantile features."""
-    import pandas as pd
-
-    from livar_calib.deltas import load_repeat
-    from livar_calib.features import add_quantile_features
-    from livar_calib.nnls import nnls_repeat
 
     frames = []
     for run in proxy_runs(config):
@@ -51,7 +61,6 @@ def collect_rows(config: CalibConfig, root: Path) -> Any:  # -> pandas.DataFrame
 
 
 def load_repeats(config: CalibConfig, root: Path, repeat_ids: list[str]) -> list[Any]:
-    from livar_calib.deltas import load_repeat
 
     wanted = set(repeat_ids)
     out = []
@@ -71,8 +80,6 @@ def _save_forest(result: Any, path: Path) -> None:
 def preflight(config: CalibConfig) -> None:
     """Find the proxy data and the weights (without resizing or training) so that a bad
     dataset, data root or weights source fails before the run folder is touched."""
-    from livar_merge.federated import pretrained
-    from livar_merge.federated.datasets import load_dataset
 
     load_dataset(config.proxy, config.data_root, image_size=None, seed=config.seeds[0])
     if pretrained.is_source_name(config.weights):
@@ -87,13 +94,6 @@ def run_calibration(
     config: CalibConfig, root: Path, *, publish_dir: Path | None = None, log: Any = print
 ) -> dict[str, Any]:
     """Run (or resume) every stage; returns the summary written to ``summary.json``."""
-    from livar_calib.discretise import build_table
-    from livar_calib.explain import shap_analysis
-    from livar_calib.figures import plot_shap_summary
-    from livar_calib.forest import WITH_SAMPLES, fit_forest, split_repeats
-    from livar_calib.quality import reconstruction_report, summarise_report
-    from livar_merge.federated.results import provenance, write_json
-    from livar_merge.tables import GShapTable
 
     root.mkdir(parents=True, exist_ok=True)
     _check_config(config, root)
@@ -245,7 +245,6 @@ def run_calibration(
 
 def weights_provenance(weights: str) -> dict[str, Any] | None:
     """Source, checksums and licence of a named weight source (None for other weights)."""
-    from livar_merge.federated import pretrained
 
     if not pretrained.is_source_name(weights):
         return None
@@ -265,7 +264,6 @@ def shap_trends(explained: Any) -> dict[str, float]:
 
 
 def _check_config(config: CalibConfig, root: Path) -> None:
-    from livar_merge.federated.results import write_json
 
     path = root / "config.json"
     if path.is_file():
@@ -276,7 +274,7 @@ def _check_config(config: CalibConfig, root: Path) -> None:
                 for k, v in config.to_dict().items()
                 if saved["config"].get(k) != v and k not in ("progress", "threads")
             }
-            raise ValueError(
+            raise RunFolderError(
                 f"{root} holds a calibration with another configuration: {diff}; "
                 "choose another --out"
             )
@@ -286,14 +284,9 @@ def _check_config(config: CalibConfig, root: Path) -> None:
 
 def _publish(table: Any, directory: Path) -> Path:
     """Copy the table into ``directory`` under the next free version; never overwrite."""
-    from dataclasses import replace
-
-    from livar_merge.tables import TableError
 
     directory.mkdir(parents=True, exist_ok=True)
     for existing in sorted(directory.glob(f"{table.name}.v*.json")):
-        from livar_merge.tables import GShapTable
-
         other = GShapTable.load(existing)
         if np.array_equal(other.values, table.values) and other.provenance.get(
             "config_hash"

@@ -25,9 +25,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from livar_calib.config import CalibConfig
+from livar_calib.deltas import RepeatDeltas, save_repeat
+from livar_merge.aggregation import ClientUpdate
+from livar_merge.fedavg import fedavg_head, fedavg_lora
+from livar_merge.federated.client import train_client
 from livar_merge.federated.data import derive_seed
+from livar_merge.federated.federation import build_federation
+from livar_merge.federated.model import (
+    fold_into_base,
+    head_module,
+    restart_lora,
+    restore_parameters,
+    snapshot_trainable,
+)
+from livar_merge.federated.results import write_csv
 
 
 @dataclass(frozen=True)
@@ -51,33 +67,15 @@ class ProxyTrainer:
     """Runs the proxy training of one (beta, seed), round by round, resumable."""
 
     def __init__(self, config: CalibConfig, run: ProxyRun, folder: Path) -> None:
-        from livar_merge.federated.builders import build_seeded_model, load_train_test
-        from livar_merge.federated.data import BatchSource
-        from livar_merge.federated.partition import class_count_table, dirichlet_partition
-        from livar_merge.federated.runner import resolve_runtime
-        from livar_merge.lora import peft_scalings
-
         self.config, self.run, self.folder = config, run, folder
+        fed = build_federation(config, dataset=config.proxy, seed=run.seed, beta=run.beta)
         folder.mkdir(parents=True, exist_ok=True)
-        self.device, self.precision, self.settings = resolve_runtime(config)
-        splits, train, _ = load_train_test(config.proxy, config, run.seed)
-        labels = np.asarray(train.labels)
-        self.num_classes = splits.num_classes
-        self.parts = dirichlet_partition(
-            labels,
-            config.num_clients,
-            run.beta,
-            seed=run.seed,
-            min_samples=config.min_client_samples,
-        )
-        class_count_table(self.parts, labels, self.num_classes).to_csv(
-            folder / "partition.csv", index_label="client"
-        )
+        fed.partition_table.to_csv(folder / "partition.csv", index_label="client")
+        self.device, self.precision, self.settings = fed.device, fed.precision, fed.settings
+        self.num_classes, self.parts = fed.num_classes, fed.parts
         self.union = np.sort(np.concatenate(self.parts))
-        self.model, self.info = build_seeded_model(config, self.num_classes, run.seed)
-        self.model.to(self.device)
-        self.scalings = peft_scalings(self.model)
-        self.source = BatchSource(train, mean=self.info.mean, std=self.info.std, device=self.device)
+        self.model, self.info, self.scalings = fed.model, fed.info, fed.scalings
+        self.source = fed.train_source
 
     # ------------------------------------------------------------------ state
     def completed_rounds(self) -> int:
@@ -92,8 +90,6 @@ class ProxyTrainer:
         }
 
     def save_state(self, round_index: int) -> None:
-        from safetensors.torch import save_file
-
         tmp = self.folder / "state.safetensors.tmp"
         save_file(self._state_tensors(), str(tmp))
         tmp.replace(self.folder / "state.safetensors")
@@ -101,8 +97,6 @@ class ProxyTrainer:
         (self.folder / "state.json.tmp").replace(self.folder / "state.json")
 
     def load_state(self) -> None:
-        from safetensors.torch import load_file
-
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in load_file(str(self.folder / "state.safetensors")).items():
@@ -120,9 +114,6 @@ class ProxyTrainer:
 
     def run_round(self, round_index: int) -> tuple[Any, list[dict[str, Any]]]:
         """Train clients and the joint model from one start; returns (RepeatDeltas, rows)."""
-        from livar_calib.deltas import RepeatDeltas
-        from livar_merge.federated.client import train_client
-        from livar_merge.federated.model import restart_lora, restore_parameters, snapshot_trainable
 
         seed = derive_seed(self.run.seed, round_index, "calib-lora-init")
         restart_lora(self.model, self.info.lora_layers, seed)
@@ -184,8 +175,6 @@ class ProxyTrainer:
 
     def _advance(self, round_index: int, updates: list, joint, start) -> None:
         """Fold the chosen round result into the frozen weights and set the head."""
-        from livar_merge.fedavg import fedavg_head, fedavg_lora
-        from livar_merge.federated.model import fold_into_base, head_module, restore_parameters
 
         restore_parameters(self.model, start)
         modules = self.info.lora_layers
@@ -219,8 +208,6 @@ class ProxyTrainer:
 
     def rounds(self) -> Iterator[int]:
         """Train the remaining rounds, saving each; yields the completed round numbers."""
-        from livar_calib.deltas import save_repeat
-        from livar_merge.federated.results import write_csv
 
         done = self.completed_rounds()
         if done:
@@ -236,8 +223,6 @@ class ProxyTrainer:
 
 def run_proxy_training(config: CalibConfig, root: Path) -> list[Path]:
     """Stage 1 for every (beta, seed): returns the folders. Completed rounds are skipped."""
-    from tqdm.auto import tqdm
-
     runs = proxy_runs(config)
     folders = [root / "proxy" / run.run_id for run in runs]
     total = len(runs) * config.rounds
@@ -268,8 +253,6 @@ def _on_cpu(update: Any) -> Any:
 
 def save_update(path: Path, update: Any) -> None:
     """One trainee's finished round (LoRA factors, head, omegas, sample count) as safetensors."""
-    from safetensors.torch import save_file
-
     tensors = {f"lora/{k}": v.contiguous().cpu() for k, v in update.lora.items()}
     tensors["head/weight"] = update.head_weight.contiguous().cpu()
     if update.head_bias is not None:
@@ -288,9 +271,6 @@ def save_update(path: Path, update: Any) -> None:
 
 
 def load_update(path: Path) -> Any:
-    from safetensors import safe_open
-
-    from livar_merge.aggregation import ClientUpdate
 
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()

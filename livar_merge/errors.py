@@ -1,4 +1,8 @@
-"""Exceptions raised by livar. All derive from ``ValueError`` so callers can catch broadly."""
+"""Every exception livar raises on bad input, in one module under one base class.
+
+``LivarError`` derives from ``ValueError``, so ``except ValueError`` still catches it; the CLIs
+catch ``LivarError`` and ``OSError`` only, so anything else (a bug) keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -47,3 +51,44 @@ class PairedMethodError(ConfigError):
 
 class RegistrationError(LivarError):
     """A method registration is inconsistent: name taken, undeclared options, unknown needs."""
+
+
+class InvalidReplyError(ClientUpdateError):
+    """A client reply that cannot be aggregated; the message names the node, client and key."""
+
+
+class RoundFailedError(LivarError):
+    """Too few valid replies (or connected nodes) to aggregate a round."""
+
+
+class RunConfigError(LivarError):
+    """A Flower run config holds a key or value that is not a livar option or setting."""
+
+
+class NodeConfigError(LivarError):
+    """A message or node config a ClientApp cannot serve (protocol, partition, backbone)."""
+
+
+class PartitionError(LivarError):
+    """A partition was asked for with impossible parameters or could not be drawn."""
+
+
+class GlobalStateError(LivarError):
+    """A model cannot carry LIVAR's global state (not a peft LoRA model, no trainable head, DoRA,
+    several adapters), or a global-state tensor names no parameter or has another shape."""
+
+
+class RunFolderError(LivarError):
+    """A results folder holds another run, or its checkpoint cannot be resumed."""
+
+
+class RunReadError(LivarError):
+    """A run folder's file cannot be read back (malformed JSON or a missing field)."""
+
+
+class CalibrationError(LivarError):
+    """Calibration inputs (repeat files, rows, SHAP results) are missing or inconsistent."""
+
+
+class ArtifactError(LivarError):
+    """An artifact needed for a figure or table is missing or inconsistent."""

@@ -65,7 +65,7 @@ def test_table_drives_a_federated_run(calibrated, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_table(calibrated, tmp_path, monkeypatch):
-    import livar_merge.federated.client as client_module
+    import livar_calib.proxy as client_module  # the proxy trainer's train_client
 
     out = tmp_path / "run"
     real = client_module.train_client

@@ -33,10 +33,10 @@ pytest.importorskip("flwr")
 from flwr.app import Array, ConfigRecord, Error, Message, RecordDict  # noqa: E402
 
 from livar_merge.aggregation import ClientUpdate, make_aggregator  # noqa: E402
-from livar_merge.federated.client import lora_state  # noqa: E402
 from livar_merge.federated.config import resolve_config  # noqa: E402
-from livar_merge.federated.model import global_tensors, head_module  # noqa: E402
-from livar_merge.flower.app import FlowerSettings, config_from_run_config  # noqa: E402
+from livar_merge.federated.install import install_result  # noqa: E402
+from livar_merge.federated.model import head_module  # noqa: E402
+from livar_merge.federated.peft_keys import global_tensors, lora_state  # noqa: E402
 from livar_merge.flower.messages import (  # noqa: E402
     InvalidReplyError,
     ReplySpec,
@@ -44,7 +44,12 @@ from livar_merge.flower.messages import (  # noqa: E402
     unpack_reply,
     validate_reply,
 )
-from livar_merge.flower.strategy import LivarStrategy, RoundFailedError  # noqa: E402
+from livar_merge.flower.server_app import config_from_run_config  # noqa: E402
+from livar_merge.flower.strategy import (  # noqa: E402
+    FlowerSettings,
+    LivarStrategy,
+    RoundFailedError,
+)
 from livar_merge.signals import find_lora_parameters  # noqa: E402
 from livar_merge.tables import GShapTable  # noqa: E402
 from tests.helpers import tiny_peft_vit  # noqa: E402
@@ -330,11 +335,11 @@ def test_strategy_drops_a_bad_reply_and_proceeds(model, caplog):
     reference = strategy_for(model, min_replies=2)
     result = make_aggregator("livar").aggregate(
         [updates[0], updates[2]],
-        previous_head=reference.global_model.previous_head(),
-        scaling=reference.global_model.scalings,
+        previous_head=reference.server.previous_head(),
+        scaling=reference.server.scalings,
     )
-    reference.global_model.apply(result, 1)
-    expected = reference.global_model.tensors()
+    install_result(reference.model, result, lora_merge="product", seed=42, round_index=1)
+    expected = global_tensors(reference.model, "product")
     assert set(arrays) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(torch.from_numpy(arrays[key].numpy()), value)
@@ -397,11 +402,11 @@ def test_reduction_is_deterministic_and_equals_the_aggregator(model, method):
     reference = strategy_for(model, method=method)
     result = make_aggregator(method).aggregate(
         [updates[2], updates[1], updates[0]],
-        previous_head=reference.global_model.previous_head(),
-        scaling=reference.global_model.scalings,
+        previous_head=reference.server.previous_head(),
+        scaling=reference.server.scalings,
     )
-    reference.global_model.apply(result, 1)
-    for key, value in reference.global_model.tensors().items():
+    install_result(reference.model, result, lora_merge="product", seed=42, round_index=1)
+    for key, value in global_tensors(reference.model, "product").items():
         torch.testing.assert_close(torch.from_numpy(results[0][key]), value, msg=key)
     if method == "fedproto":  # the global prototypes go out with the next train message
         np.testing.assert_allclose(strategy.prototypes.numpy(), result.details["prototypes"])
@@ -481,11 +486,11 @@ def test_ccvr_queries_moments_and_retrains_the_head(model, covariance):
     aggregator = reference.aggregator
     result = aggregator.aggregate(
         updates,
-        previous_head=reference.global_model.previous_head(),
-        scaling=reference.global_model.scalings,
+        previous_head=reference.server.previous_head(),
+        scaling=reference.server.scalings,
     )
-    reference.global_model.apply(result, 1)
-    weight, bias = reference.global_model.previous_head()
+    install_result(reference.model, result, lora_merge="product", seed=42, round_index=1)
+    weight, bias = reference.server.previous_head()
     weight, bias = aggregator.refine_head(
         weight, bias, [moments[0], moments[2]], seed=derive_seed(42, 1, "ccvr")
     )
@@ -857,3 +862,36 @@ def test_deployment_engine_on_loopback_survives_a_killed_supernode(tmp_path, inp
     assert_accuracies_match(
         summary["accuracy_per_round"][:1], reference["accuracy_per_round"][:1], 200
     )
+
+
+def test_the_readme_client_app_example_trains_with_the_strategy():
+    """examples/custom_client_app.py: its ClientApp's replies (a plain peft model, our signals,
+    pack_reply) pass the strategy's validation and LIVAR aggregates them, two rounds."""
+    import importlib.util
+
+    from flwr.app import Context
+
+    spec = importlib.util.spec_from_file_location(
+        "custom_client_app", REPO / "examples" / "custom_client_app.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    strategy = example.make_strategy()
+    nodes = [30, 31, 32]
+    grid = FakeGrid(nodes)
+    arrays = strategy.initial_arrays()
+    for server_round in (1, 2):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            context = Context(1, node, {"partition-id": node - 30}, RecordDict(), {})
+            replies.append(example.train(message, context))
+        arrays, metrics = strategy.aggregate_train(server_round, replies)
+        assert metrics["replies-accepted"] == 3 and metrics["replies-dropped"] == 0
+        assert metrics["train-loss"] > 0
+    record = strategy.history[-1]
+    assert [u.client_id for u in record.updates] == ["client_0", "client_1", "client_2"]
+    assert np.isfinite(record.result.lora_weights).all()
+    # LIVAR's weights come from the G_SHAP table, not the (equal) sample counts
+    assert not np.allclose(record.result.lora_weights, 1 / 3)

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from livar_merge.federated.config import resolve_config
+from livar_merge.federated.install import install_result
 from livar_merge.federated.model import create_backbone
+from livar_merge.federated.run_folder import RunFolderError
 from livar_merge.federated.runner import FederatedRun, run_federated
 from livar_merge.lora import merge_lora
 
@@ -83,7 +85,7 @@ def test_resume_gives_the_same_result(finished_run, tmp_path):
 
 def test_refuses_to_mix_runs(finished_run):
     out, _ = finished_run
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunFolderError, match="already holds a run; pass --resume"):
         run_federated(tiny(rounds=2), out)
     with pytest.raises(ValueError, match="different configuration.*beta"):
         run_federated(tiny(rounds=2, beta=0.1), out, resume=True)
@@ -143,7 +145,7 @@ def test_every_method_and_merge_mode_runs(tmp_path, method, mode):
 def test_product_merge_folds_eq3_into_the_frozen_weights(tmp_path):
     run = FederatedRun(tiny(), tmp_path)
     gen = torch.Generator().manual_seed(0)
-    layers = run.info.lora_layers
+    layers = run.federation.info.lora_layers
     modules = dict(run.model.named_modules())
     states = []
     for _ in range(3):
@@ -155,18 +157,18 @@ def test_product_merge_folds_eq3_into_the_frozen_weights(tmp_path):
         states.append(state)
     alpha = np.random.default_rng(0).dirichlet(np.ones(3), size=len(layers)).T
     before = {layer: modules[layer].base_layer.weight.detach().clone() for layer in layers}
-    lora = merge_lora(states, alpha, scaling=run.scalings)
+    lora = merge_lora(states, alpha, scaling=run.federation.scalings)
 
-    class Result:  # the parts of AggregationResult that apply() reads
+    class Result:  # the parts of AggregationResult that install_result() reads
         pass
 
     result = Result()
     result.lora = lora
     head = run.model.base_model.model.head.modules_to_save["default"]
     result.head = type("H", (), {"weight": head.weight * 0 + 1, "bias": head.bias * 0})()
-    run.apply(result, round_index=1)
+    install_result(run.model, result, lora_merge="product", seed=run.config.seed, round_index=1)
     for l, layer in enumerate(layers):
-        scale = run.scalings[layer]
+        scale = run.federation.scalings[layer]
         expected = before[layer] + scale * sum(
             alpha[m, l] * states[m][f"{layer}.lora_B.weight"] @ states[m][f"{layer}.lora_A.weight"]
             for m in range(3)

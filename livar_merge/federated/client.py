@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from livar_merge.aggregation import ClientUpdate
+from livar_merge.errors import ClientUpdateError
 from livar_merge.federated.data import BatchSource, derive_seed
 from livar_merge.federated.model import forward_with_features, head_module
-from livar_merge.signals import ClassFeatureStats, ImportanceTracker
+from livar_merge.federated.peft_keys import lora_state
+from livar_merge.federated.statistics import diagonal_fisher, gram_and_prototype_pass
+from livar_merge.signals import ClassFeatureStats, ImportanceTracker, find_lora_parameters
 
 
 @dataclass(frozen=True)
@@ -40,10 +44,41 @@ class TrainSettings:
 
 @dataclass
 class ClientMemory:
-    """Per-client state kept across rounds (the cumulative omega totals of the released code)."""
+    """Per-client state kept across rounds (the cumulative omega totals of the released code).
+
+    One codec for both engines: :meth:`to_record` gives plain JSON/ConfigRecord values
+    (``omega`` as a list of Python floats, float64 exactly), :meth:`from_record` restores it
+    as a float64 tensor.
+    """
 
     tracker_state: dict[str, Any] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any] | None:
+        """``{"omega": [float], "steps": int, "layer-names": [str]}``, or None when empty."""
+        if self.tracker_state is None:
+            return None
+        state = self.tracker_state
+        return {
+            "omega": [float(v) for v in state["omega"].tolist()],
+            "steps": int(state["steps"]),
+            "layer-names": [str(n) for n in state["layer_names"]],
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> ClientMemory:
+        """Inverse of :meth:`to_record` (None or empty: a fresh memory)."""
+        if not record:
+            return cls()
+        if "tracker_state" in record:  # state.json of checkpoints written before the codec
+            legacy = record["tracker_state"]
+            record = {**legacy, "layer-names": legacy["layer_names"]}
+        return cls(
+            tracker_state={
+                "omega": torch.tensor(list(record["omega"]), dtype=torch.float64),
+                "steps": int(record["steps"]),
+                "layer_names": [str(n) for n in record["layer-names"]],
+            }
+        )
 
 
 @dataclass
@@ -58,26 +93,25 @@ class TrainReport:
     upload_bytes: int = 0  # tensors and arrays of the ClientUpdate
     statistics_bytes: int = 0  # of which the method's extra statistics
 
+    def extras(self) -> dict[str, float | int]:
+        """The report as ``ClientUpdate.extras`` entries (``train_*``; the Flower reply's
+        ``train-*`` metrics), the one source of ``clients.csv``'s columns on both engines."""
+        return {
+            "train_loss": float(self.loss),
+            "train_accuracy": float(self.accuracy),
+            "train_steps": int(self.steps),
+            "train_seconds": float(self.seconds),
+            "train_statistics_seconds": float(self.statistics_seconds),
+            "train_upload_bytes": int(self.upload_bytes),
+            "train_statistics_bytes": int(self.statistics_bytes),
+        }
+
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def lora_key(parameter_name: str) -> str:
-    """``<layer>.lora_A.default.weight`` -> ``<layer>.lora_A.weight`` (peft state dict keys)."""
-    return parameter_name.replace(".default.", ".")
-
-
-def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA factors as in ``get_peft_model_state_dict`` (adapter name dropped), detached copies."""
-    out = {}
-    for name, param in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            out[lora_key(name)] = param.detach().clone()
-    return out
 
 
 def prototype_loss(
@@ -141,7 +175,7 @@ def train_client(
     FedProto's regulariser with weight ``settings.proto_weight``.
     """
     if len(indices) == 0:
-        raise ValueError(f"client {client_id!r} has no training samples")
+        raise ClientUpdateError(f"client {client_id!r} has no training samples")
     torch.manual_seed(derive_seed(seed, round_index, client_id, "torch"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -247,9 +281,6 @@ def collect_method_statistics(
     seed: int,
 ) -> dict[str, Any]:
     """The baselines' statistics (``gram``, ``prototypes``, ``fisher``) after local training."""
-    from livar_merge.federated.statistics import diagonal_fisher, gram_and_prototype_pass
-    from livar_merge.signals import find_lora_parameters
-
     extras: dict[str, Any] = {}
     if needs & {"gram", "prototypes"}:
         extras.update(

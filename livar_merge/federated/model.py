@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from livar_merge.errors import ConfigError
+
 LORA_TARGET_REGEX = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ def create_backbone_with_provenance(
     else:
         description = "random"
     if source is not None and arch:
-        raise ValueError(f"architecture overrides {sorted(arch)} need weights='random'")
+        raise ConfigError(f"architecture overrides {sorted(arch)} need weights='random'")
     if source is not None:
         model = timm.create_model(
             model_name, pretrained=True, pretrained_cfg_overlay={"file": source}, **kwargs
@@ -208,22 +210,6 @@ def head_module(model: torch.nn.Module) -> torch.nn.Linear:
     """The trainable head (peft's modules_to_save copy)."""
     head = timm_core(model).head
     return head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
-
-
-def global_tensors(model: torch.nn.Module, lora_merge: str) -> dict[str, torch.Tensor]:
-    """The global state of a peft model: LoRA factors, head and (product mode) folded weights."""
-    from livar_merge.federated.client import lora_state
-
-    head = head_module(model)
-    tensors = {f"lora/{k}": v for k, v in lora_state(model).items()}
-    tensors["head/weight"] = head.weight.detach()
-    if head.bias is not None:
-        tensors["head/bias"] = head.bias.detach()
-    if lora_merge == "product":
-        for name, param in model.named_parameters():
-            if ".base_layer." in name:
-                tensors[f"base/{name}"] = param.detach()
-    return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
 
 def snapshot_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:

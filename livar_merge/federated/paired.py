@@ -122,7 +122,7 @@ def paired_from_config(config: Any) -> PairedEvaluation | None:
     return PairedEvaluation(
         config.method,
         config.paired,
-        config.method_options(),
+        config.method_options(*config.paired),
         lora_merge=config.lora_merge,
         seed=config.seed,
     )

@@ -11,16 +11,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from livar_merge.errors import LivarError
+from livar_merge.errors import PartitionError
 
 if TYPE_CHECKING:
     import pandas
 
 __all__ = ["PartitionError", "class_count_table", "dirichlet_partition"]
-
-
-class PartitionError(LivarError):
-    """A partition was asked for with impossible parameters or could not be drawn."""
 
 
 def _check_count(name: str, value: int, low: int) -> int:

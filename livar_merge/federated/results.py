@@ -1,4 +1,21 @@
-"""Results folder of a run: provenance, CSV/JSON tables, atomic checkpoints."""
+"""Results folder of a run: the one writer (and reader) of both engines' run folders.
+
+One folder per run::
+
+    config.json        resolved options, config hash (and the Flower settings on that engine)
+    provenance.json    package versions, git commit, table name/version/checksum, model weights
+    partition.csv      clients x classes sample counts of the Dirichlet split
+    metrics.csv/.json  per round: test top-1, test loss, train/aggregation/moments seconds
+    clients.csv        per round and client: samples, train loss/accuracy, steps, seconds, bytes
+    alpha.csv          per round, client and layer: omega_A, omega_B, bins, LoRA weight
+    head_weights.csv   per round, client and class: head merge weight, sigma, count
+    paired.csv         (--paired) per round and paired method: top-1, loss, difference to the
+                       run's own method on the same client updates, its cost
+    replies.csv        (Flower) one row per reply or silent node: accepted, reason
+    summary.json       final and best accuracy, wall time (written when every round is done)
+    checkpoint/        global.safetensors (global model, server state) and state.json (rows,
+                       client memories) after the last completed round, for --resume
+"""
 
 from __future__ import annotations
 
@@ -11,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from livar_merge.errors import RunReadError
 
 PACKAGES = (
     "livar",
@@ -111,24 +130,6 @@ def run_summary(
     }
 
 
-def save_global_checkpoint(
-    folder: Path, model: Any, lora_merge: str, round_index: int, prototypes: Any = None
-) -> None:
-    """``folder/global.safetensors`` (atomically): the global model
-    (:func:`livar_merge.federated.model.global_tensors`) and the server's FedProto prototypes."""
-    from safetensors.torch import save_file
-
-    from livar_merge.federated.model import global_tensors
-
-    tensors = global_tensors(model, lora_merge)
-    if prototypes is not None:
-        tensors["server/prototypes"] = prototypes.contiguous().cpu()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "global.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"round": str(round_index)})
-    tmp.replace(folder / "global.safetensors")
-
-
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (tmp file + rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -191,3 +192,45 @@ def aggregation_rows(
                 }
             )
     return alpha, heads
+
+
+# ------------------------------------------------------------------------------ read-back
+CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.json", "metrics.csv", "summary.json"
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` holds a run (its header and at least one round's metrics)."""
+    return (path / METRICS_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+
+def run_folders(path: str | os.PathLike[str]) -> list[Path]:
+    """``path`` itself if it is a run folder, else its sub-folders that are (a sweep root)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return []
+    if is_run_folder(folder):
+        return [folder]
+    return [child for child in sorted(folder.iterdir()) if child.is_dir() and is_run_folder(child)]
+
+
+def read_run_config(folder: Path) -> dict[str, Any]:
+    """The resolved options of a run folder (``config.json``'s ``config``)."""
+    path = folder / CONFIG_FILE
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunReadError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
+        raise RunReadError(f"{path} has no 'config' object")
+    return dict(document["config"])
+
+
+def read_run_summary(folder: Path) -> dict[str, Any] | None:
+    """``summary.json`` of a finished run, None while rounds remain."""
+    path = folder / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise RunReadError(f"{path} is not a JSON object: {err}") from err

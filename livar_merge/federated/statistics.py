@@ -20,6 +20,7 @@ import torch
 
 from livar_merge.federated.data import BatchSource
 from livar_merge.federated.model import forward_with_features, head_module
+from livar_merge.federated.peft_keys import lora_key
 
 
 @contextlib.contextmanager
@@ -108,7 +109,6 @@ def diagonal_fisher(
     Keys: the parameter names of :func:`livar_merge.federated.client.lora_state` for LoRA
     factors and ``head.weight`` / ``head.bias`` for the head.
     """
-    from livar_merge.federated.client import lora_key
 
     rng = np.random.default_rng(seed)
     chosen = np.asarray(indices)

@@ -20,7 +20,6 @@ over every (seed, round), and over seeds of the final round.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import numbers
 import sys
@@ -28,6 +27,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
+
+from livar_merge.errors import LivarError
+from livar_merge.federated.cli import run_with_engine
+from livar_merge.federated.config import resolve_config
+from livar_merge.federated.results import read_run_config, read_run_summary, run_folders
 
 MISSING_CELL = "—"
 
@@ -44,8 +50,6 @@ def run_grid(
 ) -> list[Path]:
     """Run every (method, beta, seed) not finished yet on the configured engine (in-process
     runs resume where they stopped); returns the run folders."""
-    from livar_merge.federated.cli import run_with_engine
-    from livar_merge.federated.config import resolve_config
 
     folders = []
     for beta in betas:
@@ -73,9 +77,11 @@ def run_grid(
 def collect_results(root: Path) -> list[dict[str, Any]]:
     """One row per finished run under ``root``: method, dataset, beta, seed, accuracies."""
     rows = []
-    for summary_path in sorted(root.glob("*/summary.json")):
-        config = json.loads((summary_path.parent / "config.json").read_text())["config"]
-        summary = json.loads(summary_path.read_text())
+    for folder in run_folders(root):
+        summary = read_run_summary(folder)
+        if summary is None:
+            continue
+        config = read_run_config(folder)
         rows.append(
             {
                 "dataset": config["dataset"],
@@ -84,7 +90,7 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
                 "seed": config["seed"],
                 "final_accuracy": summary["final_accuracy"],
                 "best_accuracy": summary["best_accuracy"],
-                "run": summary_path.parent.name,
+                "run": folder.name,
             }
         )
     return rows
@@ -105,8 +111,6 @@ COST_COLUMNS = (
 def collect_costs(root: Path) -> list[dict[str, Any]]:
     """Long-form cost rows of every finished run: dataset, method, beta, seed, column, value (one
     per row of the run's CSV; a column the run did not record gives no rows)."""
-    import pandas as pd
-
     files = {file for file, _, _, _ in COST_COLUMNS}
     rows = []
     for run in collect_results(root):
@@ -132,8 +136,6 @@ def collect_costs(root: Path) -> list[dict[str, Any]]:
 def cost_table(rows: list[dict[str, Any]], *, methods: Sequence[str] | None = None):
     """Per method: the median of each cost column over all its rows (scaled to the units of
     its label; NaN where no run recorded it), and the number of finished runs."""
-    import pandas as pd
-
     frame = pd.DataFrame(rows, columns=["dataset", "method", "beta", "seed", "column", "value"])
     methods = list(methods) if methods else sorted(frame["method"].unique())
     medians = frame.pivot_table(index="method", columns="column", values="value", aggfunc="median")
@@ -156,8 +158,6 @@ def results_table(
 ):  # -> tuple[pandas.DataFrame, pandas.DataFrame]
     """``(cells, stats)``: methods x betas cells "mean (std)" over seeds, in percent, and the
     long-form statistics (mean, std with ddof=1, n). Missing combinations read "—"."""
-    import pandas as pd
-
     frame = pd.DataFrame(rows, columns=["method", "beta", "seed", value])
     methods = list(methods) if methods else sorted(frame["method"].unique())
     betas = list(betas) if betas else sorted(frame["beta"].unique(), reverse=True)
@@ -183,8 +183,6 @@ def results_table(
 def collect_paired(root: Path) -> list[dict[str, Any]]:
     """Rows of every finished run's ``paired.csv``: method (the run's own), paired method,
     beta, seed, round, and ``gain`` = own top-1 minus the paired method's (same updates)."""
-    import pandas as pd
-
     rows = []
     for run in collect_results(root):
         path = root / run["run"] / "paired.csv"
@@ -208,8 +206,6 @@ def collect_paired(root: Path) -> list[dict[str, Any]]:
 def paired_table(rows: list[dict[str, Any]], *, scale: float = 100.0):
     """Per (method, paired, beta): ``method - paired`` in points, mean and 95 % interval over
     all (seed, round) pairs, the same over seeds for the final round, and rounds won."""
-    import pandas as pd
-
     from livar_merge.federated.paired import mean_interval
 
     columns = ["method", "paired", "beta", "seed", "round", "gain"]
@@ -341,8 +337,6 @@ def main(argv: list[str] | None = None) -> int:
     args.root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if not args.table_only:
-        from livar_merge.errors import LivarError
-
         try:
             run_grid(
                 args.root,
@@ -353,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides=overrides,
                 paired=args.paired,
             )
-        except (LivarError, FileExistsError, FileNotFoundError, ValueError) as err:
+        except (LivarError, OSError) as err:
             print(f"livar-sweep: error: {err}", file=sys.stderr)
             return 2
     print(write_table(args.root, args.methods, args.betas))

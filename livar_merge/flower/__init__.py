@@ -3,8 +3,10 @@
 Only this subpackage imports ``flwr`` (install the ``flower`` extra). Modules:
 
 ``messages``    wire format of the global model and of a client reply; ``validate_reply``
-``strategy``    :class:`~livar_merge.flower.strategy.LivarStrategy` (our aggregation registry)
-``app``         ``server_app`` / ``client_app``, the components named in ``pyproject.toml``
+``strategy``    :class:`LivarStrategy` (transport only; the round is
+                :class:`livar_merge.federated.server.FederatedServer`) and :class:`FlowerSettings`
+``server_app``  ``server_app``: the ServerApp component named in ``pyproject.toml``
+``client_app``  ``client_app``: the ClientApp component named in ``pyproject.toml``
 ``simulation``  ``livar-fed --engine flower``: the App on the Simulation Engine
 
 What travels each round (see ``messages`` for the keys):
@@ -16,4 +18,39 @@ What travels each round (see ``messages`` for the keys):
 * client -> server: LoRA factors and head (ArrayRecord), omega_A/omega_B per layer, per-class
   feature variance, presence and counts, sample count and training metrics (MetricRecord), and
   client id, partition id, layer names, option hash and G_SHAP table identity (ConfigRecord).
+
+For your own ClientApp: :func:`pack_reply` (a :class:`~livar_merge.ClientUpdate` as a reply),
+:func:`load_global_tensors` and :func:`from_array_record` (the broadcast global model into your
+peft model), :func:`validate_reply`/:class:`ReplySpec` (what the strategy checks);
+``examples/custom_client_app.py`` is a runnable one.
 """
+
+from livar_merge.federated.peft_keys import load_global_tensors
+from livar_merge.flower.messages import (
+    PROTOCOL,
+    InvalidReplyError,
+    ReplySpec,
+    from_array_record,
+    pack_moments,
+    pack_reply,
+    to_array_record,
+    unpack_reply,
+    validate_reply,
+)
+from livar_merge.flower.strategy import FlowerSettings, LivarStrategy, RoundFailedError
+
+__all__ = [
+    "PROTOCOL",
+    "FlowerSettings",
+    "InvalidReplyError",
+    "LivarStrategy",
+    "ReplySpec",
+    "RoundFailedError",
+    "from_array_record",
+    "load_global_tensors",
+    "pack_moments",
+    "pack_reply",
+    "to_array_record",
+    "unpack_reply",
+    "validate_reply",
+]

@@ -1,13 +1,8 @@
 """Wire format of LIVAR on Flower: the broadcast global model and a client's reply.
 
-Tensor keys (global model and reply alike; the same names as ``checkpoint/global.safetensors``)::
-
-    lora/<layer>.lora_A.weight   [r, k]   LoRA factors (peft state-dict names, adapter dropped)
-    lora/<layer>.lora_B.weight   [d, r]
-    head/weight, head/bias       [C, D], [C]
-    base/<param>.base_layer.weight        frozen weight of a LoRA layer (global model only, and
-                                          only with lora_merge="product", where every round's
-                                          merged update is folded into it)
+Tensor keys of the global model and of a reply are those of
+:mod:`livar_merge.federated.peft_keys` (``lora/...``, ``head/...``; ``base/...`` only in the
+broadcast global model, in ``product`` mode).
 
 Baselines' client statistics travel in the reply's ``arrays`` too (float64), only when the method
 needs them::
@@ -51,7 +46,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from livar_merge.aggregation import ClientUpdate
-from livar_merge.errors import ClientUpdateError
+from livar_merge.errors import InvalidReplyError
 
 PROTOCOL = 1
 ARRAYS, METRICS, INFO, CONFIG = "arrays", "metrics", "info", "config"
@@ -60,41 +55,7 @@ MOMENT_KEYS = ("mean", "cov", "count")
 TABLE_KEYS = ("name", "version", "checksum")
 
 
-class InvalidReplyError(ClientUpdateError):
-    """A client reply that cannot be aggregated; the message names the node, client and key."""
-
-
-# ------------------------------------------------------------------------------ global model
-@torch.no_grad()
-def load_global_tensors(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Copy tensors named as in :func:`livar_merge.federated.model.global_tensors` into
-    ``model`` (shapes must match)."""
-    from livar_merge.federated.model import head_module
-
-    params = dict(model.named_parameters())
-    head = head_module(model)
-    for key, value in tensors.items():
-        kind, _, name = key.partition("/")
-        if kind == "lora":
-            target = params.get(
-                name.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
-            )
-        elif kind == "base":
-            target = params.get(name)
-        elif kind == "head":
-            target = getattr(head, name, None)
-        else:
-            target = None
-        if target is None:
-            raise ValueError(f"global model key {key!r} names no parameter of this model")
-        if tuple(target.shape) != tuple(value.shape):
-            raise ValueError(
-                f"global model key {key!r} has shape {tuple(value.shape)}, "
-                f"the model's parameter has {tuple(target.shape)}"
-            )
-        target.copy_(value.to(device=target.device, dtype=target.dtype))
-
-
+# ------------------------------------------------------------------------------ arrays
 def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """An ArrayRecord of CPU numpy copies (dtype and shape kept exactly)."""
     return ArrayRecord(
@@ -124,7 +85,10 @@ def pack_reply(
     config_hash: str,
     train_metrics: Mapping[str, float | int] | None = None,
 ) -> RecordDict:
-    """The RecordDict a ClientApp sends for ``update`` (see the module docstring)."""
+    """The RecordDict a ClientApp sends for ``update`` (see the module docstring).
+
+    ``train_metrics`` (``train-loss``, ...) default to the update's ``train_*`` extras
+    (:meth:`~livar_merge.federated.client.TrainReport.extras`)."""
     tensors = {f"lora/{k}": v for k, v in update.lora.items()}
     tensors["head/weight"] = update.head_weight
     if update.head_bias is not None:
@@ -140,7 +104,13 @@ def pack_reply(
         metrics["class-sigma"] = _floats(sigma)
         metrics["class-present"] = _ints(present.astype(np.int64))
         metrics["class-counts"] = _ints(update.class_counts)
-    for key, value in (train_metrics or {}).items():
+    if train_metrics is None:
+        train_metrics = {
+            key.replace("_", "-"): value
+            for key, value in update.extras.items()
+            if key.startswith("train_") and isinstance(value, int | float)
+        }
+    for key, value in train_metrics.items():
         metrics[key] = value
     info = ConfigRecord(
         {
@@ -481,19 +451,3 @@ def validate_moments(
     if (out["count"] < 0).any() or (out["count"] != np.round(out["count"])).any():
         raise _reject(who, "array 'count' holds negative or fractional counts")
     return str(info["client-id"]), out
-
-
-def frozen_checksum(model: torch.nn.Module, lora_merge: str) -> str:
-    """SHA-256 of the frozen parameters that are *not* broadcast (in product mode the LoRA
-    layers' frozen weights travel with the global model and are left out). Server and clients
-    compare it to catch a different backbone (weights file, architecture, seed)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        if param.requires_grad or (lora_merge == "product" and ".base_layer." in name):
-            continue
-        digest.update(name.encode())
-        digest.update(str(tuple(param.shape)).encode())
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    return f"sha256:{digest.hexdigest()}"

@@ -15,15 +15,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from flwr.simulation import run_simulation
+
+from livar_merge.errors import ConfigError
 from livar_merge.federated.config import FedConfig
-from livar_merge.flower.app import FlowerSettings, client_app, default_out, make_server_app
+from livar_merge.flower.client_app import client_app
+from livar_merge.flower.server_app import default_out, make_server_app
+from livar_merge.flower.strategy import FlowerSettings, check_method
 
 
 def backend_config(config: FedConfig) -> dict[str, Any]:
     """Ray backend settings: the per-ClientApp resources of ``config``."""
     cores = os.cpu_count() or 1
     if config.client_cpus > cores:
-        raise ValueError(
+        raise ConfigError(
             f"option client_cpus={config.client_cpus:g} exceeds the {cores} CPU cores of this "
             "machine; no ClientApp could be scheduled"
         )
@@ -46,9 +51,6 @@ def run_flower_simulation(
     ``livar-fed``'s; the same seed gives the same global model and accuracies as the in-process
     engine up to float rounding.
     """
-    from flwr.simulation import run_simulation
-
-    from livar_merge.flower.strategy import check_method
 
     check_method(config.method)  # before Ray starts
     folder = Path(out) if out is not None else default_out(config)

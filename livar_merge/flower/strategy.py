@@ -2,13 +2,15 @@
 
 Each round the strategy broadcasts the global model to every connected node, checks each reply
 with :func:`~livar_merge.flower.messages.validate_reply`, drops bad ones with a logged reason,
-reduces the rest in client-id order with an aggregator of our registry and installs the result
-exactly as ``livar-fed`` does (:class:`GlobalModel`). Every method of the registry runs: the
-baselines' statistics travel in the replies; FedProto's global prototypes go out with the next
-train message; CCVR (``ccvr``, ``livar+ccvr``) sends a QUERY round after each aggregation for the
-clients' class feature moments under the new global model, then re-trains the head. Client-side
-evaluation is not used: the ServerApp evaluates centrally through
-``Strategy.start(evaluate_fn=...)``.
+reduces the rest in client-id order and hands them to the flwr-free
+:class:`~livar_merge.federated.server.FederatedServer`, which aggregates, installs, runs CCVR and
+the paired evaluations exactly as ``livar-fed``'s in-process engine does; the strategy keeps
+only the transport (messages, reply validation, node waiting, CCVR's QUERY round trip).
+Every method of the registry runs: the baselines' statistics travel in the replies; FedProto's
+global prototypes go out with the next train message; CCVR (``ccvr``, ``livar+ccvr``) sends a
+QUERY round after each aggregation for the clients' class feature moments under the new global
+model, then re-trains the head. Client-side evaluation is not used: the ServerApp evaluates
+centrally through ``Strategy.start(evaluate_fn=...)``.
 """
 
 from __future__ import annotations
@@ -16,19 +18,26 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from livar_merge.aggregation import AggregationResult, ClientUpdate, make_aggregator
-from livar_merge.errors import LivarError
-from livar_merge.federated.model import global_tensors
+from livar_merge.aggregation import ClientUpdate
+from livar_merge.aggregation.registry import method_spec
+from livar_merge.errors import ConfigError, RoundFailedError
 from livar_merge.federated.paired import PairedEvaluation
+from livar_merge.federated.peft_keys import (
+    check_lora_targets,
+    global_tensors,
+    load_global_tensors,
+)
+from livar_merge.federated.server import Evaluate, FederatedServer, RoundRecord
 from livar_merge.flower.messages import (
     ARRAYS,
     CONFIG,
@@ -36,27 +45,24 @@ from livar_merge.flower.messages import (
     PROTOTYPES,
     InvalidReplyError,
     ReplySpec,
-    load_global_tensors,
+    from_array_record,
     to_array_record,
     validate_moments,
     validate_reply,
 )
+from livar_merge.tables import GShapTable
 
 log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
 SUPPORTED_NEEDS = frozenset({"omega", "sigma", "gram", "fisher", "prototypes", "moments"})
 
 
-class RoundFailedError(LivarError):
-    """Too few valid replies (or connected nodes) to aggregate a round."""
-
-
 def check_method(method: str, needs: Iterable[str] | None = None) -> None:
     """Raise if ``method`` needs client statistics the wire format does not carry."""
     if needs is None:
-        needs = make_aggregator(method).needs
+        needs = method_spec(method).needs
     unsupported = set(needs) - SUPPORTED_NEEDS
     if unsupported:
-        raise ValueError(
+        raise ConfigError(
             f"method {method!r} needs {sorted(unsupported)}, which the Flower wire format "
             f"does not carry; it carries {sorted(SUPPORTED_NEEDS)}"
         )
@@ -67,78 +73,36 @@ def client_order(client_id: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", client_id))
 
 
-class GlobalModel:
-    """The server's copy of the global model and the rule that installs an aggregation result
-    (the same as ``FederatedRun.apply``): head copied; LoRA folded into the frozen weights and
-    restarted from ``derive_seed(seed, round, "lora-restart")`` (product) or loaded (svd,
-    factors)."""
+@dataclass(frozen=True)
+class FlowerSettings:
+    """Server-side settings of a Flower run that are not livar-fed options (one home of their
+    defaults: the ServerApp's run config and :class:`LivarStrategy` read them from here)."""
 
-    def __init__(self, model: torch.nn.Module, *, seed: int, lora_merge: str = "product") -> None:
-        from livar_merge.lora import peft_scalings
-        from livar_merge.signals import find_lora_parameters
+    min_replies: int = 0  # 0: a majority of the nodes a round expects
+    round_timeout: float = 3600.0  # seconds to wait for the replies of one round
+    node_wait_timeout: float = 120.0  # seconds to wait for the expected nodes before a round
 
-        self.model = model
-        self.seed = seed
-        self.lora_merge = lora_merge
-        self.scalings = peft_scalings(model)
-        self.layer_names = tuple(find_lora_parameters(model))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return global_tensors(self.model, self.lora_merge)
-
-    def arrays(self) -> ArrayRecord:
-        return to_array_record(self.tensors())
-
-    def load(self, arrays: ArrayRecord) -> None:
-        from livar_merge.flower.messages import from_array_record
-
-        load_global_tensors(self.model, from_array_record(arrays))
-
-    def previous_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from livar_merge.federated.model import head_module
-
-        head = head_module(self.model)
-        bias = None if head.bias is None else head.bias.detach().clone()
-        return head.weight.detach().clone(), bias
-
-    def apply(self, result: AggregationResult, round_index: int) -> None:
-        from livar_merge.federated.install import install_result
-
-        install_result(
-            self.model,
-            result,
-            lora_merge=self.lora_merge,
-            seed=self.seed,
-            round_index=round_index,
-        )
+    def resolved_min_replies(self, expected_nodes: int) -> int:
+        """``min_replies``, or (0) a majority of ``expected_nodes``; at least 1."""
+        return self.min_replies if self.min_replies > 0 else max(1, expected_nodes // 2 + 1)
 
 
-@dataclass
-class RoundLog:
-    """What one round did: accepted updates (in reduction order), the aggregation result, and
-    one outcome per reply or silent node (``accepted``/``reason``)."""
-
-    round: int
-    updates: list[ClientUpdate]
-    result: AggregationResult
-    outcomes: list[dict[str, Any]] = field(default_factory=list)
-    train_seconds: float = 0.0
-    aggregation_seconds: float = 0.0  # server: merge, install, CCVR head re-training
-    moments_seconds: float = 0.0  # CCVR's QUERY round trip (client-side moment pass)
-    paired: list[dict[str, Any]] = field(default_factory=list)  # paired.csv rows (no difference)
+DEFAULTS = FlowerSettings()
 
 
 class LivarStrategy(Strategy):
     """LIVAR as a Flower strategy.
 
     Args:
-        model: the peft LoRA ViT holding the initial global model (the server's copy).
-        seed: run seed (LoRA restarts in product mode derive from it).
+        model: the peft LoRA ViT holding the initial global model (the server's copy); its
+            LoRA layers and head are checked here, before any round.
+        seed: run seed (LoRA restarts in product mode and CCVR derive from it).
         method: any method of our registry (``livar``, ``fedavg``, ``regmean``, ``ccvr``, ...).
         method_options: the method's options (``regmean_shrinkage``, ``ccvr_samples``, ...).
         table: G_SHAP table name or path; replies must carry the same table identity.
         lora_merge: ``product`` (Eq. 3 folded into the frozen weights), ``svd`` or ``factors``.
-        min_replies: a round fails (:class:`RoundFailedError`) with fewer valid replies.
+        min_replies: a round fails (:class:`RoundFailedError`) with fewer valid replies;
+            0: a majority of ``min_available_nodes`` (at least 1).
         min_available_nodes: wait up to ``node_wait_timeout`` s for this many nodes before a
             round; after that the round goes on with those connected (at least ``min_replies``).
         config_hash: if given, replies trained with other options are dropped.
@@ -159,41 +123,45 @@ class LivarStrategy(Strategy):
         method_options: Mapping[str, Any] | None = None,
         table: str = "paper-table-a",
         lora_merge: str = "product",
-        min_replies: int = 1,
+        min_replies: int = DEFAULTS.min_replies,
         min_available_nodes: int = 0,
-        node_wait_timeout: float = 60.0,
+        node_wait_timeout: float = DEFAULTS.node_wait_timeout,
         config_hash: str | None = None,
         frozen_checksum: str | None = None,
         query_timeout: float | None = None,
         ccvr_round: int | None = None,
         paired: PairedEvaluation | None = None,
-        paired_evaluate: Callable[[torch.nn.Module], tuple[float, float]] | None = None,
+        paired_evaluate: Evaluate | None = None,
     ) -> None:
-        from livar_merge.tables import GShapTable
-
-        if min_replies < 1:
-            raise ValueError(f"min_replies must be >= 1, got {min_replies}")
-        self.method = method
-        options = {**dict(method_options or {}), "table": table, "lora_merge": lora_merge}
-        self.aggregator = make_aggregator(method, **options)
-        if paired is not None and paired_evaluate is None:
-            raise ValueError("paired evaluation needs paired_evaluate (model -> top-1, loss)")
-        self.paired, self.paired_evaluate = paired, paired_evaluate
-        # clients also compute the statistics of the paired methods, after local training
-        self.needs = self.aggregator.needs | (paired.needs if paired else frozenset())
-        check_method(method, self.needs)
+        if min_replies < 0:
+            raise ConfigError(f"min_replies must be >= 0, got {min_replies}")
+        check_lora_targets(model)
+        # table and lora_merge go to the method when it declares them; method_options must
+        # hold only options it declares (make_aggregator names any other)
+        run_options = method_spec(method).select({"table": table, "lora_merge": lora_merge})
+        options = {**run_options, **dict(method_options or {})}
+        self.server = FederatedServer(
+            model,
+            method=method,
+            method_options=options,
+            seed=seed,
+            lora_merge=lora_merge,
+            ccvr_round=ccvr_round,
+            paired=paired,
+            evaluate=paired_evaluate,
+        )
+        check_method(method, self.server.needs)
         self.table_identity = GShapTable.load(table).identity()
-        self.global_model = GlobalModel(model, seed=seed, lora_merge=lora_merge)
-        self.min_replies = min_replies
+        self.min_replies = FlowerSettings(min_replies=min_replies).resolved_min_replies(
+            min_available_nodes
+        )
         self.min_available_nodes = min_available_nodes
         self.node_wait_timeout = node_wait_timeout
         self.config_hash = config_hash
         self.frozen_checksum = frozen_checksum
         self.query_timeout = query_timeout
-        self.ccvr_round = ccvr_round
-        self.history: list[RoundLog] = []
+        self.history: list[RoundRecord] = []
         self._current: ArrayRecord | None = None
-        self.prototypes: torch.Tensor | None = None  # FedProto's global prototypes [C, D]
         self._messages: list[Message] = []
         self._sent_at = 0.0
         self._spec: ReplySpec | None = None
@@ -201,17 +169,41 @@ class LivarStrategy(Strategy):
         self._train_config: ConfigRecord | None = None
 
     # ------------------------------------------------------------------------- helpers
+    @property
+    def method(self) -> str:
+        return self.server.method
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.server.model
+
+    @property
+    def aggregator(self) -> Any:
+        return self.server.aggregator
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.server.needs
+
+    @property
+    def prototypes(self) -> torch.Tensor | None:
+        return self.server.prototypes
+
+    def global_arrays(self) -> ArrayRecord:
+        """The server's global model as an ArrayRecord."""
+        return to_array_record(global_tensors(self.model, self.server.lora_merge))
+
     def initial_arrays(self) -> ArrayRecord:
         """The global model to pass to ``start(initial_arrays=...)``."""
-        self._current = self.global_model.arrays()
+        self._current = self.global_arrays()
         return self._current
 
     def reply_spec(self) -> ReplySpec:
         """What a valid reply holds (shapes are fixed for a run, so computed once)."""
         if self._spec is None:
             self._spec = ReplySpec.from_global(
-                self.global_model.tensors(),
-                self.global_model.layer_names,
+                global_tensors(self.model, self.server.lora_merge),
+                self.server.layer_names,
                 needs=self.needs,
                 table=self.table_identity,
                 config_hash=self.config_hash,
@@ -221,7 +213,7 @@ class LivarStrategy(Strategy):
     def sync(self, arrays: ArrayRecord) -> None:
         """Make the server's model hold ``arrays`` (a no-op for the record it produced)."""
         if arrays is not self._current:
-            self.global_model.load(arrays)
+            load_global_tensors(self.model, from_array_record(arrays))
             self._current = arrays
 
     def _wait_for_nodes(self, grid: Grid, server_round: int) -> list[int]:
@@ -253,7 +245,7 @@ class LivarStrategy(Strategy):
             self.method,
             self.table_identity["name"],
             self.table_identity["version"],
-            self.global_model.lora_merge,
+            self.server.lora_merge,
             self.min_replies,
         )
 
@@ -267,7 +259,7 @@ class LivarStrategy(Strategy):
         config["server-round"] = server_round
         config["protocol"] = PROTOCOL
         config["needs"] = sorted(self.needs)
-        config["lora-merge"] = self.global_model.lora_merge
+        config["lora-merge"] = self.server.lora_merge
         for key, value in self.table_identity.items():
             config[f"table-{key}"] = value
         if self.frozen_checksum is not None:
@@ -294,16 +286,14 @@ class LivarStrategy(Strategy):
         log.warning("dropped %s", reason)
         outcomes.append({**row, "accepted": False, "reason": reason})
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, drop, sort by client id, aggregate, install; returns the new global."""
-        train_seconds = time.perf_counter() - self._sent_at if self._sent_at else 0.0
-        replies = list(replies)
+    def accepted_updates(
+        self, server_round: int, replies: list[Message], outcomes: list[dict[str, Any]]
+    ) -> list[ClientUpdate]:
+        """The valid replies' updates, one per client id (lowest node id), in client-id order;
+        every reply or silent node gets an outcome row."""
         sent = _destinations(self._messages)
         self._messages = []
         spec = self.reply_spec()
-        outcomes: list[dict[str, Any]] = []
         valid: list[tuple[ClientUpdate, int]] = []
         answered: set[str] = set()
         for msg in replies:
@@ -333,7 +323,6 @@ class LivarStrategy(Strategy):
                     node_id=node,
                     client=None,
                 )
-        # One update per client id, deterministically (lowest node id), in client-id order.
         valid.sort(key=lambda item: (client_order(item[0].client_id), item[1]))
         updates: list[ClientUpdate] = []
         for update, node in valid:
@@ -349,55 +338,48 @@ class LivarStrategy(Strategy):
                 continue
             updates.append(update)
             outcomes.append({**row, "accepted": True, "reason": ""})
+        return updates
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, drop, sort by client id, aggregate, install; returns the new global."""
+        train_seconds = time.perf_counter() - self._sent_at if self._sent_at else 0.0
+        replies = list(replies)
+        outcomes: list[dict[str, Any]] = []
+        updates = self.accepted_updates(server_round, replies, outcomes)
         if len(updates) < self.min_replies:
             reasons = "; ".join(o["reason"] for o in outcomes if not o["accepted"])
             raise RoundFailedError(
                 f"round {server_round}: {len(updates)} valid replies of {len(replies)} "
                 f"received, min_replies is {self.min_replies}. Dropped: {reasons or 'none'}"
             )
-        previous_head = self.global_model.previous_head()
-        paired_rows: list[dict[str, Any]] = []
-        if self.paired is not None:  # on the pre-round global model, before it is replaced
-            paired_rows = self.paired.evaluate_round(
-                self.global_model.model,
-                updates,
-                round_index=server_round,
-                previous_head=previous_head,
-                scaling=self.global_model.scalings,
-                evaluate=self.paired_evaluate,  # type: ignore[arg-type]
-            )
-        start = time.perf_counter()
-        result = self.aggregator.aggregate(
+
+        def query(
+            accepted: Sequence[ClientUpdate], full_covariance: bool
+        ) -> tuple[list[dict[str, np.ndarray]], float]:
+            nodes = [int(u.extras["node_id"]) for u in accepted]
+            return self._query_moments(server_round, nodes, outcomes, full_covariance)
+
+        record = self.server.aggregate_round(
+            server_round,
             updates,
-            previous_head=previous_head,
-            scaling=self.global_model.scalings,
+            train_seconds=train_seconds,
+            query_moments=query,
+            outcomes=outcomes,
         )
-        self.global_model.apply(result, server_round)
-        if "prototypes" in result.details:
-            self.prototypes = torch.as_tensor(result.details["prototypes"], dtype=torch.float32)
-        moments_seconds = 0.0
-        if "moments" in self.aggregator.needs and self.ccvr_round in (None, server_round):
-            nodes = [int(u.extras["node_id"]) for u in updates]
-            moments, moments_seconds = self._query_moments(server_round, nodes, outcomes)
-            self._calibrate_head(server_round, moments)
-        self._current = self.global_model.arrays()
-        self.history.append(
-            RoundLog(
-                server_round,
-                updates,
-                result,
-                sorted(outcomes, key=lambda o: (not o["accepted"], str(o["client"]), o["node_id"])),
-                train_seconds,
-                time.perf_counter() - start - moments_seconds,
-                moments_seconds,
-                paired_rows,
-            )
-        )
+        outcomes.sort(key=lambda o: (not o["accepted"], str(o["client"]), o["node_id"]))
+        self._current = self.global_arrays()
+        self.history.append(record)
         return self._current, _train_metrics(updates, len(outcomes) - len(updates))
 
     # ----------------------------------------------------------------------------- CCVR
     def _query_moments(
-        self, server_round: int, nodes: list[int], outcomes: list[dict[str, Any]]
+        self,
+        server_round: int,
+        nodes: list[int],
+        outcomes: list[dict[str, Any]],
+        full_covariance: bool,
     ) -> tuple[list[dict[str, Any]], float]:
         """CCVR's extra round trip: the new global model to ``nodes`` (those whose train reply
         was accepted), their class feature moments back, validated, in client-id order."""
@@ -405,9 +387,9 @@ class LivarStrategy(Strategy):
             raise RoundFailedError("CCVR needs the Grid of configure_train to query moments")
         start = time.perf_counter()
         # the round's train config (run options, protocol, checksum, ...) plus the covariance kind
-        covariance = "full" if self.aggregator.full_covariance else "diag"
+        covariance = "full" if full_covariance else "diag"
         config = ConfigRecord({**dict(self._train_config or {}), "ccvr-covariance": covariance})
-        content = RecordDict({ARRAYS: self.global_model.arrays(), CONFIG: config})
+        content = RecordDict({ARRAYS: self.global_arrays(), CONFIG: config})
         messages = [
             Message(
                 content=content,
@@ -433,7 +415,7 @@ class LivarStrategy(Strategy):
                     msg.content,
                     num_classes=num_classes,
                     width=width,
-                    full_covariance=self.aggregator.full_covariance,
+                    full_covariance=full_covariance,
                     node_id=node,
                 )
             except InvalidReplyError as err:
@@ -449,17 +431,6 @@ class LivarStrategy(Strategy):
             )
         log.info("round %d: CCVR moments from %d nodes", server_round, len(unique))
         return [m for _, _, m in unique], time.perf_counter() - start
-
-    def _calibrate_head(self, server_round: int, moments: list[dict[str, Any]]) -> None:
-        """CCVR's head re-training on the pooled moments (needs autograd: no ``no_grad``)."""
-        from livar_merge.federated.data import derive_seed
-        from livar_merge.federated.model import head_module
-
-        self.aggregator.calibrate(
-            head_module(self.global_model.model),
-            moments,
-            seed=derive_seed(self.global_model.seed, server_round, "ccvr"),
-        )
 
     # ------------------------------------------------------------------------- evaluate
     def configure_evaluate(
@@ -502,6 +473,6 @@ def _train_metrics(updates: list[ClientUpdate], dropped: int) -> MetricRecord:
     return metrics
 
 
-def reply_outcomes(history: Iterable[RoundLog]) -> list[Mapping[str, Any]]:
+def reply_outcomes(history: Iterable[RoundRecord]) -> list[Mapping[str, Any]]:
     """All reply outcomes of a run (for ``replies.csv``)."""
-    return [o for entry in history for o in entry.outcomes]
+    return [o for entry in history for o in entry.outcomes or []]

@@ -1,0 +1,192 @@
+"""The federation of a run: runtime (device, precision, local-training settings), data, the
+Dirichlet split, the seeded peft model and its batch sources. One builder for ``livar-fed``
+(in-process), both Flower apps and ``livar-calibrate``'s proxy training.
+
+``livar-fed``'s FedConfig and ``livar-calibrate``'s CalibConfig name these options alike
+(data_root, image_size, max_train, max_test, model, weights, patch_size, embed_dim, depth,
+num_heads, lora_rank, lora_alpha, lora_dropout, device, precision, threads, and the local-training
+options of :class:`~livar_merge.federated.client.TrainSettings`), so the builder reads them by
+attribute; the dataset, seed and beta are passed explicitly (a calibration has several).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from livar_merge.federated.client import TrainSettings, evaluate
+from livar_merge.federated.data import BatchSource, derive_seed
+from livar_merge.federated.datasets import (
+    LabeledImages,
+    load_dataset,
+    stratified_subsample,
+    subset,
+)
+from livar_merge.federated.model import ModelInfo, build_model
+from livar_merge.federated.partition import class_count_table, dirichlet_partition
+from livar_merge.federated.statistics import feature_moments
+from livar_merge.lora import peft_scalings
+
+
+# ----------------------------------------------------------------------------- runtime
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def settings_from(config: Any, precision: str) -> TrainSettings:
+    """Local-training settings from any config naming the same options; options a config lacks
+    keep TrainSettings' defaults."""
+    names = {f.name for f in dataclasses.fields(TrainSettings)} - {"precision"}
+    given = {name: getattr(config, name) for name in names if hasattr(config, name)}
+    return TrainSettings(**given, precision=precision)
+
+
+# -------------------------------------------------------------------------------- data
+def load_train_test(
+    dataset: str, config: Any, seed: int
+) -> tuple[Any, LabeledImages, LabeledImages]:
+    """``(splits, train, test)`` with the stratified subsamples ``max_train``/``max_test``."""
+    splits = load_dataset(dataset, config.data_root, image_size=config.image_size, seed=seed)
+    train, test = splits.train, splits.test
+    max_train, max_test = getattr(config, "max_train", None), getattr(config, "max_test", None)
+    if max_train is not None and max_train < len(train):
+        train = subset(train, stratified_subsample(np.asarray(train.labels), max_train, seed))
+    if max_test is not None and max_test < len(test):
+        test = subset(test, stratified_subsample(np.asarray(test.labels), max_test, seed))
+    return splits, train, test
+
+
+def build_seeded_model(
+    config: Any, num_classes: int, seed: int
+) -> tuple[torch.nn.Module, ModelInfo]:
+    """The peft LoRA ViT of ``config``, initialised from ``seed`` (same seed, same weights)."""
+    torch.manual_seed(derive_seed(seed, "model-init"))
+    overrides = {
+        name: getattr(config, name) for name in ("patch_size", "embed_dim", "depth", "num_heads")
+    }
+    return build_model(
+        config.model,
+        num_classes,
+        weights=config.weights,
+        image_size=config.image_size,
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        dropout=getattr(config, "lora_dropout", 0.0),
+        overrides=overrides,
+    )
+
+
+# -------------------------------------------------------------------------- federation
+@dataclass
+class Federation:
+    """Everything a run builds before its first round (same config and seed: same objects)."""
+
+    device: torch.device
+    precision: str
+    settings: TrainSettings
+    num_classes: int
+    dataset_source: Any  # where the dataset was read from (DatasetSplits.source)
+    parts: list[np.ndarray]  # client m's training indices
+    partition_table: pd.DataFrame  # clients x classes sample counts
+    model: torch.nn.Module
+    info: ModelInfo
+    scalings: dict[str, float]  # peft scaling per LoRA layer
+    train_source: BatchSource
+    test_source: BatchSource
+    test_size: int
+    eval_batch_size: int = 256
+
+    @property
+    def client_ids(self) -> list[str]:
+        return [client_id(m) for m in range(len(self.parts))]
+
+    def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
+        """Test top-1 and loss of ``model`` on the run's test set."""
+        return evaluate(
+            model,
+            self.test_source,
+            np.arange(self.test_size),
+            batch_size=self.eval_batch_size,
+            precision=self.precision,
+        )
+
+    def client_moments(
+        self, model: torch.nn.Module, client: int, *, full_covariance: bool
+    ) -> dict[str, np.ndarray]:
+        """CCVR: class feature moments of client ``client``'s data under ``model``."""
+        return feature_moments(
+            model,
+            self.train_source,
+            self.parts[client],
+            self.num_classes,
+            batch_size=self.eval_batch_size,
+            full_covariance=full_covariance,
+        )
+
+
+def client_id(index: int) -> str:
+    """The id of client ``index`` (``client_<m>``; both engines and the calibration)."""
+    return f"client_{index}"
+
+
+def build_federation(
+    config: Any,
+    *,
+    dataset: str | None = None,
+    seed: int | None = None,
+    beta: float | None = None,
+    data_root: str | None = None,
+    threads: int | None = None,
+) -> Federation:
+    """Build the federation of ``config`` (``dataset``/``seed``/``beta`` default to the config's;
+    ``data_root`` overrides the dataset folder, e.g. on a Flower node; ``threads`` the torch CPU
+    threads, default ``config.threads``)."""
+    dataset = dataset if dataset is not None else config.dataset
+    seed = seed if seed is not None else config.seed
+    beta = beta if beta is not None else config.beta
+    threads = threads if threads is not None else getattr(config, "threads", None)
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    local = replace(config, data_root=data_root) if data_root else config
+    splits, train, test = load_train_test(dataset, local, seed)
+    labels = np.asarray(train.labels)
+    parts = dirichlet_partition(
+        labels, config.num_clients, beta, seed=seed, min_samples=config.min_client_samples
+    )
+    model, info = build_seeded_model(config, splits.num_classes, seed)
+    model.to(device)
+    workers = getattr(config, "num_workers", 0)
+    source = {"mean": info.mean, "std": info.std, "device": device, "num_workers": workers}
+    return Federation(
+        device=device,
+        precision=precision,
+        settings=settings_from(config, precision),
+        num_classes=splits.num_classes,
+        dataset_source=splits.source,
+        parts=list(parts),
+        partition_table=class_count_table(parts, labels, splits.num_classes),
+        model=model,
+        info=info,
+        scalings=peft_scalings(model),
+        train_source=BatchSource(train, **source),
+        test_source=BatchSource(test, **source),
+        test_size=len(test),
+        eval_batch_size=getattr(config, "eval_batch_size", 256),
+    )

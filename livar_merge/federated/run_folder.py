@@ -1,0 +1,178 @@
+"""The run-folder writer of both engines (layout in :mod:`livar_merge.federated.results`).
+
+:class:`RunFolder` checks the folder before a run, writes the header, accumulates the rows of
+every round (:class:`RunRows`), writes the tables and the checkpoint atomically after each
+round, reads a checkpoint back for ``--resume`` and writes the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from livar_merge.errors import RunFolderError
+from livar_merge.federated.peft_keys import global_tensors, load_global_tensors
+from livar_merge.federated.results import (
+    aggregation_rows,
+    write_csv,
+    write_json,
+    write_run_header,
+)
+from livar_merge.federated.server import RoundRecord
+
+log = logging.getLogger(__name__)
+CHECKPOINT_VERSION = 1
+TABLES = ("metrics", "clients", "alpha", "head_weights", "paired", "replies")
+# ClientUpdate.extras keys of a client's training report -> clients.csv columns
+REPORT_COLUMNS = {
+    "train_loss": "train_loss",
+    "train_accuracy": "train_accuracy",
+    "train_steps": "steps",
+    "train_seconds": "seconds",
+    "train_statistics_seconds": "statistics_seconds",
+    "train_upload_bytes": "upload_bytes",
+    "train_statistics_bytes": "statistics_bytes",
+}
+
+
+@dataclass
+class RunRows:
+    """Every table row of a run so far, plus the client memories (cumulative omega totals)."""
+
+    completed_rounds: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    alpha: list[dict[str, Any]] = field(default_factory=list)
+    head_weights: list[dict[str, Any]] = field(default_factory=list)
+    paired: list[dict[str, Any]] = field(default_factory=list)
+    replies: list[dict[str, Any]] = field(default_factory=list)
+    memories: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def client_rows(record: RoundRecord) -> list[dict[str, Any]]:
+    """``clients.csv`` rows of a round, from the updates and their training reports."""
+    rows = []
+    for update in record.updates:
+        row: dict[str, Any] = {"round": record.round, "client": update.client_id}
+        if "node_id" in update.extras:
+            row["node_id"] = update.extras["node_id"]
+        row["num_samples"] = update.num_samples
+        for key, column in REPORT_COLUMNS.items():
+            row[column] = update.extras.get(key)
+        rows.append(row)
+    return rows
+
+
+class RunFolder:
+    """The results folder ``out`` of a run of ``config`` (a FedConfig)."""
+
+    def __init__(self, out: Path | str, config: Any) -> None:
+        self.out = Path(out)
+        self.config = config
+        self.rows = RunRows()
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / "checkpoint"
+
+    def check(self, *, resume: bool, resumable: bool = True) -> bool:
+        """Refuse a folder holding another run; returns whether to resume (False when
+        ``resume`` finds no run yet). Writes nothing. ``resumable=False``: an engine whose
+        runs do not resume (Flower)."""
+        config_path = self.out / "config.json"
+        if resume and not config_path.is_file():
+            log.warning("--resume: no run in %s yet; starting from round 1", self.out)
+            return False
+        if resume:
+            saved = json.loads(config_path.read_text())
+            if saved["config_hash"] != self.config.config_hash():
+                diff = {
+                    k: (saved["config"].get(k), v)
+                    for k, v in self.config.to_dict().items()
+                    if saved["config"].get(k) != v and k not in ("out", "progress")
+                }
+                raise RunFolderError(
+                    f"--resume with a different configuration than {config_path}: {diff}"
+                )
+            return True
+        if self.checkpoint.exists() or (self.out / "summary.json").exists():
+            hint = "pass --resume to continue it or choose --out" if resumable else "choose --out"
+            raise RunFolderError(f"{self.out} already holds a run; {hint}")
+        return False
+
+    def write_header(
+        self, provenance_extra: dict[str, Any], partition: Any = None, **config_extra: Any
+    ) -> None:
+        """``config.json``, ``provenance.json`` and (given a DataFrame) ``partition.csv``."""
+        write_run_header(self.out, self.config, provenance_extra, **config_extra)
+        if partition is not None:
+            partition.to_csv(self.out / "partition.csv", index_label="client")
+
+    def add_round(
+        self, record: RoundRecord, metrics_row: dict[str, Any], paired_rows: list[dict[str, Any]]
+    ) -> None:
+        """Append a finished round's rows."""
+        alpha, heads = aggregation_rows(record.round, record.updates, record.result)
+        self.rows.metrics.append(metrics_row)
+        self.rows.clients.extend(client_rows(record))
+        self.rows.alpha.extend(alpha)
+        self.rows.head_weights.extend(heads)
+        self.rows.paired.extend(paired_rows)
+        if record.outcomes is not None:
+            self.rows.replies.extend(record.outcomes)
+        self.rows.completed_rounds = record.round
+
+    def write_tables(self) -> None:
+        """The CSV/JSON tables of the rows so far (paired/replies only when there are any)."""
+        write_json(self.out / "metrics.json", self.rows.metrics)
+        for name in TABLES:
+            rows = getattr(self.rows, name)
+            if rows or name not in ("paired", "replies"):
+                write_csv(self.out / f"{name}.csv", rows)
+
+    # ------------------------------------------------------------------- checkpoint
+    def save_checkpoint(
+        self, model: torch.nn.Module, server_tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """``checkpoint/global.safetensors`` (global model and server state) and
+        ``checkpoint/state.json`` (rows, memories), each written atomically."""
+        tensors = global_tensors(model, self.config.lora_merge)
+        tensors.update(server_tensors or {})
+        self.checkpoint.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint / "global.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"round": str(self.rows.completed_rounds)})
+        tmp.replace(self.checkpoint / "global.safetensors")
+        write_json(
+            self.checkpoint / "state.json",
+            {
+                "checkpoint_version": CHECKPOINT_VERSION,
+                "config_hash": self.config.config_hash(),
+                **asdict(self.rows),
+            },
+        )
+
+    def load_checkpoint(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Restore the rows and ``model`` from the checkpoint; returns the server tensors
+        (``server/...``). Without a checkpoint: nothing changes, ``{}``."""
+        state_path = self.checkpoint / "state.json"
+        if not state_path.is_file():
+            log.info("no checkpoint in %s; starting from round 1", self.checkpoint)
+            return {}
+        data = json.loads(state_path.read_text())
+        if data.pop("checkpoint_version", None) != CHECKPOINT_VERSION:
+            raise RunFolderError(f"{state_path}: unsupported checkpoint_version")
+        data.pop("config_hash", None)
+        tensors = load_file(str(self.checkpoint / "global.safetensors"))
+        server = {k: v for k, v in tensors.items() if k.startswith("server/")}
+        load_global_tensors(model, {k: v for k, v in tensors.items() if k not in server})
+        self.rows = RunRows(**data)
+        return server
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.out / "summary.json", summary)

@@ -1,0 +1,216 @@
+"""The server side of one federated round, written once for both engines (flwr-free).
+
+:class:`FederatedServer` owns the server state (the global model, the aggregator, FedProto's
+global prototypes) and one round: snapshot of the previous head, the paired evaluations on the
+pre-round model, aggregation, installation (:func:`~livar_merge.federated.install.install_result`:
+fold and restart, or load factors), the prototypes, CCVR's decision, seed and head re-training,
+and the timing. The in-process driver (:mod:`livar_merge.federated.runner`) and the Flower
+strategy (:mod:`livar_merge.flower.strategy`) only move updates and moments to it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from livar_merge.aggregation import AggregationResult, ClientUpdate, make_aggregator
+from livar_merge.federated.data import derive_seed
+from livar_merge.federated.install import install_result
+from livar_merge.federated.model import head_module
+from livar_merge.federated.paired import PairedEvaluation, paired_from_config, with_differences
+from livar_merge.lora import peft_scalings
+from livar_merge.signals import find_lora_parameters
+
+Evaluate = Callable[[torch.nn.Module], tuple[float, float]]
+# CCVR's client pass under the new global model: (moments in client order, seconds it took)
+QueryMoments = Callable[[Sequence[ClientUpdate], bool], tuple[list[dict[str, np.ndarray]], float]]
+PROTOTYPES_KEY = "server/prototypes"
+
+
+@dataclass
+class RoundRecord:
+    """What one round did: the accepted updates (in reduction order), the result, timings,
+    the paired rows (``difference`` filled in by :meth:`FederatedServer.metrics_row`) and, on
+    Flower, one outcome per reply or silent node (``accepted``, ``reason``)."""
+
+    round: int
+    updates: list[ClientUpdate]
+    result: AggregationResult
+    train_seconds: float = 0.0
+    aggregation_seconds: float = 0.0  # server: merge, install, CCVR head re-training
+    moments_seconds: float = 0.0  # CCVR's client moment pass (client-side work)
+    paired: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: list[dict[str, Any]] | None = None
+
+
+class FederatedServer:
+    """The server state and one round (module docstring).
+
+    Args:
+        model: the peft LoRA ViT holding the global model (modified in place every round).
+        method, method_options: the aggregation method of the registry and its options.
+        seed: run seed (LoRA restarts and CCVR's sampling derive from it).
+        lora_merge: ``product``, ``svd`` or ``factors`` (how a result is installed).
+        ccvr_round: CCVR calibrates only after this round; None: after every round.
+        paired: methods also aggregated on every round's updates and scored by ``evaluate``.
+        evaluate: ``model -> (top-1, loss)`` on the test set (needed with ``paired``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        method: str,
+        method_options: Mapping[str, Any] | None = None,
+        seed: int,
+        lora_merge: str = "product",
+        ccvr_round: int | None = None,
+        paired: PairedEvaluation | None = None,
+        evaluate: Evaluate | None = None,
+    ) -> None:
+        if paired is not None and evaluate is None:
+            raise ValueError("paired evaluation needs evaluate (model -> top-1, loss)")
+        self.model = model
+        self.method = method
+        self.aggregator = make_aggregator(method, **dict(method_options or {}))
+        self.seed = seed
+        self.lora_merge = lora_merge
+        self.ccvr_round = ccvr_round
+        self.paired = paired
+        self.evaluate = evaluate
+        self.scalings = peft_scalings(model)
+        self.layer_names = tuple(find_lora_parameters(model))
+        # clients also compute the paired methods' statistics, after local training
+        self.needs = self.aggregator.needs | (paired.needs if paired else frozenset())
+        self.prototypes: torch.Tensor | None = None  # FedProto's global prototypes [C, D]
+
+    @classmethod
+    def from_config(
+        cls, model: torch.nn.Module, config: Any, evaluate: Evaluate | None = None
+    ) -> FederatedServer:
+        """The server of a ``FedConfig`` run."""
+        return cls(
+            model,
+            method=config.method,
+            method_options=config.method_options(),
+            seed=config.seed,
+            lora_merge=config.lora_merge,
+            ccvr_round=config.rounds if config.ccvr_rounds == "last" else None,
+            paired=paired_from_config(config),
+            evaluate=evaluate,
+        )
+
+    # ------------------------------------------------------------------------ the round
+    def previous_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Copies of the global head ``(weight [C, D], bias [C])`` before this round's merge."""
+        head = head_module(self.model)
+        bias = None if head.bias is None else head.bias.detach().clone()
+        return head.weight.detach().clone(), bias
+
+    def wants_moments(self, round_index: int) -> bool:
+        """Whether CCVR calibrates the head after ``round_index``."""
+        return "moments" in self.aggregator.needs and self.ccvr_round in (None, round_index)
+
+    def aggregate_round(
+        self,
+        round_index: int,
+        updates: list[ClientUpdate],
+        *,
+        train_seconds: float = 0.0,
+        query_moments: QueryMoments | None = None,
+        outcomes: list[dict[str, Any]] | None = None,
+    ) -> RoundRecord:
+        """Aggregate ``updates`` (in reduction order) into the next global model.
+
+        ``query_moments(updates, full_covariance)`` is called when CCVR calibrates this round.
+        """
+        previous = self.previous_head()
+        paired_rows: list[dict[str, Any]] = []
+        if self.paired is not None:  # on the pre-round global model, before it is replaced
+            paired_rows = self.paired.evaluate_round(
+                self.model,
+                updates,
+                round_index=round_index,
+                previous_head=previous,
+                scaling=self.scalings,
+                evaluate=self.evaluate,  # type: ignore[arg-type]
+            )
+        start = time.perf_counter()
+        result = self.aggregator.aggregate(updates, previous_head=previous, scaling=self.scalings)
+        install_result(
+            self.model,
+            result,
+            lora_merge=self.lora_merge,
+            seed=self.seed,
+            round_index=round_index,
+        )
+        if "prototypes" in result.details:
+            self.prototypes = torch.as_tensor(
+                result.details["prototypes"],
+                dtype=torch.float32,
+                device=head_module(self.model).weight.device,
+            )
+        moments_seconds = 0.0
+        if self.wants_moments(round_index):
+            if query_moments is None:
+                raise ValueError(f"method {self.method!r} needs query_moments for CCVR")
+            full = bool(self.aggregator.full_covariance)  # type: ignore[attr-defined]
+            moments, moments_seconds = query_moments(updates, full)
+            self.aggregator.calibrate(  # type: ignore[attr-defined]
+                head_module(self.model),
+                moments,
+                seed=derive_seed(self.seed, round_index, "ccvr"),
+            )
+        # server time only: merge, install, CCVR head re-training (not the clients' pass)
+        seconds = time.perf_counter() - start - moments_seconds
+        return RoundRecord(
+            round_index,
+            list(updates),
+            result,
+            train_seconds=train_seconds,
+            aggregation_seconds=seconds,
+            moments_seconds=moments_seconds,
+            paired=paired_rows,
+            outcomes=outcomes,
+        )
+
+    def metrics_row(
+        self, record: RoundRecord, accuracy: float, loss: float
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``metrics.csv``'s row of a round evaluated at ``(accuracy, loss)`` and its
+        ``paired.csv`` rows with the differences to ``accuracy``."""
+        row: dict[str, Any] = {
+            "round": record.round,
+            "test_accuracy": accuracy,
+            "test_loss": loss,
+            "train_seconds": record.train_seconds,
+            "aggregation_seconds": record.aggregation_seconds,
+            "moments_seconds": record.moments_seconds,
+            "paired_seconds": sum(
+                r["aggregation_seconds"] + r["evaluation_seconds"] for r in record.paired
+            ),
+            "uncovered_classes": len(record.result.head.uncovered),
+        }
+        if record.outcomes is not None:
+            accepted = sum(bool(o["accepted"]) for o in record.outcomes)
+            row["replies_accepted"] = accepted
+            row["replies_dropped"] = len(record.outcomes) - accepted
+        return row, with_differences(record.paired, accuracy)
+
+    # ------------------------------------------------------------------------ state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Server state beyond the global model, for the checkpoint."""
+        if self.prototypes is None:
+            return {}
+        return {PROTOTYPES_KEY: self.prototypes.contiguous().cpu()}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_tensors`."""
+        if PROTOTYPES_KEY in tensors:
+            device = head_module(self.model).weight.device
+            self.prototypes = tensors[PROTOTYPES_KEY].to(device)

@@ -1,0 +1,180 @@
+"""The LIVAR Flower ClientApp (``client_app``; component in ``pyproject.toml``).
+
+A ClientApp needs no run config: every message carries the resolved livar-fed options, from
+which the node builds (once per configuration) the same federation as the server and
+``livar-fed`` (:func:`~livar_merge.federated.federation.build_federation`) and trains partition
+``partition-id`` of its node config (``num-partitions``, when set, must equal ``num-clients``;
+``data-root`` overrides the dataset folder on that node). The client memory (cumulative omega
+totals) lives in the node's ``context.state`` with the codec of
+:class:`~livar_merge.federated.client.ClientMemory`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from livar_merge.errors import NodeConfigError
+from livar_merge.federated.client import ClientMemory, train_client
+from livar_merge.federated.config import FedConfig, resolve_config
+from livar_merge.federated.federation import Federation, build_federation, client_id
+from livar_merge.federated.peft_keys import frozen_checksum, load_global_tensors
+from livar_merge.flower.messages import (
+    ARRAYS,
+    CONFIG,
+    PROTOCOL,
+    PROTOTYPES,
+    from_array_record,
+    pack_moments,
+    pack_reply,
+)
+from livar_merge.tables import GShapTable
+
+MEMORY_KEY = "livar-memory"
+
+
+@dataclass
+class ClientRuntime:
+    """What a node builds once per configuration: the federation, table identity, checksum."""
+
+    federation: Federation
+    table: dict[str, object]
+    frozen: str
+
+
+_RUNTIMES: dict[tuple[str, str | None], ClientRuntime] = {}
+
+
+def _thread_count(config: FedConfig) -> int | None:
+    """``threads`` capped by ``OMP_NUM_THREADS`` (Ray sets it to a ClientApp's CPU share)."""
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    limit = int(cap) if cap.isdigit() and int(cap) > 0 else None
+    if config.threads and limit:
+        return min(config.threads, limit)
+    return config.threads or limit
+
+
+def client_runtime(config: FedConfig, data_root: str | None = None) -> ClientRuntime:
+    """The (cached) runtime of ``config``; ``data_root`` overrides the dataset folder."""
+    key = (config.config_hash(), data_root)
+    if key in _RUNTIMES:
+        return _RUNTIMES[key]
+    _RUNTIMES.clear()
+    federation = build_federation(config, data_root=data_root, threads=_thread_count(config))
+    runtime = ClientRuntime(
+        federation=federation,
+        table=GShapTable.load(config.table).identity(),
+        frozen=frozen_checksum(federation.model, config.lora_merge),
+    )
+    _RUNTIMES[key] = runtime
+    return runtime
+
+
+def _load_memory(state: RecordDict) -> ClientMemory:
+    return ClientMemory.from_record(dict(state[MEMORY_KEY]) if MEMORY_KEY in state else None)
+
+
+def _save_memory(state: RecordDict, memory: ClientMemory) -> None:
+    record = memory.to_record()
+    if record is not None:
+        state[MEMORY_KEY] = ConfigRecord(record)
+
+
+def _prepare_node(
+    content: RecordDict, context: Context
+) -> tuple[FedConfig, int, ClientRuntime, ConfigRecord]:
+    """Shared start of a node's work: the run config of the message, the node's partition, its
+    (cached) runtime with the global model of the message loaded. Returns
+    ``(config, partition, runtime, config record)``."""
+    if CONFIG not in content or ARRAYS not in content:
+        raise NodeConfigError(f"message lacks the {CONFIG!r} or {ARRAYS!r} record")
+    record = content[CONFIG]
+    if record.get("protocol") != PROTOCOL:
+        raise NodeConfigError(
+            f"server speaks LIVAR protocol {record.get('protocol')!r}, this node {PROTOCOL}"
+        )
+    config = resolve_config(None, None, json.loads(str(record["livar-config"])))
+    node = context.node_config
+    if "partition-id" not in node:
+        raise NodeConfigError(
+            "node config has no 'partition-id' (start the SuperNode with "
+            "--node-config 'partition-id=<m> num-partitions=<M>')"
+        )
+    partition = int(node["partition-id"])
+    if "num-partitions" in node and int(node["num-partitions"]) != config.num_clients:
+        raise NodeConfigError(
+            f"node config num-partitions={node['num-partitions']} but the run has "
+            f"num_clients={config.num_clients}"
+        )
+    if not 0 <= partition < config.num_clients:
+        raise NodeConfigError(
+            f"node config partition-id={partition} not in [0, {config.num_clients})"
+        )
+    runtime = client_runtime(config, str(node.get("data-root", "") or "") or None)
+    expected = record.get("frozen-checksum")
+    if expected is not None and expected != runtime.frozen:
+        raise NodeConfigError(
+            f"frozen backbone differs from the server's ({runtime.frozen[:19]}... vs "
+            f"{str(expected)[:19]}...): other weights file, architecture or seed"
+        )
+    load_global_tensors(runtime.federation.model, from_array_record(content[ARRAYS]))
+    return config, partition, runtime, record
+
+
+def train_on_node(content: RecordDict, context: Context) -> RecordDict:
+    """One round on one node: load the global model, train the node's partition, reply."""
+    config, partition, runtime, record = _prepare_node(content, context)
+    fed = runtime.federation
+    prototypes = None
+    if PROTOTYPES in content:
+        prototypes = from_array_record(content[PROTOTYPES])[PROTOTYPES].to(fed.device)
+    memory = _load_memory(context.state)
+    update, report = train_client(
+        fed.model,
+        fed.train_source,
+        fed.parts[partition],
+        client_id=client_id(partition),
+        num_classes=fed.num_classes,
+        settings=fed.settings,
+        seed=config.seed,
+        round_index=int(record["server-round"]),
+        needs=frozenset(str(n) for n in record.get("needs", [])),
+        memory=memory,
+        prototypes=prototypes,
+    )
+    _save_memory(context.state, memory)
+    update.extras.update(report.extras())
+    return pack_reply(
+        update, partition_id=partition, table=runtime.table, config_hash=config.config_hash()
+    )
+
+
+def moments_on_node(content: RecordDict, context: Context) -> RecordDict:
+    """CCVR's query on one node: class feature moments of its partition under the global
+    model of the message."""
+    _, partition, runtime, record = _prepare_node(content, context)
+    moments = runtime.federation.client_moments(
+        runtime.federation.model,
+        partition,
+        full_covariance=record.get("ccvr-covariance", "full") == "full",
+    )
+    return pack_moments(moments, client_id=client_id(partition), partition_id=partition)
+
+
+client_app = ClientApp()
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Flower entry point of a training round (errors become error replies)."""
+    return Message(train_on_node(msg.content, context), reply_to=msg)
+
+
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Flower entry point of CCVR's moment query (errors become error replies)."""
+    return Message(moments_on_node(msg.content, context), reply_to=msg)

@@ -1,0 +1,200 @@
+"""The LIVAR Flower ServerApp (``server_app``; component in ``pyproject.toml``).
+
+It runs the same computation as ``livar-fed``: the federation is built from the seed
+(:func:`~livar_merge.federated.federation.build_federation`, as the ClientApps build theirs),
+:class:`~livar_merge.flower.strategy.LivarStrategy` runs the rounds, the ServerApp evaluates
+centrally after each round and writes the results folder with the same
+:class:`~livar_merge.federated.run_folder.RunFolder` as ``livar-fed`` (plus ``replies.csv``).
+
+Options. The ServerApp reads the run config (``[tool.flwr.app.config]``, ``flwr run
+--run-config``): ``preset``, ``config-file`` (TOML/JSON of livar-fed options on the ServerApp's
+machine), ``options`` (``"key=value key=value"`` livar-fed options) and any livar-fed option
+by its hyphenated name (an empty string means "not set"), in that order of priority, plus the
+:class:`~livar_merge.flower.strategy.FlowerSettings` ``min-replies`` (0: a majority of
+``num-clients``), ``round-timeout`` and ``node-wait-timeout`` (seconds). Every option is
+validated before anything is built. The resolved options go to the clients with every round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shlex
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from livar_merge.errors import RunConfigError
+from livar_merge.federated.config import FedConfig, load_config_file, resolve_config
+from livar_merge.federated.federation import build_federation
+from livar_merge.federated.paired import paired_from_config, paired_summary
+from livar_merge.federated.peft_keys import frozen_checksum
+from livar_merge.federated.results import run_summary
+from livar_merge.federated.run_folder import RunFolder
+from livar_merge.flower.strategy import DEFAULTS, FlowerSettings, LivarStrategy
+
+log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
+SETTINGS_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(FlowerSettings))
+SERVER_KEYS = ("preset", "config-file", "options", *SETTINGS_KEYS)
+
+
+def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
+    """The :class:`FlowerSettings` of a run config ("" or absent: the default)."""
+    given: dict[str, Any] = {}
+    for f in dataclasses.fields(FlowerSettings):
+        value = run_config.get(f.name.replace("_", "-"), "")
+        if value == "":
+            continue
+        caster = int if f.type in ("int", int) else float
+        try:
+            given[f.name] = caster(value)
+        except (TypeError, ValueError) as err:
+            raise RunConfigError(
+                f"run config {f.name.replace('_', '-')!r} = {value!r} is not a number"
+            ) from err
+        if given[f.name] < 0:
+            raise RunConfigError(f"run config {f.name.replace('_', '-')!r} must be >= 0")
+    return FlowerSettings(**given)
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[FedConfig, FlowerSettings]:
+    """livar-fed options and server settings from a Flower run config (module docstring)."""
+    names = {f.name for f in dataclasses.fields(FedConfig)}
+    unknown = [k for k in run_config if k not in SERVER_KEYS and k.replace("-", "_") not in names]
+    if unknown:
+        raise RunConfigError(
+            f"run config keys {unknown} are neither livar-fed options nor {SERVER_KEYS}"
+        )
+    preset = str(run_config.get("preset", "") or "") or None
+    path = str(run_config.get("config-file", "") or "")
+    file_options = load_config_file(path) if path else {}
+    overrides: dict[str, Any] = {}
+    for item in shlex.split(str(run_config.get("options", "") or "")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RunConfigError(f"run config 'options': {item!r} is not key=value")
+        overrides[key.strip().replace("-", "_")] = value
+    for key, value in run_config.items():
+        if key not in SERVER_KEYS and value != "":
+            overrides[key.replace("-", "_")] = value
+    return resolve_config(preset, file_options, overrides), settings_from_run_config(run_config)
+
+
+def default_out(config: FedConfig) -> Path:
+    return Path(config.out or Path("runs") / config.run_name())
+
+
+class ServerRun:
+    """One Flower run on the server side: federation, strategy, evaluation, results folder."""
+
+    def __init__(self, config: FedConfig, settings: FlowerSettings | None = None) -> None:
+        self.config = replace(config, engine="flower")
+        self.settings = settings or DEFAULTS
+        self.folder = RunFolder(default_out(config), self.config)
+        self.out = self.folder.out
+        self.folder.check(resume=False, resumable=False)
+        self.federation = build_federation(config)
+        self.model = self.federation.model
+        self.strategy = LivarStrategy(
+            self.model,
+            seed=config.seed,
+            method=config.method,
+            method_options=config.method_options(),
+            table=config.table,
+            lora_merge=config.lora_merge,
+            min_replies=self.settings.resolved_min_replies(config.num_clients),
+            min_available_nodes=config.num_clients,
+            node_wait_timeout=self.settings.node_wait_timeout,
+            config_hash=config.config_hash(),
+            frozen_checksum=frozen_checksum(self.model, config.lora_merge),
+            query_timeout=self.settings.round_timeout,
+            ccvr_round=config.rounds if config.ccvr_rounds == "last" else None,
+            paired=paired_from_config(config),
+            paired_evaluate=self.federation.evaluate,
+        )
+
+    def _write_header(self) -> None:
+        fed = self.federation
+        self.folder.write_header(
+            {
+                "seed": self.config.seed,
+                "aggregator": self.strategy.aggregator.describe(),
+                "table": self.strategy.table_identity,
+                "model_weights": fed.info.weights,
+                "weights_provenance": fed.info.weights_provenance,
+                "dataset_source": fed.dataset_source,
+                "device": str(fed.device),
+                "precision": fed.precision,
+                "engine": "flower",
+            },
+            flower=dataclasses.asdict(self.settings),
+        )
+
+    def evaluate(self, round_index: int, arrays: Any) -> MetricRecord | None:
+        """Central evaluation after each round (none before round 1, as livar-fed)."""
+        if round_index == 0:
+            return None
+        self.strategy.sync(arrays)
+        accuracy, loss = self.federation.evaluate(self.model)
+        record = self.strategy.history[-1]
+        row, paired_rows = self.strategy.server.metrics_row(record, accuracy, loss)
+        self.folder.add_round(record, row, paired_rows)
+        self.folder.write_tables()
+        self.folder.save_checkpoint(self.model, self.strategy.server.state_tensors())
+        log.info("round %d: test top-1 %.4f, loss %.4f", round_index, accuracy, loss)
+        return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
+
+    def run(self, grid: Grid) -> dict[str, Any]:
+        """Run all rounds on ``grid`` and write ``summary.json``; returns the summary."""
+        wall = time.perf_counter()
+        self._write_header()
+        train_config = ConfigRecord(
+            {
+                "livar-config": json.dumps(self.config.to_dict()),
+                "config-hash": self.config.config_hash(),
+            }
+        )
+        self.strategy.start(
+            grid,
+            initial_arrays=self.strategy.initial_arrays(),
+            num_rounds=self.config.rounds,
+            timeout=self.settings.round_timeout,
+            train_config=train_config,
+            evaluate_fn=self.evaluate,
+        )
+        rows = self.folder.rows
+        extra: dict[str, Any] = {"engine": "flower"}
+        if rows.paired:
+            extra["paired"] = paired_summary(rows.paired, self.config.method)
+        summary = run_summary(
+            self.config, rows.metrics, self.federation.info, time.perf_counter() - wall, **extra
+        )
+        self.folder.write_summary(summary)
+        return summary
+
+
+def make_server_app(
+    config: FedConfig | None = None, settings: FlowerSettings | None = None
+) -> ServerApp:
+    """A ServerApp for ``config`` (the Simulation Engine's Python API passes no run config),
+    or, with ``config=None``, for the run config of the Context (``flwr run``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if config is None:
+            run_config, run_settings = config_from_run_config(context.run_config)
+        else:
+            run_config, run_settings = config, settings
+        ServerRun(run_config, run_settings).run(grid)
+
+    return app
+
+
+server_app = make_server_app()
