@@ -31,22 +31,17 @@ from livar_merge import ClassFeatureStats, ClientUpdate, ImportanceTracker, find
 from livar_merge.flower import LivarStrategy, from_array_record, load_global_tensors, pack_reply
 
 NUM_CLASSES, IMAGE, SAMPLES, ROUNDS, CLIENTS = 4, 16, 48, 2, 3
+# a 2-block, width-32 ViT on IMAGE x IMAGE inputs (small enough for a CPU)
+ARCHITECTURE = dict(
+    img_size=IMAGE, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=NUM_CLASSES
+)
 
 
 def make_model() -> torch.nn.Module:
     """The same seeded peft LoRA ViT on the server and every client (LoRA on the block
     Linears, the head trained and sent as ``modules_to_save``)."""
     torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=IMAGE,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=NUM_CLASSES,
-    )
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **ARCHITECTURE)
     config = peft.LoraConfig(
         r=4,
         lora_alpha=8,

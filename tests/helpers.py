@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,30 +48,83 @@ def brute_force_alpha(
     return alpha
 
 
+def fresh_imports(code: str, modules) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(*[m for m in {tuple(modules)!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
 LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+TINY_VIT = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def tiny_vit(num_classes: int = 5):
+    """A plain (no peft) 2-block, width-32 timm ViT on 16x16 inputs."""
+    import timm
+
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **TINY_VIT
+    )
 
 
 def tiny_peft_vit(rank: int = 4, alpha: float = 8.0, num_classes: int = 5, seed: int = 0):
-    """A 2-block, width-32 timm ViT on 16x16 inputs with peft LoRA on the block Linears."""
+    """``tiny_vit`` (seeded) with peft LoRA on the block Linears."""
     import peft
-    import timm
     import torch
 
     torch.manual_seed(seed)
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=16,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=num_classes,
-    )
+    model = tiny_vit(num_classes)
     config = peft.LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, modules_to_save=["head"]
     )
     return peft.get_peft_model(model, config)
+
+
+def fake_update(
+    model,
+    client_id: str,
+    seed: int,
+    *,
+    num_classes: int = 5,
+    max_count: int = 30,
+    absent_class: bool = False,
+    extra_samples: int = 0,
+    extras: dict | None = None,
+):
+    """A plausible client update of ``model``: perturbed LoRA/head and positive omegas; with
+    ``absent_class`` the class ``seed % num_classes`` has no samples (count 0, sigma NaN)."""
+    import torch
+
+    from livar_merge.aggregation import ClientUpdate
+    from livar_merge.federated.model import head_module
+    from livar_merge.federated.peft_keys import lora_state
+    from livar_merge.signals import find_lora_parameters
+
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    head = head_module(model)
+    layers = tuple(find_lora_parameters(model))
+    present = np.ones(num_classes, bool)
+    if absent_class:
+        present[seed % num_classes] = False
+    counts = np.where(present, rng.integers(2, max_count, num_classes), 0)
+    return ClientUpdate(
+        client_id=client_id,
+        num_samples=int(counts.sum()) + extra_samples,
+        lora={
+            k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in lora_state(model).items()
+        },
+        head_weight=head.weight.detach() + 0.05 * torch.randn(head.weight.shape, generator=g),
+        head_bias=head.bias.detach() + 0.05 * torch.randn(head.bias.shape, generator=g),
+        layer_names=layers,
+        omega_a=rng.uniform(0.1, 2.0, len(layers)),
+        omega_b=rng.uniform(0.1, 2.0, len(layers)),
+        class_sigma=np.where(present, rng.uniform(0.1, 1.0, num_classes), np.nan),
+        class_present=present,
+        class_counts=counts,
+        extras=dict(extras or {}),
+    )
 
 
 def write_run(

@@ -135,21 +135,9 @@ def test_tiny_imagenet_original_layout_and_publish(tmp_path):
 def test_bad_options_fail_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--preset", "tiny", "--next-start", "magic"])
-    assert (
-        main(
-            [
-                "--preset",
-                "tiny",
-                "--proxy",
-                "tiny-imagenet",
-                "--data-root",
-                str(tmp_path / "missing"),
-                "--out",
-                str(tmp_path / "r"),
-            ]
-        )
-        == 2
-    )
+    missing, out = str(tmp_path / "missing"), str(tmp_path / "r")
+    argv = ["--preset", "tiny", "--proxy", "tiny-imagenet", "--data-root", missing, "--out", out]
+    assert main(argv) == 2
     assert "tiny-imagenet" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing written: a correct rerun is not refused
 

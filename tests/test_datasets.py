@@ -7,8 +7,6 @@ import io
 import os
 import pickle
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from livar_merge.federated.datasets.sources.fashion_mnist import (
     FASHION_MNIST_DEFAULT_ROOT,
 )
 from livar_merge.federated.datasets.splits import stratified_split
+from tests.helpers import fresh_imports
 
 REGISTERED = [
     "cifar100",
@@ -256,13 +255,8 @@ def test_register_dataset_rejects_duplicates():
 
 
 def test_module_import_stays_light():
-    code = (
-        "import sys, livar_merge.federated.datasets, livar_merge.federated.partition;"
-        "heavy = [m for m in ('PIL', 'pyarrow', 'pandas', 'sklearn', 'datasets') "
-        "if m in sys.modules]; print(heavy)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    code = "import livar_merge.federated.datasets, livar_merge.federated.partition"
+    assert fresh_imports(code, ("PIL", "pyarrow", "pandas", "sklearn", "datasets")) == []
 
 
 def test_sources_name_no_hosts_or_urls():

@@ -35,8 +35,7 @@ from flwr.app import Array, ConfigRecord, Error, Message, RecordDict  # noqa: E4
 from livar_merge.aggregation import ClientUpdate, make_aggregator  # noqa: E402
 from livar_merge.federated.config import resolve_config  # noqa: E402
 from livar_merge.federated.install import install_result  # noqa: E402
-from livar_merge.federated.model import head_module  # noqa: E402
-from livar_merge.federated.peft_keys import global_tensors, lora_state  # noqa: E402
+from livar_merge.federated.peft_keys import global_tensors  # noqa: E402
 from livar_merge.flower.messages import (  # noqa: E402
     InvalidReplyError,
     ReplySpec,
@@ -52,6 +51,7 @@ from livar_merge.flower.strategy import (  # noqa: E402
 )
 from livar_merge.signals import find_lora_parameters  # noqa: E402
 from livar_merge.tables import GShapTable  # noqa: E402
+from tests import helpers  # noqa: E402
 from tests.helpers import tiny_peft_vit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,27 +76,14 @@ def model() -> torch.nn.Module:
 
 def fake_update(model: torch.nn.Module, client_id: str, seed: int) -> ClientUpdate:
     """A plausible client update: perturbed LoRA/head, positive omegas, one absent class."""
-    g = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    head = head_module(model)
-    layers = tuple(find_lora_parameters(model))
-    present = np.ones(NUM_CLASSES, bool)
-    present[seed % NUM_CLASSES] = False
-    counts = np.where(present, rng.integers(2, 40, NUM_CLASSES), 0)
-    return ClientUpdate(
-        client_id=client_id,
-        num_samples=int(counts.sum()) + 3,
-        lora={
-            k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in lora_state(model).items()
-        },
-        head_weight=head.weight.detach() + 0.05 * torch.randn(head.weight.shape, generator=g),
-        head_bias=head.bias.detach() + 0.05 * torch.randn(head.bias.shape, generator=g),
-        layer_names=layers,
-        omega_a=rng.uniform(0.1, 2.0, len(layers)),
-        omega_b=rng.uniform(0.1, 2.0, len(layers)),
-        class_sigma=np.where(present, rng.uniform(0.1, 1.0, NUM_CLASSES), np.nan),
-        class_present=present,
-        class_counts=counts,
+    return helpers.fake_update(
+        model,
+        client_id,
+        seed,
+        num_classes=NUM_CLASSES,
+        max_count=40,
+        absent_class=True,
+        extra_samples=3,
     )
 
 

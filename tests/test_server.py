@@ -26,33 +26,15 @@ from livar_merge.federated.peft_keys import (
 from livar_merge.federated.run_folder import RunFolder, RunFolderError, client_rows
 from livar_merge.federated.server import FederatedServer
 from livar_merge.signals import ImportanceTracker, find_lora_parameters
-from tests.helpers import tiny_peft_vit
+from tests import helpers
+from tests.helpers import tiny_peft_vit, tiny_vit
 
 NUM_CLASSES = 5
 
 
 def fake_update(model: torch.nn.Module, client_id: str, seed: int) -> ClientUpdate:
-    g = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    head = head_module(model)
-    layers = tuple(find_lora_parameters(model))
-    counts = rng.integers(2, 30, NUM_CLASSES)
-    return ClientUpdate(
-        client_id=client_id,
-        num_samples=int(counts.sum()),
-        lora={
-            k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in lora_state(model).items()
-        },
-        head_weight=head.weight.detach() + 0.05 * torch.randn(head.weight.shape, generator=g),
-        head_bias=head.bias.detach() + 0.05 * torch.randn(head.bias.shape, generator=g),
-        layer_names=layers,
-        omega_a=rng.uniform(0.1, 2.0, len(layers)),
-        omega_b=rng.uniform(0.1, 2.0, len(layers)),
-        class_sigma=rng.uniform(0.1, 1.0, NUM_CLASSES),
-        class_present=np.ones(NUM_CLASSES, bool),
-        class_counts=counts,
-        extras={"train_loss": 0.5 + seed, "train_seconds": 1.0},
-    )
+    extras = {"train_loss": 0.5 + seed, "train_seconds": 1.0}
+    return helpers.fake_update(model, client_id, seed, num_classes=NUM_CLASSES, extras=extras)
 
 
 @pytest.fixture
@@ -294,20 +276,10 @@ def test_load_global_tensors_names_the_bad_key(model):
 
 def test_check_lora_targets_before_any_round():
     import peft
-    import timm
 
     good = tiny_peft_vit()
     assert check_lora_targets(good) == tuple(find_lora_parameters(good))
-    plain = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=16,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=3,
-    )
+    plain = tiny_vit(num_classes=3)
     with pytest.raises(GlobalStateError, match="not a peft model"):
         check_lora_targets(plain)
     no_head = peft.get_peft_model(
@@ -325,19 +297,9 @@ def test_check_lora_targets_before_any_round():
 
 def test_strategy_checks_lora_targets_when_built():
     pytest.importorskip("flwr")
-    import timm
 
     from livar_merge.flower.strategy import LivarStrategy
 
-    plain = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=16,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=3,
-    )
+    plain = tiny_vit(num_classes=3)
     with pytest.raises(GlobalStateError, match="not a peft model"):
         LivarStrategy(plain, seed=0)
