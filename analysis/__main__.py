@@ -54,23 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration run folder on another dataset (Figures 3, B-D: "
         "imagenet-r, cifar100, eurosat, cub200); NAME defaults to its proxy",
     )
+    folders = dict(nargs="+", action="extend", type=Path, metavar="DIR")  # repeatable lists
     parser.add_argument(
-        "--runs",
-        nargs="+",
-        action="extend",
-        default=[],
-        type=Path,
-        metavar="DIR",
-        help="livar-fed run folders (or folders of them)",
+        "--runs", default=[], help="livar-fed run folders (or folders of them)", **folders
     )
     parser.add_argument(
         "--sweeps",
-        nargs="+",
-        action="extend",
         default=[],
-        type=Path,
-        metavar="DIR",
         help="sweep roots (livar-sweep --root): Tables 1-4, accuracy curves and vs beta, costs",
+        **folders,
     )
     parser.add_argument(
         "--reference-table",

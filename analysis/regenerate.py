@@ -291,23 +291,17 @@ class Regeneration:
 
     # ------------------------------------------------------------------ G_SHAP tables
     def table_figures(self) -> None:
+        def heatmap(table, name: str, title: str) -> tuple[list[Path], str]:
+            out = plot_table_heatmap(table, self.figures / f"table-heatmap-{name}", title=title)
+            return out.files, table_label(table)
+
         def calibrated() -> tuple[list[Path], str]:
             table = self.calibration().table()
-            out = plot_table_heatmap(
-                table,
-                self.figures / "table-heatmap-calibration",
-                title=f"Calibrated G_SHAP table {table_label(table)}",
-            )
-            return out.files, table_label(table)
+            return heatmap(table, "calibration", f"Calibrated G_SHAP table {table_label(table)}")
 
         def reference() -> tuple[list[Path], str]:
             table = load_table(self.reference_table)
-            out = plot_table_heatmap(
-                table,
-                self.figures / "table-heatmap-reference",
-                title=f"G_SHAP table {table_label(table)} (reference)",
-            )
-            return out.files, table_label(table)
+            return heatmap(table, "reference", f"G_SHAP table {table_label(table)} (reference)")
 
         def comparison() -> tuple[list[Path], str]:
             left = self.calibration().table()

@@ -10,6 +10,8 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 from typing import TYPE_CHECKING
 
+from livar_merge._lazy import lazy_attributes as _lazy_attributes
+
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily
     from livar_merge.aggregation import (
         AggregationResult,
@@ -86,18 +88,8 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):  # PEP 562: keep `import livar_merge` light (CLIs start instantly)
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'livar_merge' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
+# PEP 562: keep `import livar_merge` light (CLIs start instantly)
+__getattr__, __dir__ = _lazy_attributes(__name__, globals(), _LAZY)
 
 
 try:

@@ -18,8 +18,9 @@ Importing this package (or its registry) does not import torch; the other names 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from livar_merge._lazy import lazy_attributes as _lazy_attributes
 from livar_merge.aggregation.registry import (
     MethodSpec,
     available_methods,
@@ -60,18 +61,8 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: torch loads with the first of these names
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'livar_merge.aggregation' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
+# PEP 562: torch loads with the first of these names
+__getattr__, __dir__ = _lazy_attributes(__name__, globals(), _LAZY)
 
 
 # literal, for static tools; test_options checks it equals the lazy table plus the registry

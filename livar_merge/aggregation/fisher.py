@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from livar_merge.aggregation.types import (
@@ -21,10 +20,9 @@ from livar_merge.aggregation.types import (
     ClientUpdate,
     PreviousHead,
     Scaling,
-    no_class_weights,
+    unweighted_result,
 )
 from livar_merge.errors import ClientUpdateError
-from livar_merge.heads import MergedHead
 from livar_merge.lora import LoraDelta, client_factor_lists, lora_layer_names, scaling_for
 
 
@@ -84,7 +82,4 @@ class FisherAggregator(Aggregator):
             if updates[0].head_bias is None
             else merged("head.bias", [u.head_bias for u in updates])
         )
-        head = MergedHead(weight, bias, no_class_weights(updates), ())
-        return AggregationResult(
-            lora, head, np.full((len(updates), len(layers)), np.nan), tuple(layers), {}
-        )
+        return unweighted_result(updates, lora, weight, bias)

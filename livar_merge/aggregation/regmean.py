@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from livar_merge.aggregation.types import (
@@ -27,10 +26,9 @@ from livar_merge.aggregation.types import (
     ClientUpdate,
     PreviousHead,
     Scaling,
-    no_class_weights,
+    unweighted_result,
 )
 from livar_merge.errors import ClientUpdateError, MethodOptionError
-from livar_merge.heads import MergedHead
 from livar_merge.lora import LoraDelta, MergeMode, client_factor_lists, scaling_for
 
 
@@ -156,6 +154,4 @@ class RegMeanAggregator(Aggregator):
             shrinkage=self.shrinkage,
         )
         dtype = updates[0].head_weight.dtype
-        head = MergedHead(weight.to(dtype), bias.to(dtype), no_class_weights(updates), ())
-        weights = np.full((len(updates), len(lora)), np.nan)
-        return AggregationResult(lora, head, weights, tuple(lora), {})
+        return unweighted_result(updates, lora, weight.to(dtype), bias.to(dtype))

@@ -161,6 +161,18 @@ def no_class_weights(updates: Sequence[ClientUpdate]) -> np.ndarray:
     return np.full((len(updates), updates[0].head_weight.shape[0]), np.nan)
 
 
+def unweighted_result(
+    updates: Sequence[ClientUpdate],
+    lora: dict[str, LoraDelta],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> AggregationResult:
+    """The result of a merge with no per-client weights: NaN LoRA and class weight tables."""
+    head = MergedHead(weight, bias, no_class_weights(updates), ())
+    weights = np.full((len(updates), len(lora)), np.nan)
+    return AggregationResult(lora, head, weights, tuple(lora), {})
+
+
 class Aggregator:
     """Base of aggregation methods: :meth:`aggregate` checks the updates against
     :attr:`needs`, then :meth:`merge` combines them. Subclasses implement :meth:`merge` (or
