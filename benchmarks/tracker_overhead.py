@@ -55,12 +55,6 @@ def main() -> None:
         torch.set_num_threads(config.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    overrides = {
-        "patch_size": config.patch_size,
-        "embed_dim": config.embed_dim,
-        "depth": config.depth,
-        "num_heads": config.num_heads,
-    }
     model, info = build_model(
         config.model,
         args.num_classes,
@@ -68,7 +62,7 @@ def main() -> None:
         image_size=config.image_size,
         rank=config.lora_rank,
         alpha=config.lora_alpha,
-        overrides=overrides,
+        overrides=config.architecture_overrides(),
     )
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -28,7 +28,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from livar_merge import ClassFeatureStats, ClientUpdate, ImportanceTracker, find_lora_parameters
-from livar_merge.flower import LivarStrategy, from_array_record, load_global_tensors, pack_reply
+from livar_merge.flower import (
+    FederatedServer,
+    LivarStrategy,
+    from_array_record,
+    load_global_tensors,
+    pack_reply,
+)
 
 NUM_CLASSES, IMAGE, SAMPLES, ROUNDS, CLIENTS = 4, 16, 48, 2, 3
 # a 2-block, width-32 ViT on IMAGE x IMAGE inputs (small enough for a CPU)
@@ -127,7 +133,8 @@ def make_strategy() -> LivarStrategy:
     """The server side: LIVAR with the paper's Table A on the same seeded model."""
     model = make_model()
     assert len(find_lora_parameters(model)) == 8
-    return LivarStrategy(model, seed=0, method="livar", min_available_nodes=CLIENTS)
+    server = FederatedServer(model, seed=0, method="livar")  # the round: method, table, merge
+    return LivarStrategy(server, min_available_nodes=CLIENTS)  # the transport
 
 
 server_app = ServerApp()

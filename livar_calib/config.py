@@ -11,15 +11,11 @@ from typing import Any, Literal
 
 from livar_merge._options import check_dataclass, option
 from livar_merge.errors import ConfigError
-from livar_merge.federated.config import (
-    ARCH_OVERRIDE,
-    OmegaReduction,
-    Precision,
-)
+from livar_merge.federated.config import ArchitectureOverrides, OmegaReduction, Precision
 
 
 @dataclass
-class CalibConfig:
+class CalibConfig(ArchitectureOverrides):
     """Every option of ``livar-calibrate``. Defaults: the embedded default proxy, which runs on
     2 CPU cores in minutes: Fashion-MNIST at 42 px on the offline pretrained DINOv2 ViT-S/14
     (``dinov2-s14-imgfocus``: a saliency fine-tune of DINOv2, not the paper's in21k ViT-B/16),
@@ -52,10 +48,6 @@ class CalibConfig:
         "'random', 'auto', 'hf-cache', 'dinov2-s14-imgfocus' (needs --model "
         "vit_small_patch14_dinov2) or a weights file",
     )
-    patch_size: int | None = option(None, f"patch size override {ARCH_OVERRIDE}", ge=1)
-    embed_dim: int | None = option(None, f"width override {ARCH_OVERRIDE}", ge=1)
-    depth: int | None = option(None, f"blocks override {ARCH_OVERRIDE}", ge=1)
-    num_heads: int | None = option(None, f"heads override {ARCH_OVERRIDE}", ge=1)
     lora_rank: int = option(8, "LoRA rank", ge=1)
     lora_alpha: float = option(8.0, "LoRA alpha", gt=0)
     lr: float = option(1e-3, "AdamW learning rate", gt=0)

@@ -83,10 +83,8 @@ def preflight(config: CalibConfig) -> None:
 
     load_dataset(config.proxy, config.data_root, image_size=None, seed=config.seeds[0])
     if pretrained.is_source_name(config.weights):
-        overrides = [
-            n for n in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(config, n)
-        ]
-        pretrained.check_compatible(config.weights, config.model, overrides)
+        overrides = config.architecture_overrides()
+        pretrained.check_compatible(config.weights, config.model, list(overrides))
         pretrained.cached_weights(config.weights)
 
 

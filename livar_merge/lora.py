@@ -31,7 +31,7 @@ import numpy.typing as npt
 import torch
 
 from livar_merge._validation import ArrayInput, check_finite_tensor, client_label
-from livar_merge.errors import ClientUpdateError
+from livar_merge.errors import ClientUpdateError, ConfigError
 
 MergeMode = Literal["product", "factors", "svd"]
 MERGE_MODES: tuple[str, ...] = ("product", "factors", "svd")
@@ -259,11 +259,11 @@ def merge_lora(
         (float32 for half-precision inputs).
     """
     if mode not in MERGE_MODES:
-        raise ValueError(f"unknown LoRA merge mode {mode!r}; choose from {MERGE_MODES}")
+        raise ConfigError(f"unknown LoRA merge mode {mode!r}; choose from {MERGE_MODES}")
     if output not in ("factors", "dense"):
-        raise ValueError(f"output must be 'factors' or 'dense', got {output!r}")
+        raise ConfigError(f"output must be 'factors' or 'dense', got {output!r}")
     if output == "dense" and mode != "product":
-        raise ValueError(f"output='dense' applies to mode='product' only (got mode={mode!r})")
+        raise ConfigError(f"output='dense' applies to mode='product' only (got mode={mode!r})")
     lists = client_factor_lists(client_states, client_ids=client_ids, layer_names=layer_names)
     layers = list(lists)
     w_all = _weight_matrix(weights, len(client_states), layers, client_ids)
@@ -309,7 +309,7 @@ def to_peft_state_dict(
     state: dict[str, torch.Tensor] = {}
     for layer, delta in merged.items():
         if delta.B is None or delta.A is None:
-            raise ValueError(f"layer {layer} was merged densely; it has no LoRA factors")
+            raise ConfigError(f"layer {layer} was merged densely; it has no LoRA factors")
         state[f"{layer}.lora_A{infix}.weight"] = delta.A
         state[f"{layer}.lora_B{infix}.weight"] = delta.B
     return state

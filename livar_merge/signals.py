@@ -17,6 +17,8 @@ import numpy.typing as npt
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from livar_merge.errors import ClientUpdateError, ConfigError, GlobalStateError
+
 Reduction = Literal["matrix", "elementwise"]
 
 
@@ -45,7 +47,9 @@ def find_lora_parameters(
         if not (isinstance(lora_a, torch.nn.ModuleDict) and adapter_name in lora_a):
             continue
         if not (isinstance(lora_b, torch.nn.ModuleDict) and adapter_name in lora_b):
-            raise ValueError(f"LoRA layer {name!r} has lora_A[{adapter_name!r}] but no lora_B")
+            raise GlobalStateError(
+                f"LoRA layer {name!r} has lora_A[{adapter_name!r}] but no lora_B"
+            )
         weight_a, weight_b = lora_a[adapter_name].weight, lora_b[adapter_name].weight
         if not (
             isinstance(weight_a, torch.nn.Parameter) and isinstance(weight_b, torch.nn.Parameter)
@@ -98,9 +102,9 @@ class ImportanceTracker:
         if isinstance(layers, torch.nn.Module):
             layers = find_lora_parameters(layers, adapter_name)
         if not layers:
-            raise ValueError("ImportanceTracker found no LoRA layers to track")
+            raise GlobalStateError("ImportanceTracker found no LoRA layers to track")
         if reduction not in ("matrix", "elementwise"):
-            raise ValueError(f"reduction must be 'matrix' or 'elementwise', got {reduction!r}")
+            raise ConfigError(f"reduction must be 'matrix' or 'elementwise', got {reduction!r}")
         self.layer_names = tuple(layers)
         # Order: A of every layer, then B of every layer.
         self._params = [layers[n][0] for n in self.layer_names] + [
@@ -200,7 +204,7 @@ class ImportanceTracker:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if list(state["layer_names"]) != list(self.layer_names):
-            raise ValueError("ImportanceTracker state was saved for different LoRA layers")
+            raise ClientUpdateError("ImportanceTracker state was saved for different LoRA layers")
         self._omega.copy_(state["omega"].to(self._omega.device, torch.float64))
         self._steps = int(state["steps"])
 
@@ -247,20 +251,20 @@ class ClassFeatureStats:
     ) -> None:
         """Add a batch. ``predictions``: class ids ``[N]`` or logits ``[N, C]``."""
         if features.ndim != 2 or labels.shape != features.shape[:1]:
-            raise ValueError(
+            raise ClientUpdateError(
                 f"features must be [N, D] and labels [N]; got {tuple(features.shape)}, "
                 f"{tuple(labels.shape)}"
             )
         labels = labels.long()
         if self.only_correct:
             if predictions is None:
-                raise ValueError("only_correct=True needs predictions or logits")
+                raise ConfigError("only_correct=True needs predictions or logits")
             if predictions.ndim == 2:
                 predictions = predictions.argmax(dim=1)
             keep = predictions == labels
             features, labels = features[keep], labels[keep]
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels outside [0, {self.num_classes})")
+            raise ClientUpdateError(f"labels outside [0, {self.num_classes})")
         x = features.detach().double()
         c, d = self.num_classes, x.shape[1]
         if self._count is None:

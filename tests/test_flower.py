@@ -36,6 +36,7 @@ from livar_merge.aggregation import ClientUpdate, make_aggregator  # noqa: E402
 from livar_merge.federated.config import resolve_config  # noqa: E402
 from livar_merge.federated.install import install_result  # noqa: E402
 from livar_merge.federated.peft_keys import global_tensors  # noqa: E402
+from livar_merge.federated.server import FederatedServer  # noqa: E402
 from livar_merge.flower.messages import (  # noqa: E402
     InvalidReplyError,
     ReplySpec,
@@ -304,7 +305,9 @@ def test_validate_reply_rejects_bad_statistics(model, case):
 def strategy_for(model: torch.nn.Module, **kw) -> LivarStrategy:
     fresh = tiny_peft_vit(rank=4, alpha=4.0, num_classes=NUM_CLASSES, seed=0)
     fresh.load_state_dict(model.state_dict())
-    return LivarStrategy(fresh, seed=42, config_hash="h" * 64, **kw)
+    settings = FlowerSettings(min_replies=kw.pop("min_replies", 0))
+    server = FederatedServer(fresh, seed=42, **{"method": "livar", **kw})
+    return LivarStrategy(server, settings=settings, config_hash="h" * 64)
 
 
 def test_strategy_drops_a_bad_reply_and_proceeds(model, caplog):

@@ -130,7 +130,7 @@ def test_conversion_matches_onnx_graph_at_518(converted, onnx_backbone) -> None:
 
 def test_create_backbone_at_224_matches_onnx_graph(cache, onnx_backbone) -> None:
     """At the fine-tuning size the grid is resampled as the source graph does (no antialias)."""
-    model, description = create_backbone(MODEL, 10, weights=NAME, image_size=224)
+    model, description, _ = create_backbone(MODEL, 10, weights=NAME, image_size=224)
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
     expected = run_onnx(onnx_backbone, x)  # (1, 257, 384)
     with torch.no_grad():
@@ -235,7 +235,7 @@ def test_missing_wheel_says_how_to_install(tmp_path, monkeypatch) -> None:
 
 
 def test_create_backbone_small_image(cache, converted) -> None:
-    model, description = create_backbone(MODEL, 10, weights=NAME, image_size=56)
+    model, description, _ = create_backbone(MODEL, 10, weights=NAME, image_size=56)
     assert description == f"{NAME}:{cache[1]['converted_sha256']}"
     assert model.head.out_features == 10
     assert model.pos_embed.shape == (1, 17, 384)  # 4x4 grid + class token

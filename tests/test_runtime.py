@@ -181,7 +181,7 @@ def test_weights_from_files_and_no_hub(tmp_path, monkeypatch):
     save_file(state, str(tmp_path / "w.safetensors"))
     torch.save(state, tmp_path / "w.pth")
     for name in ("w.safetensors", "w.pth"):
-        model, description = create_backbone(
+        model, description, _ = create_backbone(
             "vit_tiny_patch16_224", 3, weights=str(tmp_path / name)
         )
         assert description == f"file:{(tmp_path / name).resolve()}"
@@ -210,7 +210,9 @@ def test_weights_from_files_and_no_hub(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="local Hugging Face cache"):
         create_backbone("vit_tiny_patch16_224", 3, weights="hf-cache", image_size=16)
     with pytest.warns(RuntimeWarning, match="random initialisation"):
-        _, description = create_backbone("vit_tiny_patch16_224", 3, weights="auto", image_size=16)
+        _, description, _ = create_backbone(
+            "vit_tiny_patch16_224", 3, weights="auto", image_size=16
+        )
     assert description.startswith("random")
     # A model in the Hugging Face cache layout is found without any network access.
     repo = timm.models.get_pretrained_cfg("vit_tiny_patch16_224").hf_hub_id
@@ -219,7 +221,7 @@ def test_weights_from_files_and_no_hub(tmp_path, monkeypatch):
     (cache / "refs" / "main").write_text("abc123")
     (cache / "snapshots" / "abc123").mkdir(parents=True)
     save_file(state, str(cache / "snapshots" / "abc123" / "model.safetensors"))
-    model, description = create_backbone("vit_tiny_patch16_224", 3, weights="hf-cache")
+    model, description, _ = create_backbone("vit_tiny_patch16_224", 3, weights="hf-cache")
     assert description.startswith("hf-cache:") and description.endswith("model.safetensors")
     assert torch.equal(
         model.state_dict()["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"]

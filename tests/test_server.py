@@ -295,11 +295,9 @@ def test_check_lora_targets_before_any_round():
         check_lora_targets(dora)
 
 
-def test_strategy_checks_lora_targets_when_built():
-    pytest.importorskip("flwr")
-
-    from livar_merge.flower.strategy import LivarStrategy
-
+def test_server_checks_lora_targets_when_built():
+    """FederatedServer (under LivarStrategy and the in-process runner alike) refuses a model
+    that cannot carry the global state before any round."""
     plain = tiny_vit(num_classes=3)
     with pytest.raises(GlobalStateError, match="not a peft model"):
-        LivarStrategy(plain, seed=0)
+        FederatedServer(plain, seed=0, method="livar")

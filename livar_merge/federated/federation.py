@@ -76,9 +76,6 @@ def build_seeded_model(
 ) -> tuple[torch.nn.Module, ModelInfo]:
     """The peft LoRA ViT of ``config``, initialised from ``seed`` (same seed, same weights)."""
     torch.manual_seed(derive_seed(seed, "model-init"))
-    overrides = {
-        name: getattr(config, name) for name in ("patch_size", "embed_dim", "depth", "num_heads")
-    }
     return build_model(
         config.model,
         num_classes,
@@ -87,7 +84,7 @@ def build_seeded_model(
         rank=config.lora_rank,
         alpha=config.lora_alpha,
         dropout=getattr(config, "lora_dropout", 0.0),
-        overrides=overrides,
+        overrides=config.architecture_overrides(),
     )
 
 

@@ -12,7 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,6 +20,14 @@ from livar_merge.errors import ConfigError
 
 LORA_TARGET_REGEX = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 log = logging.getLogger(__name__)
+
+
+class Backbone(NamedTuple):
+    """A timm model, a description of its weights and the named source's provenance."""
+
+    model: torch.nn.Module
+    description: str
+    provenance: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,9 @@ def create_backbone(
     weights: str = "auto",
     image_size: int | None = None,
     overrides: dict[str, Any] | None = None,
-) -> tuple[torch.nn.Module, str]:
-    """A timm model with a ``num_classes`` head. Returns ``(model, weights description)``.
+) -> Backbone:
+    """A timm model with a ``num_classes`` head. Returns a :class:`Backbone`
+    ``(model, description, provenance)``; provenance is the named source's record, else None.
 
     ``weights``: ``"random"``; ``"auto"`` (cache if present, else random with a warning);
     ``"hf-cache"`` (cache or an error); a named source (``dinov2-s14-imgfocus``, see
@@ -68,25 +77,6 @@ def create_backbone(
     path to a ``.safetensors``/``.pth`` file.
     ``overrides`` (patch_size, embed_dim, depth, num_heads) need random initialisation.
     """
-    model, description, _ = create_backbone_with_provenance(
-        model_name,
-        num_classes,
-        weights=weights,
-        image_size=image_size,
-        overrides=overrides,
-    )
-    return model, description
-
-
-def create_backbone_with_provenance(
-    model_name: str,
-    num_classes: int,
-    *,
-    weights: str = "auto",
-    image_size: int | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> tuple[torch.nn.Module, str, dict[str, Any] | None]:
-    """:func:`create_backbone` and the provenance record of a named source (else None)."""
     import timm
 
     from livar_merge.federated import pretrained
@@ -133,7 +123,7 @@ def create_backbone_with_provenance(
             provenance["pos_embed"] = pretrained.apply_source_pos_embed(model, source)
     else:
         model = timm.create_model(model_name, pretrained=False, **kwargs)
-    return model, description, provenance
+    return Backbone(model, description, provenance)
 
 
 def add_lora(
@@ -167,7 +157,7 @@ def build_model(
     from livar_merge.federated import pretrained
     from livar_merge.signals import find_lora_parameters
 
-    backbone, description, provenance = create_backbone_with_provenance(
+    backbone, description, provenance = create_backbone(
         model_name, num_classes, weights=weights, image_size=image_size, overrides=overrides
     )
     cfg = getattr(backbone, "pretrained_cfg", {}) or {}

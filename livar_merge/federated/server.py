@@ -10,6 +10,7 @@ strategy (:mod:`livar_merge.flower.strategy`) only move updates and moments to i
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,13 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from livar_merge.aggregation import AggregationResult, ClientUpdate, make_aggregator
+from livar_merge.aggregation import AggregationResult, ClientUpdate, make_aggregator, method_spec
+from livar_merge.errors import ConfigError
 from livar_merge.federated.data import derive_seed
 from livar_merge.federated.install import install_result
 from livar_merge.federated.model import head_module
 from livar_merge.federated.paired import PairedEvaluation, paired_from_config, with_differences
+from livar_merge.federated.peft_keys import check_lora_targets
 from livar_merge.lora import peft_scalings
 from livar_merge.signals import find_lora_parameters
+from livar_merge.tables import GShapTable
 
 Evaluate = Callable[[torch.nn.Module], tuple[float, float]]
 # CCVR's client pass under the new global model: (moments in client order, seconds it took)
@@ -48,14 +52,31 @@ class RoundRecord:
     outcomes: list[dict[str, Any]] | None = None
 
 
+def server_options(config: Any) -> dict[str, Any]:
+    """The :class:`FederatedServer` options of a ``FedConfig`` run, for both engines."""
+    return {
+        "method": config.method,
+        "method_options": config.method_options(),
+        "seed": config.seed,
+        "table": config.table,
+        "lora_merge": config.lora_merge,
+        "ccvr_round": config.rounds if config.ccvr_rounds == "last" else None,
+        "paired": paired_from_config(config),
+    }
+
+
 class FederatedServer:
     """The server state and one round (module docstring).
 
     Args:
-        model: the peft LoRA ViT holding the global model (modified in place every round).
+        model: the peft LoRA ViT holding the global model (modified in place every round);
+            its LoRA layers and head are checked here (:class:`GlobalStateError`).
         method, method_options: the aggregation method of the registry and its options.
         seed: run seed (LoRA restarts and CCVR's sampling derive from it).
+        table: G_SHAP table name or path (its identity goes into every round's config).
         lora_merge: ``product``, ``svd`` or ``factors`` (how a result is installed).
+            ``table`` and ``lora_merge`` go to the method when it declares them;
+            ``method_options`` must hold only options it declares.
         ccvr_round: CCVR calibrates only after this round; None: after every round.
         paired: methods also aggregated on every round's updates and scored by ``evaluate``.
         evaluate: ``model -> (top-1, loss)`` on the test set (needed with ``paired``).
@@ -68,17 +89,22 @@ class FederatedServer:
         method: str,
         method_options: Mapping[str, Any] | None = None,
         seed: int,
+        table: str = "paper-table-a",
         lora_merge: str = "product",
         ccvr_round: int | None = None,
         paired: PairedEvaluation | None = None,
         evaluate: Evaluate | None = None,
     ) -> None:
+        check_lora_targets(model)
         if paired is not None and evaluate is None:
-            raise ValueError("paired evaluation needs evaluate (model -> top-1, loss)")
+            raise ConfigError("paired evaluation needs evaluate (model -> top-1, loss)")
         self.model = model
         self.method = method
-        self.aggregator = make_aggregator(method, **dict(method_options or {}))
+        run_options = method_spec(method).select({"table": table, "lora_merge": lora_merge})
+        options = {**run_options, **dict(method_options or {})}
+        self.aggregator = make_aggregator(method, **options)
         self.seed = seed
+        self.table = table
         self.lora_merge = lora_merge
         self.ccvr_round = ccvr_round
         self.paired = paired
@@ -94,16 +120,12 @@ class FederatedServer:
         cls, model: torch.nn.Module, config: Any, evaluate: Evaluate | None = None
     ) -> FederatedServer:
         """The server of a ``FedConfig`` run."""
-        return cls(
-            model,
-            method=config.method,
-            method_options=config.method_options(),
-            seed=config.seed,
-            lora_merge=config.lora_merge,
-            ccvr_round=config.rounds if config.ccvr_rounds == "last" else None,
-            paired=paired_from_config(config),
-            evaluate=evaluate,
-        )
+        return cls(model, **server_options(config), evaluate=evaluate)
+
+    @functools.cached_property
+    def table_identity(self) -> dict[str, Any]:
+        """Name, version and checksum of the run's G_SHAP table (replies must carry them)."""
+        return GShapTable.load(self.table).identity()
 
     # ------------------------------------------------------------------------ the round
     def previous_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -158,7 +180,7 @@ class FederatedServer:
         moments_seconds = 0.0
         if self.wants_moments(round_index):
             if query_moments is None:
-                raise ValueError(f"method {self.method!r} needs query_moments for CCVR")
+                raise ConfigError(f"method {self.method!r} needs query_moments for CCVR")
             full = bool(self.aggregator.full_covariance)  # type: ignore[attr-defined]
             moments, moments_seconds = query_moments(updates, full)
             self.aggregator.calibrate(  # type: ignore[attr-defined]

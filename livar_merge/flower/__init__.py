@@ -3,8 +3,8 @@
 Only this subpackage imports ``flwr`` (install the ``flower`` extra). Modules:
 
 ``messages``    wire format of the global model and of a client reply; ``validate_reply``
-``strategy``    :class:`LivarStrategy` (transport only; the round is
-                :class:`livar_merge.federated.server.FederatedServer`) and :class:`FlowerSettings`
+``strategy``    :class:`LivarStrategy` (transport only) over a :class:`FederatedServer`
+                (the round, flwr-free, re-exported here) and :class:`FlowerSettings`
 ``server_app``  ``server_app``: the ServerApp component named in ``pyproject.toml``
 ``client_app``  ``client_app``: the ClientApp component named in ``pyproject.toml``
 ``simulation``  ``livar-fed --engine flower``: the App on the Simulation Engine
@@ -26,6 +26,7 @@ peft model), :func:`validate_reply`/:class:`ReplySpec` (what the strategy checks
 """
 
 from livar_merge.federated.peft_keys import load_global_tensors
+from livar_merge.federated.server import FederatedServer
 from livar_merge.flower.messages import (
     PROTOCOL,
     InvalidReplyError,
@@ -41,6 +42,7 @@ from livar_merge.flower.strategy import FlowerSettings, LivarStrategy, RoundFail
 
 __all__ = [
     "PROTOCOL",
+    "FederatedServer",
     "FlowerSettings",
     "InvalidReplyError",
     "LivarStrategy",

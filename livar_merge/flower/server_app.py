@@ -33,10 +33,11 @@ from flwr.serverapp import Grid, ServerApp
 from livar_merge.errors import RunConfigError
 from livar_merge.federated.config import FedConfig, load_config_file, resolve_config
 from livar_merge.federated.federation import build_federation
-from livar_merge.federated.paired import paired_from_config, paired_summary
+from livar_merge.federated.paired import paired_summary
 from livar_merge.federated.peft_keys import frozen_checksum
 from livar_merge.federated.results import run_summary
 from livar_merge.federated.run_folder import RunFolder
+from livar_merge.federated.server import FederatedServer
 from livar_merge.flower.strategy import DEFAULTS, FlowerSettings, LivarStrategy
 
 log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
@@ -102,21 +103,11 @@ class ServerRun:
         self.federation = build_federation(config)
         self.model = self.federation.model
         self.strategy = LivarStrategy(
-            self.model,
-            seed=config.seed,
-            method=config.method,
-            method_options=config.method_options(),
-            table=config.table,
-            lora_merge=config.lora_merge,
-            min_replies=self.settings.resolved_min_replies(config.num_clients),
+            FederatedServer.from_config(self.model, config, self.federation.evaluate),
+            settings=self.settings,
             min_available_nodes=config.num_clients,
-            node_wait_timeout=self.settings.node_wait_timeout,
             config_hash=config.config_hash(),
             frozen_checksum=frozen_checksum(self.model, config.lora_merge),
-            query_timeout=self.settings.round_timeout,
-            ccvr_round=config.rounds if config.ccvr_rounds == "last" else None,
-            paired=paired_from_config(config),
-            paired_evaluate=self.federation.evaluate,
         )
 
     def _write_header(self) -> None:

@@ -31,13 +31,11 @@ from flwr.serverapp.strategy import Strategy
 from livar_merge.aggregation import ClientUpdate
 from livar_merge.aggregation.registry import method_spec
 from livar_merge.errors import ConfigError, RoundFailedError
-from livar_merge.federated.paired import PairedEvaluation
 from livar_merge.federated.peft_keys import (
-    check_lora_targets,
     global_tensors,
     load_global_tensors,
 )
-from livar_merge.federated.server import Evaluate, FederatedServer, RoundRecord
+from livar_merge.federated.server import FederatedServer, RoundRecord
 from livar_merge.flower.messages import (
     ARRAYS,
     CONFIG,
@@ -50,7 +48,6 @@ from livar_merge.flower.messages import (
     validate_moments,
     validate_reply,
 )
-from livar_merge.tables import GShapTable
 
 log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
 SUPPORTED_NEEDS = frozenset({"omega", "sigma", "gram", "fisher", "prototypes", "moments"})
@@ -79,8 +76,15 @@ class FlowerSettings:
     defaults: the ServerApp's run config and :class:`LivarStrategy` read them from here)."""
 
     min_replies: int = 0  # 0: a majority of the nodes a round expects
-    round_timeout: float = 3600.0  # seconds to wait for the replies of one round
+    round_timeout: float = 3600.0  # seconds to wait for the replies of one round (and moments)
     node_wait_timeout: float = 120.0  # seconds to wait for the expected nodes before a round
+
+    def __post_init__(self) -> None:
+        if self.min_replies < 0:
+            raise ConfigError(f"min_replies must be >= 0, got {self.min_replies}")
+        for name in ("round_timeout", "node_wait_timeout"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
 
     def resolved_min_replies(self, expected_nodes: int) -> int:
         """``min_replies``, or (0) a majority of ``expected_nodes``; at least 1."""
@@ -94,72 +98,40 @@ class LivarStrategy(Strategy):
     """LIVAR as a Flower strategy.
 
     Args:
-        model: the peft LoRA ViT holding the initial global model (the server's copy); its
-            LoRA layers and head are checked here, before any round.
-        seed: run seed (LoRA restarts in product mode and CCVR derive from it).
-        method: any method of our registry (``livar``, ``fedavg``, ``regmean``, ``ccvr``, ...).
-        method_options: the method's options (``regmean_shrinkage``, ``ccvr_samples``, ...).
-        table: G_SHAP table name or path; replies must carry the same table identity.
-        lora_merge: ``product`` (Eq. 3 folded into the frozen weights), ``svd`` or ``factors``.
-        min_replies: a round fails (:class:`RoundFailedError`) with fewer valid replies;
-            0: a majority of ``min_available_nodes`` (at least 1).
+        server: the :class:`~livar_merge.federated.server.FederatedServer` that owns the
+            global model and the round (method, options, table, LoRA merge, CCVR round,
+            paired methods: ``FederatedServer(model, seed=0, method="livar")``, or
+            ``FederatedServer.from_config(model, config)``); its model's LoRA layers and head
+            were checked when it was built, and its method is checked here against what the
+            wire format carries.
+        settings: :class:`FlowerSettings`: ``min_replies`` (a round fails with
+            :class:`RoundFailedError` below it; 0: a majority of ``min_available_nodes``, at
+            least 1), ``node_wait_timeout``, and ``round_timeout`` (also the wait for CCVR's
+            moment replies).
         min_available_nodes: wait up to ``node_wait_timeout`` s for this many nodes before a
-            round; after that the round goes on with those connected (at least ``min_replies``).
+            round; after that the round goes on with those connected (at least min_replies).
         config_hash: if given, replies trained with other options are dropped.
         frozen_checksum: sent to clients, which refuse to train on another backbone.
-        query_timeout: seconds to wait for CCVR's moment replies (None: no limit).
-        ccvr_round: calibrate (CCVR) only after this round; None: after every round.
-        paired: other methods aggregated on the same accepted updates every round, each
-            installed on a copy of the pre-round global model and scored by
-            ``paired_evaluate(model) -> (top-1, loss)`` (:mod:`livar_merge.federated.paired`).
     """
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        server: FederatedServer,
         *,
-        seed: int,
-        method: str = "livar",
-        method_options: Mapping[str, Any] | None = None,
-        table: str = "paper-table-a",
-        lora_merge: str = "product",
-        min_replies: int = DEFAULTS.min_replies,
+        settings: FlowerSettings = DEFAULTS,
         min_available_nodes: int = 0,
-        node_wait_timeout: float = DEFAULTS.node_wait_timeout,
         config_hash: str | None = None,
         frozen_checksum: str | None = None,
-        query_timeout: float | None = None,
-        ccvr_round: int | None = None,
-        paired: PairedEvaluation | None = None,
-        paired_evaluate: Evaluate | None = None,
     ) -> None:
-        if min_replies < 0:
-            raise ConfigError(f"min_replies must be >= 0, got {min_replies}")
-        check_lora_targets(model)
-        # table and lora_merge go to the method when it declares them; method_options must
-        # hold only options it declares (make_aggregator names any other)
-        run_options = method_spec(method).select({"table": table, "lora_merge": lora_merge})
-        options = {**run_options, **dict(method_options or {})}
-        self.server = FederatedServer(
-            model,
-            method=method,
-            method_options=options,
-            seed=seed,
-            lora_merge=lora_merge,
-            ccvr_round=ccvr_round,
-            paired=paired,
-            evaluate=paired_evaluate,
-        )
-        check_method(method, self.server.needs)
-        self.table_identity = GShapTable.load(table).identity()
-        self.min_replies = FlowerSettings(min_replies=min_replies).resolved_min_replies(
-            min_available_nodes
-        )
+        check_method(server.method, server.needs)
+        self.server = server
+        self.table_identity = self.server.table_identity  # loads the table: fails here
+        self.min_replies = settings.resolved_min_replies(min_available_nodes)
         self.min_available_nodes = min_available_nodes
-        self.node_wait_timeout = node_wait_timeout
+        self.node_wait_timeout = settings.node_wait_timeout
         self.config_hash = config_hash
         self.frozen_checksum = frozen_checksum
-        self.query_timeout = query_timeout
+        self.query_timeout = settings.round_timeout
         self.history: list[RoundRecord] = []
         self._current: ArrayRecord | None = None
         self._messages: list[Message] = []
