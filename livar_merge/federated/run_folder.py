@@ -11,20 +11,25 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from livar_merge.errors import RunFolderError
+from livar_merge.federated.paired import paired_summary
 from livar_merge.federated.peft_keys import global_tensors, load_global_tensors
 from livar_merge.federated.results import (
     aggregation_rows,
+    run_summary,
     write_csv,
     write_json,
     write_run_header,
 )
-from livar_merge.federated.server import RoundRecord
+from livar_merge.federated.server import FederatedServer, RoundRecord
+
+if TYPE_CHECKING:
+    from livar_merge.federated.federation import Federation
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
@@ -67,6 +72,21 @@ def client_rows(record: RoundRecord) -> list[dict[str, Any]]:
             row[column] = update.extras.get(key)
         rows.append(row)
     return rows
+
+
+def run_provenance(federation: Federation, server: FederatedServer) -> dict[str, Any]:
+    """What both engines record in ``provenance.json`` about the run they built: seed, method
+    and options, G_SHAP table identity, weights and their provenance, data source, device."""
+    return {
+        "seed": server.seed,
+        "aggregator": server.aggregator.describe(),
+        "table": server.table_identity,
+        "model_weights": federation.info.weights,
+        "weights_provenance": federation.info.weights_provenance,
+        "dataset_source": federation.dataset_source,
+        "device": str(federation.device),
+        "precision": federation.precision,
+    }
 
 
 class RunFolder:
@@ -173,6 +193,13 @@ class RunFolder:
         load_global_tensors(model, {k: v for k, v in tensors.items() if k not in server})
         self.rows = RunRows(**data)
         return server
+
+    def summary(self, model_info: Any, wall_seconds: float, **extra: Any) -> dict[str, Any]:
+        """The run's summary from the rows so far (with the paired summary when there are
+        paired rows); ``extra`` keys go in as they are."""
+        if self.rows.paired:
+            extra["paired"] = paired_summary(self.rows.paired, self.config.method)
+        return run_summary(self.config, self.rows.metrics, model_info, wall_seconds, **extra)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.out / "summary.json", summary)

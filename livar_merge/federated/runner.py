@@ -23,9 +23,7 @@ from livar_merge.federated.client import ClientMemory, train_client
 from livar_merge.federated.config import FedConfig
 from livar_merge.federated.federation import build_federation
 from livar_merge.federated.model import restore_parameters, snapshot_trainable
-from livar_merge.federated.paired import paired_summary
-from livar_merge.federated.results import run_summary
-from livar_merge.federated.run_folder import RunFolder
+from livar_merge.federated.run_folder import RunFolder, run_provenance
 from livar_merge.federated.server import FederatedServer
 
 
@@ -44,21 +42,9 @@ class FederatedRun:
         )
 
     def _write_header(self) -> None:
-        fed = self.federation
-        self.folder.write_header(
-            {
-                "seed": self.config.seed,
-                "aggregator": self.server.aggregator.describe(),
-                "table": self.server.aggregator.describe().get("table"),
-                "model_weights": fed.info.weights,
-                "weights_provenance": fed.info.weights_provenance,
-                "dataset_source": fed.dataset_source,
-                "device": str(fed.device),
-                "precision": fed.precision,
-                "threads": torch.get_num_threads(),
-            },
-            partition=fed.partition_table,
-        )
+        provenance = run_provenance(self.federation, self.server)
+        provenance["threads"] = torch.get_num_threads()
+        self.folder.write_header(provenance, partition=self.federation.partition_table)
 
     def query_moments(
         self, updates: Sequence[ClientUpdate], full_covariance: bool
@@ -137,12 +123,7 @@ class FederatedRun:
                 self.folder.write_tables()
                 self.folder.save_checkpoint(self.model, self.server.state_tensors())
                 bar.set_postfix(round=r, acc=f"{row['test_accuracy']:.4f}")
-        extra = {}
-        if rows.paired:
-            extra["paired"] = paired_summary(rows.paired, self.config.method)
-        summary = run_summary(
-            self.config, rows.metrics, self.federation.info, time.perf_counter() - wall, **extra
-        )
+        summary = self.folder.summary(self.federation.info, time.perf_counter() - wall)
         if rows.completed_rounds == self.config.rounds:
             self.folder.write_summary(summary)
         return summary

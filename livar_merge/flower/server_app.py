@@ -33,10 +33,8 @@ from flwr.serverapp import Grid, ServerApp
 from livar_merge.errors import RunConfigError
 from livar_merge.federated.config import FedConfig, load_config_file, resolve_config
 from livar_merge.federated.federation import build_federation
-from livar_merge.federated.paired import paired_summary
 from livar_merge.federated.peft_keys import frozen_checksum
-from livar_merge.federated.results import run_summary
-from livar_merge.federated.run_folder import RunFolder
+from livar_merge.federated.run_folder import RunFolder, run_provenance
 from livar_merge.federated.server import FederatedServer
 from livar_merge.flower.strategy import DEFAULTS, FlowerSettings, LivarStrategy
 
@@ -111,19 +109,11 @@ class ServerRun:
         )
 
     def _write_header(self) -> None:
-        fed = self.federation
+        provenance = run_provenance(self.federation, self.strategy.server)
+        provenance["engine"] = "flower"
         self.folder.write_header(
-            {
-                "seed": self.config.seed,
-                "aggregator": self.strategy.aggregator.describe(),
-                "table": self.strategy.table_identity,
-                "model_weights": fed.info.weights,
-                "weights_provenance": fed.info.weights_provenance,
-                "dataset_source": fed.dataset_source,
-                "device": str(fed.device),
-                "precision": fed.precision,
-                "engine": "flower",
-            },
+            provenance,
+            partition=self.federation.partition_table,
             flower=dataclasses.asdict(self.settings),
         )
 
@@ -159,13 +149,8 @@ class ServerRun:
             train_config=train_config,
             evaluate_fn=self.evaluate,
         )
-        rows = self.folder.rows
-        extra: dict[str, Any] = {"engine": "flower"}
-        if rows.paired:
-            extra["paired"] = paired_summary(rows.paired, self.config.method)
-        summary = run_summary(
-            self.config, rows.metrics, self.federation.info, time.perf_counter() - wall, **extra
-        )
+        wall_seconds = time.perf_counter() - wall
+        summary = self.folder.summary(self.federation.info, wall_seconds, engine="flower")
         self.folder.write_summary(summary)
         return summary
 
