@@ -72,6 +72,12 @@ class CalibConfig(ArchitectureOverrides):
     edges: Literal["paper", "shap-curve"] = option(
         "paper", "'paper' (A: 25, 50; B: 60, 80) or 'shap-curve'"
     )
+    discretise: Literal["cell-mean", "interaction", "additive"] = option(
+        "cell-mean",
+        "how SHAP values become table cells: 'cell-mean' (mean forest prediction per cell), "
+        "'interaction' (main effects + SHAP interaction values per cell) or 'additive' (base + "
+        "mean SHAP of the A bin + of the B bin: cannot hold Table A's shape)",
+    )
     table_name: str | None = option(None, "table name (default <proxy>-<model>)")
     seed: int = option(0, "seed of the forest and the hold-out split")
     progress: bool = option(True, "progress bars")
@@ -83,9 +89,36 @@ class CalibConfig(ArchitectureOverrides):
         body = {k: v for k, v in self.to_dict().items() if k not in ("progress", "threads")}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
+    def training_hash(self) -> str:
+        """SHA-256 of the options the proxy training depends on (:func:`training_hash`)."""
+        return training_hash(self.to_dict())
+
     def default_table_name(self) -> str:
         name = f"{self.proxy}-{self.model}".lower()
         return re.sub(r"[^a-z0-9_.+-]", "-", name).strip("-.")
+
+
+# options of the analysis stages (forest, SHAP, discretisation, quality): a resumed calibration
+# may change them and re-runs only the analysis on the saved proxy training
+ANALYSIS_OPTIONS = frozenset(
+    {
+        "sample_feature",
+        "n_estimators",
+        "min_samples_leaf",
+        "holdout_fraction",
+        "edges",
+        "discretise",
+        "table_name",
+        "seed",
+    }
+)
+
+
+def training_hash(config: dict[str, Any]) -> str:
+    """SHA-256 of a calibration config's training options (not analysis, progress, threads)."""
+    skip = ANALYSIS_OPTIONS | {"progress", "threads"}
+    body = {k: v for k, v in config.items() if k not in skip}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 CALIB_PRESETS: dict[str, dict[str, Any]] = {

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from livar_calib.config import CalibConfig
+from livar_calib.config import ANALYSIS_OPTIONS, CalibConfig, training_hash
 from livar_calib.deltas import load_repeat
 from livar_calib.discretise import build_table
 from livar_calib.explain import shap_analysis
@@ -94,7 +94,7 @@ def run_calibration(
     """Run (or resume) every stage; returns the summary written to ``summary.json``."""
 
     root.mkdir(parents=True, exist_ok=True)
-    _check_config(config, root)
+    _check_config(config, root, log)
     timings: dict[str, float] = {}
     weights_record = weights_provenance(config.weights)  # hashes the cached file once
 
@@ -147,7 +147,9 @@ def run_calibration(
     )
 
     start = time.perf_counter()
-    explained = shap_analysis(forest, rows.loc[:, list(forest.features)])
+    explained = shap_analysis(
+        forest, rows.loc[:, list(forest.features)], interactions=config.discretise == "interaction"
+    )
     explained.values.to_csv(root / "shap_values.csv", index=False)
     shap_info = {"base_value": explained.base_value, "features": list(explained.feature_names)}
     explained_samples = None
@@ -169,7 +171,6 @@ def run_calibration(
     start = time.perf_counter()
     name = config.table_name or config.default_table_name()
     table_dir = root / "table"
-    existing = sorted(table_dir.glob(f"{name}.v*.json"))
     edges = {} if config.edges == "paper" else {"edges_a": "shap-curve", "edges_b": "shap-curve"}
     prov = {
         "proxy_dataset": config.proxy,
@@ -182,13 +183,7 @@ def run_calibration(
         "repeats": int(rows["repeat_id"].nunique()),
         "forest_metrics": forest.metrics,
     }
-    if existing:  # resumed after the table was written: reuse it, never rewrite
-        table_path = existing[-1]
-        table = GShapTable.load(table_path)
-    else:
-        table, table_path = build_table(
-            explained, rows, name=name, version=1, out_dir=table_dir, provenance=prov, **edges
-        )
+    table, table_path = _table_for(config, explained, rows, name, table_dir, prov, edges)
     published = None
     if publish_dir is not None:
         published = _publish(table, publish_dir)
@@ -261,23 +256,65 @@ def shap_trends(explained: Any) -> dict[str, float]:
     return out
 
 
-def _check_config(config: CalibConfig, root: Path) -> None:
-
+def _check_config(config: CalibConfig, root: Path, log: Any = print) -> None:
+    """Refuse a folder whose proxy training used other options; a resumed calibration may
+    change the analysis options (``ANALYSIS_OPTIONS``): config.json then records the new
+    config and the earlier ones under ``previous``."""
     path = root / "config.json"
+    current = config.to_dict()
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved["config_hash"] != config.config_hash():
+        if training_hash(saved["config"]) != config.training_hash():
             diff = {
                 k: (saved["config"].get(k), v)
-                for k, v in config.to_dict().items()
-                if saved["config"].get(k) != v and k not in ("progress", "threads")
+                for k, v in current.items()
+                if saved["config"].get(k) != v
+                and k not in ANALYSIS_OPTIONS | {"progress", "threads"}
             }
             raise RunFolderError(
                 f"{root} holds a calibration with another configuration: {diff}; "
                 "choose another --out"
             )
+        if saved["config_hash"] == config.config_hash():
+            return
+        changed = {
+            k: (saved["config"].get(k), v)
+            for k, v in current.items()
+            if k in ANALYSIS_OPTIONS and saved["config"].get(k) != v
+        }
+        log(f"resuming with other analysis options {changed}: the analysis runs again")
+        previous = [*saved.get("previous", []), {k: saved[k] for k in ("config", "config_hash")}]
+        write_json(
+            path, {"config": current, "config_hash": config.config_hash(), "previous": previous}
+        )
         return
-    write_json(path, {"config": config.to_dict(), "config_hash": config.config_hash()})
+    write_json(path, {"config": current, "config_hash": config.config_hash()})
+
+
+def _table_for(
+    config: CalibConfig,
+    explained: Any,
+    rows: Any,
+    name: str,
+    table_dir: Path,
+    prov: dict[str, Any],
+    edges: dict[str, str],
+) -> tuple[GShapTable, Path]:
+    """The run's table: an existing version written with this config (a resumed run reuses
+    it, never rewrites it), else the next version."""
+    for existing in sorted(table_dir.glob(f"{name}.v*.json"), reverse=True):
+        table = GShapTable.load(existing)
+        if table.provenance.get("config_hash") == config.config_hash():
+            return table, existing
+    return build_table(
+        explained,
+        rows,
+        name=name,
+        out_dir=table_dir,
+        provenance=prov,
+        rule=config.discretise,
+        **edges,
+    )
 
 
 def _publish(table: Any, directory: Path) -> Path:
