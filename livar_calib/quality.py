@@ -8,12 +8,21 @@ is computed with the low-rank Gram identity (:func:`livar_calib.nnls.gram_object
 forming a ``d x k`` matrix. Schemes: every given G_SHAP table (alpha of Eq. 5 from that repeat's
 omegas, pooled over its clients and layers as on the server), FedAvg (``n_m / sum n``) and the
 per-layer NNLS oracle (Eq. 4), which is a lower bound for any non-negative weights.
+
+The raw error mixes two things: the *direction* of the weights (which client deltas, in which
+proportions) and their *scale*. Sum-to-1 weights (a table's alpha, FedAvg) cannot match the
+joint delta's scale (about M times a client's optimizer steps), so all of them score about the
+same raw error. Each row therefore also holds the error after the scheme's best non-negative
+per-layer scale, ``s* = max(0, w.h / w^T G w)`` (``scaled_error``: the direction quality), and
+:func:`summarise_report` gives ``gap_closed``: the fraction of the FedAvg-to-oracle gap in mean
+scaled error that a scheme closes (0: FedAvg, 1: the oracle), with a bootstrap interval over
+the repeats (a repeat and all its layers resampled together).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +37,7 @@ if TYPE_CHECKING:
 
 FEDAVG = "fedavg"
 ORACLE = "nnls-oracle"
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def _matrix(rows: pd.DataFrame, column: str, deltas: RepeatDeltas) -> np.ndarray:
@@ -70,6 +80,13 @@ def scheme_weights(
     return weights
 
 
+def best_scale(weights: np.ndarray, gram: np.ndarray, h: np.ndarray) -> float:
+    """``argmin_{s >= 0} ||dW_joint - s sum_m w_m dW_m||_F^2 = max(0, w.h / w^T G w)``."""
+    w = np.asarray(weights, dtype=np.float64)
+    curvature = float(w @ gram @ w)
+    return max(float(w @ h) / curvature, 0.0) if curvature > 0 else 0.0
+
+
 def reconstruction_report(
     repeats: Sequence[RepeatDeltas],
     rows: pd.DataFrame,
@@ -85,8 +102,8 @@ def reconstruction_report(
         tables: ``label -> GShapTable``; the label names the scheme (must differ from
             ``"fedavg"`` and ``"nnls-oracle"``).
 
-    Returns a DataFrame with columns ``repeat_id, layer, scheme, relative_error, residual_sq``
-    (``relative_error`` is NaN for a layer whose joint delta is 0).
+    Returns a DataFrame with columns ``repeat_id, layer, scheme, relative_error, residual_sq,
+    scale, scaled_error`` (the errors are NaN for a layer whose joint delta is 0).
     """
     import pandas as pd
 
@@ -108,6 +125,8 @@ def reconstruction_report(
             layer_weights[ORACLE] = nnls_gram(gram, h, c, rank_rtol=rank_rtol).lam
             for label, w in layer_weights.items():
                 residual = gram_objective(w, gram, h, c)
+                scale = best_scale(w, gram, h)
+                scaled = gram_objective(scale * w, gram, h, c)
                 records.append(
                     {
                         "repeat_id": deltas.repeat_id,
@@ -115,13 +134,118 @@ def reconstruction_report(
                         "scheme": label,
                         "relative_error": residual / c if c > 0 else float("nan"),
                         "residual_sq": residual,
+                        "scale": scale,
+                        "scaled_error": scaled / c if c > 0 else float("nan"),
                     }
                 )
     return pd.DataFrame.from_records(records)
 
 
-def summarise_report(report: pd.DataFrame) -> pd.DataFrame:
-    """Mean, median and count of ``relative_error`` per scheme, best (lowest mean) first."""
-    check_rows(report, ("scheme", "relative_error"), where="report")
+def _per_repeat(report: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Mean of ``column`` per repeat and scheme ``[repeats, schemes]`` (NaN rows dropped)."""
+    valid = report.loc[report[column].notna()]
+    return valid.pivot_table(index="repeat_id", columns="scheme", values=column, aggfunc="mean")
+
+
+def _gap(errors: pd.DataFrame) -> pd.Series:
+    """Fraction of the FedAvg-to-oracle gap in mean error closed by each scheme."""
+    means = errors.mean(axis=0)
+    span = means[FEDAVG] - means[ORACLE]
+    return (means[FEDAVG] - means) / span if span > 0 else means * np.nan
+
+
+def _bootstrap(
+    per_repeat: pd.DataFrame,
+    statistic: Any,
+    *,
+    resamples: int,
+    seed: int,
+    level: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of ``statistic(per_repeat rows) -> [k]`` over repeats resampled
+    with replacement (the same resamples for every scheme: paired)."""
+    n = len(per_repeat)
+    if n < 2:
+        nan = np.full(len(statistic(per_repeat)), np.nan)
+        return nan, nan
+    rng = np.random.default_rng(seed)
+    draws = np.stack(
+        [
+            np.asarray(statistic(per_repeat.iloc[rng.integers(0, n, size=n)]), dtype=np.float64)
+            for _ in range(resamples)
+        ]
+    )
+    tail = (1.0 - level) / 2.0 * 100.0
+    return np.nanpercentile(draws, tail, axis=0), np.nanpercentile(draws, 100.0 - tail, axis=0)
+
+
+def summarise_report(
+    report: pd.DataFrame,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """Per scheme, best (lowest mean raw error) first: ``mean``, ``median``, ``count`` of the
+    raw relative error, ``scaled_mean``/``scaled_median`` (after the best per-layer scale),
+    ``gap_closed`` (scaled; 0 FedAvg, 1 oracle) with its ``level`` bootstrap interval
+    ``gap_low``/``gap_high`` over repeats, and ``gap_closed_raw`` (the same on raw errors)."""
+    import pandas as pd
+
+    check_rows(report, ("repeat_id", "scheme", "relative_error"), where="report")
     summary = report.groupby("scheme")["relative_error"].agg(["mean", "median", "count"])
+    if "scaled_error" in report.columns and {FEDAVG, ORACLE} <= set(summary.index):
+        scaled = report.groupby("scheme")["scaled_error"]
+        summary["scaled_mean"], summary["scaled_median"] = scaled.mean(), scaled.median()
+        per_repeat = _per_repeat(report, "scaled_error")
+        summary["gap_closed"] = _gap(per_repeat)
+        low, high = _bootstrap(per_repeat, _gap, resamples=resamples, seed=seed, level=level)
+        summary["gap_low"] = pd.Series(low, index=per_repeat.columns)
+        summary["gap_high"] = pd.Series(high, index=per_repeat.columns)
+        summary["gap_closed_raw"] = _gap(_per_repeat(report, "relative_error"))
     return summary.sort_values("mean", kind="stable")
+
+
+def gap_difference(
+    report: pd.DataFrame,
+    scheme: str,
+    other: str,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """``gap_closed(scheme) - gap_closed(other)`` and its paired bootstrap interval."""
+    per_repeat = _per_repeat(report, "scaled_error")
+    for name in (scheme, other):
+        if name not in per_repeat.columns:
+            raise CalibrationError(f"the report has no scheme {name!r}")
+
+    def difference(rows: pd.DataFrame) -> np.ndarray:
+        gap = _gap(rows)
+        return np.array([gap[scheme] - gap[other]])
+
+    low, high = _bootstrap(per_repeat, difference, resamples=resamples, seed=seed, level=level)
+    return float(difference(per_repeat)[0]), float(low[0]), float(high[0])
+
+
+def verdict(report: pd.DataFrame, table: str, others: Sequence[str]) -> str:
+    """One sentence per comparison: whether ``table`` closes more of the FedAvg-to-oracle gap
+    (scaled error) than FedAvg and each of ``others``, by how much, and whether the 95 %
+    bootstrap interval over held-out repeats excludes 0."""
+    parts = []
+    for other in (FEDAVG, *others):
+        diff, low, high = gap_difference(report, table, other)
+        if np.isnan(low):
+            word = "cannot be told apart from (one held-out repeat: no interval)"
+        elif low > 0:
+            word = "beats"
+        elif high < 0:
+            word = "is worse than"
+        else:
+            word = "is within the noise of"
+        parts.append(
+            f"{table} {word} {other}: gap closed {diff:+.3f} "
+            f"(95% interval {low:+.3f} to {high:+.3f})"
+        )
+    return "; ".join(parts)
