@@ -161,12 +161,12 @@ def segment_1d(y: Sequence[float], n_segments: int) -> list[int]:
     Dynamic programming over prefix sums, ``O(n_segments * n^2)``. Returns the start indices of
     segments 2..K (``K - 1`` increasing indices in ``1..n-1``). Ties go to the earliest split.
     """
-    y = np.asarray(y, dtype=np.float64)
-    n = y.size
+    values = np.asarray(y, dtype=np.float64)
+    n = values.size
     if not 1 <= n_segments <= n:
         raise CalibrationError(f"cannot cut {n} points into {n_segments} segments")
-    s1 = np.concatenate([[0.0], np.cumsum(y)])
-    s2 = np.concatenate([[0.0], np.cumsum(y * y)])
+    s1 = np.concatenate([[0.0], np.cumsum(values)])
+    s2 = np.concatenate([[0.0], np.cumsum(values * values)])
 
     def cost(i: int, j: int) -> float:  # squared error of y[i:j] around its mean
         total = s1[j] - s1[i]

@@ -18,14 +18,14 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
 
 from livar_calib.config import ANALYSIS_OPTIONS, CalibConfig, training_hash
 from livar_calib.deltas import load_repeat
-from livar_calib.discretise import build_table
+from livar_calib.discretise import EdgeSpec, build_table
 from livar_calib.explain import shap_analysis
 from livar_calib.features import add_quantile_features
 from livar_calib.figures import plot_shap_summary
@@ -38,6 +38,23 @@ from livar_merge.federated import pretrained
 from livar_merge.federated.datasets import load_dataset
 from livar_merge.federated.results import provenance, write_json
 from livar_merge.tables import GShapTable, TableError
+
+
+class _ForestOptions(TypedDict):
+    """The options both forests are fitted with (``options`` of ``forest.json``)."""
+
+    seed: int
+    n_estimators: int
+    min_samples_leaf: int
+    holdout_repeats: list[str]
+    n_jobs: int
+
+
+class _EdgeOptions(TypedDict, total=False):
+    """``build_table``'s edge rules when they are not the paper's."""
+
+    edges_a: EdgeSpec
+    edges_b: EdgeSpec
 
 
 def collect_rows(config: CalibConfig, root: Path) -> Any:  # -> pandas.DataFrame
@@ -115,7 +132,7 @@ def run_calibration(
     train_ids, test_ids = split_repeats(
         rows["repeat_id"], holdout_fraction=config.holdout_fraction, seed=config.seed
     )
-    forest_options = {
+    forest_options: _ForestOptions = {
         "seed": config.seed,
         "n_estimators": config.n_estimators,
         "min_samples_leaf": config.min_samples_leaf,
@@ -151,7 +168,10 @@ def run_calibration(
         forest, rows.loc[:, list(forest.features)], interactions=config.discretise == "interaction"
     )
     explained.values.to_csv(root / "shap_values.csv", index=False)
-    shap_info = {"base_value": explained.base_value, "features": list(explained.feature_names)}
+    shap_info: dict[str, Any] = {
+        "base_value": explained.base_value,
+        "features": list(explained.feature_names),
+    }
     explained_samples = None
     if forest_samples is not None:
         explained_samples = shap_analysis(forest_samples, rows.loc[:, list(WITH_SAMPLES)])
@@ -171,7 +191,9 @@ def run_calibration(
     start = time.perf_counter()
     name = config.table_name or config.default_table_name()
     table_dir = root / "table"
-    edges = {} if config.edges == "paper" else {"edges_a": "shap-curve", "edges_b": "shap-curve"}
+    edges: _EdgeOptions = (
+        {} if config.edges == "paper" else {"edges_a": "shap-curve", "edges_b": "shap-curve"}
+    )
     prov = {
         "proxy_dataset": config.proxy,
         "backbone": config.model,
@@ -303,7 +325,7 @@ def _table_for(
     name: str,
     table_dir: Path,
     prov: dict[str, Any],
-    edges: dict[str, str],
+    edges: _EdgeOptions,
 ) -> tuple[GShapTable, Path]:
     """The run's table: an existing version written with this config (a resumed run reuses
     it, never rewrites it), else the next version."""

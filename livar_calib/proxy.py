@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from livar_calib.config import CalibConfig
 from livar_calib.deltas import RepeatDeltas, save_repeat
 from livar_merge.aggregation import ClientUpdate
+from livar_merge.aggregation.types import client_head_biases
 from livar_merge.fedavg import fedavg_head, fedavg_lora
 from livar_merge.federated.client import train_client
 from livar_merge.federated.data import derive_seed
@@ -103,7 +104,7 @@ class ProxyTrainer:
                 params[name].copy_(value)
 
     # ----------------------------------------------------------------- rounds
-    def _factors(self, update) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _factors(self, update: ClientUpdate) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{layer: (s B, A)}`` of an update whose round started from B = 0."""
         out = {}
         for layer in self.info.lora_layers:
@@ -173,7 +174,13 @@ class ProxyTrainer:
         self._advance(round_index, updates, joint, start)
         return deltas, rows
 
-    def _advance(self, round_index: int, updates: list, joint, start) -> None:
+    def _advance(
+        self,
+        round_index: int,
+        updates: list[ClientUpdate],
+        joint: ClientUpdate,
+        start: dict[str, torch.Tensor],
+    ) -> None:
         """Fold the chosen round result into the frozen weights and set the head."""
 
         restore_parameters(self.model, start)
@@ -191,6 +198,7 @@ class ProxyTrainer:
                 }
                 head.weight.copy_(joint.head_weight)
                 if head.bias is not None:
+                    assert joint.head_bias is not None  # trained from this head
                     head.bias.copy_(joint.head_bias)
             else:
                 n = [u.num_samples for u in updates]
@@ -199,10 +207,11 @@ class ProxyTrainer:
                 )
                 deltas = {layer: merged[layer].to_dense() for layer in modules}
                 merged_head = fedavg_head(
-                    [u.head_weight for u in updates], [u.head_bias for u in updates], n
+                    [u.head_weight for u in updates], client_head_biases(updates), n
                 )
                 head.weight.copy_(merged_head.weight)
                 if head.bias is not None:
+                    assert merged_head.bias is not None  # the clients trained this head
                     head.bias.copy_(merged_head.bias)
         fold_into_base(self.model, deltas)
 

@@ -20,6 +20,7 @@ from livar_merge.aggregation.types import (
     ClientUpdate,
     PreviousHead,
     Scaling,
+    client_head_biases,
     unweighted_result,
 )
 from livar_merge.errors import ClientUpdateError
@@ -77,9 +78,6 @@ class FisherAggregator(Aggregator):
                 A=merged(a_key, [u.lora[a_key] for u in updates]),
             )
         weight = merged("head.weight", [u.head_weight for u in updates])
-        bias = (
-            None
-            if updates[0].head_bias is None
-            else merged("head.bias", [u.head_bias for u in updates])
-        )
+        biases = client_head_biases(updates)
+        bias = None if biases is None else merged("head.bias", biases)
         return unweighted_result(updates, lora, weight, bias)

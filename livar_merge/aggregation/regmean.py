@@ -26,6 +26,7 @@ from livar_merge.aggregation.types import (
     ClientUpdate,
     PreviousHead,
     Scaling,
+    client_head_biases,
     unweighted_result,
 )
 from livar_merge.errors import ClientUpdateError, MethodOptionError
@@ -145,11 +146,12 @@ class RegMeanAggregator(Aggregator):
                 if self.lora_merge == "svd"
                 else LoraDelta(scaling=s, dense=dense.float())
             )
-        if updates[0].head_bias is None:
+        biases = client_head_biases(updates)
+        if biases is None:
             raise ClientUpdateError("regmean's head merge expects a head with a bias")
         weight, bias = regmean_head(
             [u.head_weight for u in updates],
-            [u.head_bias for u in updates],
+            biases,
             [u.extras["head_gram"] for u in updates],
             shrinkage=self.shrinkage,
         )

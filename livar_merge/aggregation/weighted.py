@@ -27,6 +27,7 @@ from livar_merge.aggregation.types import (
     ClientUpdate,
     PreviousHead,
     Scaling,
+    client_head_biases,
 )
 from livar_merge.coefficients import livar_coefficient_details
 from livar_merge.errors import ClientUpdateError, MethodOptionError
@@ -141,7 +142,7 @@ class WeightedAggregator(Aggregator):
         prev_w, prev_b = previous_head if previous_head is not None else (None, None)
         head = merge_heads(
             [u.head_weight for u in updates],
-            None if updates[0].head_bias is None else [u.head_bias for u in updates],
+            client_head_biases(updates),
             self.head_weights(updates, num_classes),
             previous_weight=prev_w,
             previous_bias=prev_b,

@@ -17,10 +17,15 @@ import torch
 from livar_merge.aggregation import ClientUpdate
 from livar_merge.errors import ClientUpdateError
 from livar_merge.federated.data import BatchSource, derive_seed
-from livar_merge.federated.model import forward_with_features, head_module
+from livar_merge.federated.model import forward_with_features, head_module, peft_view
 from livar_merge.federated.peft_keys import lora_state
 from livar_merge.federated.statistics import diagonal_fisher, gram_and_prototype_pass
-from livar_merge.signals import ClassFeatureStats, ImportanceTracker, find_lora_parameters
+from livar_merge.signals import (
+    ClassFeatureStats,
+    ImportanceTracker,
+    Reduction,
+    find_lora_parameters,
+)
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class TrainSettings:
     weight_decay: float
     augment: bool = False
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    omega_reduction: str = "matrix"
+    omega_reduction: Reduction = "matrix"
     omega_cumulative: bool = False
     sigma_samples: str = "correct"
     sigma_pass: str = "final"
@@ -141,7 +146,7 @@ def collect_class_stats(
     was_training = model.training
     model.eval()
     context = (
-        model.disable_adapter()
+        peft_view(model).disable_adapter()
         if settings.sigma_pass == "pretrained"
         else (contextlib.nullcontext())
     )
@@ -320,7 +325,7 @@ def evaluate(
     saved = None
     if hasattr(model, "merge_adapter"):
         saved = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
-        model.merge_adapter()
+        peft_view(model).merge_adapter()
     try:
         correct, loss, n = 0, 0.0, 0
         with autocast_context(precision, source.device):
@@ -331,7 +336,7 @@ def evaluate(
                 n += len(y)
     finally:
         if saved is not None:
-            model.unmerge_adapter()
+            peft_view(model).unmerge_adapter()
             params = dict(model.named_parameters())
             for name, value in saved.items():
                 params[name].data.copy_(value)

@@ -170,7 +170,10 @@ def build_federation(
     model, info = build_seeded_model(config, splits.num_classes, seed)
     model.to(device)
     workers = getattr(config, "num_workers", 0)
-    source = {"mean": info.mean, "std": info.std, "device": device, "num_workers": workers}
+
+    def batch_source(images: LabeledImages) -> BatchSource:
+        return BatchSource(images, mean=info.mean, std=info.std, device=device, num_workers=workers)
+
     return Federation(
         device=device,
         precision=precision,
@@ -182,8 +185,8 @@ def build_federation(
         model=model,
         info=info,
         scalings=peft_scalings(model),
-        train_source=BatchSource(train, **source),
-        test_source=BatchSource(test, **source),
+        train_source=batch_source(train),
+        test_source=batch_source(test),
         test_size=len(test),
         eval_batch_size=getattr(config, "eval_batch_size", 256),
     )

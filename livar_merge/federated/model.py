@@ -7,12 +7,13 @@ state dict read by timm with ``torch.load(weights_only=True)``) or a named sourc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 
@@ -28,6 +29,44 @@ class Backbone(NamedTuple):
     model: torch.nn.Module
     description: str
     provenance: dict[str, Any] | None
+
+
+class TimmClassifier(Protocol):
+    """The part of a timm classifier (a VisionTransformer) livar uses.
+
+    torch types attribute access on a Module (``Module.__getattr__``) as ``Tensor | Module``, so
+    timm's methods and plain attributes are invisible to a type checker; :func:`timm_view` gives
+    a timm model this type.
+    """
+
+    blocks: torch.nn.Sequential
+    head: torch.nn.Module
+    num_features: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+
+
+class PeftAdapterMethods(Protocol):
+    """The methods of a peft LoRA model livar calls (peft forwards them to its tuner, which a
+    type checker cannot see on a Module); :func:`peft_view` gives a peft model this type."""
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager[Any]: ...
+
+    def merge_adapter(self) -> None: ...
+
+    def unmerge_adapter(self) -> None: ...
+
+
+def timm_view(model: torch.nn.Module) -> TimmClassifier:
+    """``model`` (a timm classifier) typed as one; no check, no copy."""
+    return cast(TimmClassifier, model)
+
+
+def peft_view(model: torch.nn.Module) -> PeftAdapterMethods:
+    """``model`` (a peft LoRA model) typed as one; no check, no copy."""
+    return cast(PeftAdapterMethods, model)
 
 
 @dataclass(frozen=True)
@@ -134,7 +173,8 @@ def add_lora(
 
     config = peft.LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        # peft annotates lora_alpha as int but only computes lora_alpha / r; livar's is a float
+        lora_alpha=alpha,  # type: ignore[arg-type]
         lora_dropout=dropout,
         target_modules=LORA_TARGET_REGEX,
         modules_to_save=["head"],
@@ -167,16 +207,16 @@ def build_model(
         mean, std = pretrained.get_source(weights).mean, pretrained.get_source(weights).std
     model = add_lora(backbone, rank=rank, alpha=alpha, dropout=dropout)
     layers = tuple(find_lora_parameters(model))
-    expected = 4 * len(backbone.blocks)
+    expected = 4 * len(timm_view(backbone).blocks)
     if len(layers) != expected:
         raise RuntimeError(f"LoRA landed on {len(layers)} layers, expected {expected}")
     info = ModelInfo(
         model_name,
         description,
-        mean,  # type: ignore[arg-type]
-        std,  # type: ignore[arg-type]
+        mean,
+        std,
         layers,
-        backbone.num_features,
+        timm_view(backbone).num_features,
         weights_provenance=provenance,
     )
     return model, info
@@ -184,22 +224,25 @@ def build_model(
 
 def timm_core(model: torch.nn.Module) -> torch.nn.Module:
     """The timm model inside a peft wrapper."""
-    return model.base_model.model  # type: ignore[union-attr,return-value]
+    return model.get_submodule("base_model.model")
 
 
 def forward_with_features(
     model: torch.nn.Module, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pre-logit features [N, D], logits [N, C])`` in one forward pass."""
-    core = timm_core(model)
+    core = timm_view(timm_core(model))
     features = core.forward_head(core.forward_features(x), pre_logits=True)
     return features, core.head(features)
 
 
 def head_module(model: torch.nn.Module) -> torch.nn.Linear:
     """The trainable head (peft's modules_to_save copy)."""
-    head = timm_core(model).head
-    return head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
+    head = timm_core(model).get_submodule("head")
+    if hasattr(head, "modules_to_save"):
+        head = head.get_submodule("modules_to_save.default")
+    # a timm classifier's head is a Linear (check_lora_targets rejects a model whose is not)
+    return cast(torch.nn.Linear, head)
 
 
 def snapshot_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:

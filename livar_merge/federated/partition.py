@@ -81,7 +81,7 @@ def dirichlet_partition(
     rng = np.random.default_rng(seed)
     _, inverse = np.unique(labels, return_inverse=True)
     order = np.argsort(inverse, kind="stable")
-    bounds = np.cumsum(np.bincount(inverse))[:-1] if n else []
+    bounds: np.ndarray | list[int] = np.cumsum(np.bincount(inverse))[:-1] if n else []
     class_indices = np.split(order, bounds) if n else []
     alpha = np.full(num_clients, float(beta))
     best = -1

@@ -312,9 +312,9 @@ def convert_onnx_to_timm(onnx_path: str | os.PathLike[str]) -> dict[str, torch.T
             out[prefix + f"attn.qkv.{kind}"] = np.concatenate(
                 [params[f"attn.{p}.{kind}"] for p in "qkv"], axis=0
             )
-        for key, value in params.items():
-            if not key.startswith(("attn.q.", "attn.k.", "attn.v.")):
-                out[prefix + key] = value
+        for param, value in params.items():
+            if not param.startswith(("attn.q.", "attn.k.", "attn.v.")):
+                out[prefix + param] = value
     return {key: torch.from_numpy(np.ascontiguousarray(out[key])) for key in sorted(out)}
 
 
@@ -466,13 +466,17 @@ def apply_source_pos_embed(model: torch.nn.Module, weights_file: str | os.PathLi
 
     with safe_open(str(weights_file), framework="pt") as handle:
         native = handle.get_tensor("pos_embed")
-    target = model.pos_embed  # type: ignore[union-attr]
+    target = model.get_parameter("pos_embed")
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     side = round((native.shape[1] - prefix) ** 0.5)
     if tuple(native.shape) == tuple(target.shape):
         return f"native {side}x{side} grid"
     grid = native[:, prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    size = tuple(model.patch_embed.grid_size)  # type: ignore[union-attr]
+    # timm's PatchEmbed.grid_size: a plain tuple attribute (torch types it Tensor | Module)
+    grid_size: object = model.get_submodule("patch_embed").grid_size
+    if not isinstance(grid_size, tuple | list):
+        raise WeightsError(f"patch_embed.grid_size is a {type(grid_size).__name__}, not a tuple")
+    size = tuple(int(n) for n in grid_size)
     grid = F.interpolate(grid, size=size, mode="bicubic", align_corners=False, antialias=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, size[0] * size[1], -1)
     target.copy_(torch.cat([native[:, :prefix], grid], dim=1).to(target))

@@ -82,9 +82,9 @@ class FederatedRun:
                 memory=memory,
                 prototypes=self.server.prototypes,
             )
-            record = memory.to_record()
-            if record is not None:
-                rows.memories[client_id] = record
+            memory_record = memory.to_record()
+            if memory_record is not None:
+                rows.memories[client_id] = memory_record
             update.extras.update(report.extras())
             updates.append(update)
             if progress is not None:

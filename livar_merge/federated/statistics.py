@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ def input_gram_hooks(model: torch.nn.Module, layers: list[str]) -> Iterator[dict
     modules = dict(model.named_modules())
     grams: dict[str, Any] = {}
 
-    def hook(name: str):
+    def hook(name: str) -> Callable[[torch.nn.Module, tuple[Any, ...]], None]:
         def accumulate(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             gram = x.T @ x
@@ -61,9 +61,12 @@ def gram_and_prototype_pass(
     was_training = model.training
     model.eval()
     out: dict[str, Any] = {}
-    head_gram = None
-    sums = counts = None
-    context = input_gram_hooks(model, layers) if want_gram else contextlib.nullcontext({})
+    head_gram: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    context: contextlib.AbstractContextManager[dict[str, Any]] = (
+        input_gram_hooks(model, layers) if want_gram else contextlib.nullcontext({})
+    )
     with context as grams:
         for x, y in source.batches(indices, batch_size):
             features, _ = forward_with_features(model, x)
@@ -73,7 +76,7 @@ def gram_and_prototype_pass(
                 g = aug.T @ aug
                 head_gram = g if head_gram is None else head_gram + g
             if want_prototypes:
-                if sums is None:
+                if sums is None or counts is None:
                     sums = torch.zeros(
                         num_classes, f.shape[1], dtype=torch.float64, device=f.device
                     )
@@ -82,6 +85,7 @@ def gram_and_prototype_pass(
                 counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
     model.train(was_training)
     if want_gram:
+        assert head_gram is not None  # set by the first batch
         out["gram"] = {layer: g.cpu() for layer, g in grams.items()}
         out["head_gram"] = head_gram.cpu()
     if want_prototypes:
@@ -153,11 +157,13 @@ def feature_moments(
     of the pre-logit features of ``model`` over the client's data (CCVR)."""
     was_training = model.training
     model.eval()
-    s1 = s2 = n = None
+    s1: torch.Tensor | None = None
+    s2: torch.Tensor | None = None
+    n: torch.Tensor | None = None
     for x, y in source.batches(indices, batch_size):
         features, _ = forward_with_features(model, x)
         f = features.double()
-        if s1 is None:
+        if s1 is None or s2 is None or n is None:
             d = f.shape[1]
             s1 = torch.zeros(num_classes, d, dtype=torch.float64, device=f.device)
             shape = (num_classes, d, d) if full_covariance else (num_classes, d)

@@ -133,7 +133,7 @@ def collect_costs(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def cost_table(rows: list[dict[str, Any]], *, methods: Sequence[str] | None = None):
+def cost_table(rows: list[dict[str, Any]], *, methods: Sequence[str] | None = None) -> pd.DataFrame:
     """Per method: the median of each cost column over all its rows (scaled to the units of
     its label; NaN where no run recorded it), and the number of finished runs."""
     frame = pd.DataFrame(rows, columns=["dataset", "method", "beta", "seed", "column", "value"])
@@ -155,7 +155,7 @@ def results_table(
     betas: Sequence[float] | None = None,
     value: str = "final_accuracy",
     scale: float = 100.0,
-):  # -> tuple[pandas.DataFrame, pandas.DataFrame]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(cells, stats)``: methods x betas cells "mean (std)" over seeds, in percent, and the
     long-form statistics (mean, std with ddof=1, n). Missing combinations read "—"."""
     frame = pd.DataFrame(rows, columns=["method", "beta", "seed", value])
@@ -203,7 +203,7 @@ def collect_paired(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def paired_table(rows: list[dict[str, Any]], *, scale: float = 100.0):
+def paired_table(rows: list[dict[str, Any]], *, scale: float = 100.0) -> pd.DataFrame:
     """Per (method, paired, beta): ``method - paired`` in points, mean and 95 % interval over
     all (seed, round) pairs, the same over seeds for the final round, and rounds won."""
     from livar_merge.federated.paired import mean_interval
@@ -235,7 +235,7 @@ def paired_table(rows: list[dict[str, Any]], *, scale: float = 100.0):
     return pd.DataFrame(out, columns=list(out[0]) if out else ["method", "paired", "beta"])
 
 
-def paired_markdown(table) -> str:
+def paired_markdown(table: pd.DataFrame) -> str:
     """The paired table as Markdown: "mean [low, high]" cells in top-1 points."""
 
     def cell(mean: Any, low: Any, high: Any) -> str:
@@ -291,7 +291,7 @@ def format_number(value: float) -> str:
     return f"{value:.{max(0, 2 - math.floor(math.log10(abs(value))))}f}" if value else "0"
 
 
-def markdown_table(frame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
     """A pipe table of ``frame`` (index as the first column), no optional dependency."""
     header = "| " + " | ".join([frame.index.name or "", *map(str, frame.columns)]) + " |"
     rule = "|" + "---|" * (len(frame.columns) + 1)

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from livar_merge.errors import NodeConfigError
@@ -29,6 +29,7 @@ from livar_merge.flower.messages import (
     PROTOCOL,
     PROTOTYPES,
     from_array_record,
+    get_record,
     pack_moments,
     pack_reply,
 )
@@ -90,9 +91,10 @@ def _prepare_node(
     """Shared start of a node's work: the run config of the message, the node's partition, its
     (cached) runtime with the global model of the message loaded. Returns
     ``(config, partition, runtime, config record)``."""
-    if CONFIG not in content or ARRAYS not in content:
+    record = get_record(content, CONFIG, ConfigRecord)
+    arrays = get_record(content, ARRAYS, ArrayRecord)
+    if record is None or arrays is None:
         raise NodeConfigError(f"message lacks the {CONFIG!r} or {ARRAYS!r} record")
-    record = content[CONFIG]
     if record.get("protocol") != PROTOCOL:
         raise NodeConfigError(
             f"server speaks LIVAR protocol {record.get('protocol')!r}, this node {PROTOCOL}"
@@ -121,8 +123,23 @@ def _prepare_node(
             f"frozen backbone differs from the server's ({runtime.frozen[:19]}... vs "
             f"{str(expected)[:19]}...): other weights file, architecture or seed"
         )
-    load_global_tensors(runtime.federation.model, from_array_record(content[ARRAYS]))
+    load_global_tensors(runtime.federation.model, from_array_record(arrays))
     return config, partition, runtime, record
+
+
+def _config_int(record: ConfigRecord, key: str) -> int:
+    value = record[key]
+    if not isinstance(value, int | float | str | bytes):
+        raise NodeConfigError(f"message config {key!r} is a {type(value).__name__}, not a number")
+    return int(value)
+
+
+def _config_names(record: ConfigRecord, key: str) -> frozenset[str]:
+    """The strings of a list entry of ``record`` (absent: none)."""
+    value = record.get(key, [])
+    if not isinstance(value, list):
+        raise NodeConfigError(f"message config {key!r} is a {type(value).__name__}, not a list")
+    return frozenset(str(n) for n in value)
 
 
 def train_on_node(content: RecordDict, context: Context) -> RecordDict:
@@ -131,7 +148,10 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
     fed = runtime.federation
     prototypes = None
     if PROTOTYPES in content:
-        prototypes = from_array_record(content[PROTOTYPES])[PROTOTYPES].to(fed.device)
+        arrays = get_record(content, PROTOTYPES, ArrayRecord)
+        if arrays is None:
+            raise NodeConfigError(f"message record {PROTOTYPES!r} is not an ArrayRecord")
+        prototypes = from_array_record(arrays)[PROTOTYPES].to(fed.device)
     memory = _load_memory(context.state)
     update, report = train_client(
         fed.model,
@@ -141,8 +161,8 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
         num_classes=fed.num_classes,
         settings=fed.settings,
         seed=config.seed,
-        round_index=int(record["server-round"]),
-        needs=frozenset(str(n) for n in record.get("needs", [])),
+        round_index=_config_int(record, "server-round"),
+        needs=_config_names(record, "needs"),
         memory=memory,
         prototypes=prototypes,
     )

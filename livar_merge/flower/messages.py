@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -53,6 +53,43 @@ ARRAYS, METRICS, INFO, CONFIG = "arrays", "metrics", "info", "config"
 PROTOTYPES, MOMENTS = "prototypes", "moments"
 MOMENT_KEYS = ("mean", "cov", "count")
 TABLE_KEYS = ("name", "version", "checksum")
+
+RecordT = TypeVar("RecordT", ArrayRecord, MetricRecord, ConfigRecord)
+
+
+# ---------------------------------------------------------------------------- typed access
+def get_record(content: RecordDict, key: str, kind: type[RecordT]) -> RecordT | None:
+    """``content[key]`` when it is a ``kind`` record, else None (missing or another kind)."""
+    record = content.get(key)
+    return record if isinstance(record, kind) else None
+
+
+def _typed_record(content: RecordDict, key: str, kind: type[RecordT]) -> RecordT:
+    """``content[key]`` (``KeyError`` when missing), :class:`InvalidReplyError` when it is not
+    a ``kind`` record."""
+    record = content[key]
+    if not isinstance(record, kind):
+        raise InvalidReplyError(
+            f"record {key!r} is a {type(record).__name__}, expected a {kind.__name__}"
+        )
+    return record
+
+
+def _int_value(value: object, what: str) -> int:
+    """``int(value)`` of a record's scalar; :class:`InvalidReplyError` for a list."""
+    if not isinstance(value, int | float | str | bytes):
+        raise InvalidReplyError(f"{what} is a {type(value).__name__}, expected a number")
+    return int(value)
+
+
+def _str_tuple(value: object, what: str) -> tuple[str, ...]:
+    """A record's list of strings as a tuple; :class:`InvalidReplyError` for anything else."""
+    if not isinstance(value, list):
+        raise InvalidReplyError(f"{what} is a {type(value).__name__}, expected a list of strings")
+    names = tuple(v for v in value if isinstance(v, str))
+    if len(names) != len(value):
+        raise InvalidReplyError(f"{what} holds values other than strings")
+    return names
 
 
 # ------------------------------------------------------------------------------ arrays
@@ -161,16 +198,17 @@ def unpack_reply(content: RecordDict) -> ClientUpdate:
     """The :class:`ClientUpdate` of a reply built by :func:`pack_reply` (no validation; use
     :func:`validate_reply` on replies from the network). ``extras`` holds the partition id,
     table identity, config hash and training metrics."""
-    info, metrics = content[INFO], content[METRICS]
-    tensors = from_array_record(content[ARRAYS])
+    info = _typed_record(content, INFO, ConfigRecord)
+    metrics = _typed_record(content, METRICS, MetricRecord)
+    tensors = from_array_record(_typed_record(content, ARRAYS, ArrayRecord))
     lora = {k[len("lora/") :]: v for k, v in tensors.items() if k.startswith("lora/")}
     update = ClientUpdate(
         client_id=str(info["client-id"]),
-        num_samples=int(metrics["num-examples"]),
+        num_samples=_int_value(metrics["num-examples"], "metrics key 'num-examples'"),
         lora=lora,
         head_weight=tensors["head/weight"],
         head_bias=tensors.get("head/bias"),
-        layer_names=tuple(info.get("layer-names", [])),
+        layer_names=_str_tuple(info.get("layer-names", []), "info key 'layer-names'"),
     )
     if "omega-a" in metrics:
         update.omega_a = np.asarray(metrics["omega-a"], dtype=np.float64)
@@ -183,7 +221,7 @@ def unpack_reply(content: RecordDict) -> ClientUpdate:
         update.class_counts = np.asarray(metrics["class-counts"], dtype=np.int64)
     update.extras = {
         **statistics_extras(tensors),
-        "partition_id": int(info["partition-id"]),
+        "partition_id": _int_value(info["partition-id"], "info key 'partition-id'"),
         "config_hash": str(info.get("config-hash", "")),
         "table": {k: info.get(f"table-{k}") for k in TABLE_KEYS},
         **{
@@ -282,6 +320,13 @@ def _number_list(
     return array
 
 
+def _required_record(who: str, content: RecordDict, key: str, kind: type[RecordT]) -> RecordT:
+    record = get_record(content, key, kind)
+    if record is None:
+        raise _reject(who, f"record {key!r} ({kind.__name__}) is missing")
+    return record
+
+
 def _check_info(who: str, info: ConfigRecord, spec: ReplySpec) -> None:
     for key in ("protocol", "client-id", "partition-id", "layer-names", "config-hash"):
         if key not in info:
@@ -303,8 +348,8 @@ def _check_info(who: str, info: ConfigRecord, spec: ReplySpec) -> None:
             if client[key] != spec.table[key]:
                 raise _reject(
                     who,
-                    f"info key 'table-{key}': the client has G_SHAP table {client['name']} "
-                    f"v{client['version']} ({client['checksum']}), the server "
+                    f"info key 'table-{key}': the client has G_SHAP table {client['name']!s} "
+                    f"v{client['version']!s} ({client['checksum']!s}), the server "
                     f"{spec.table['name']} v{spec.table['version']} ({spec.table['checksum']})",
                 )
 
@@ -338,10 +383,9 @@ def validate_reply(
     """
     node = f"node {node_id}" if node_id is not None else "a node"
     who = f"reply from {node}"
-    for key, kind in ((ARRAYS, ArrayRecord), (METRICS, MetricRecord), (INFO, ConfigRecord)):
-        if key not in content or not isinstance(content[key], kind):
-            raise _reject(who, f"record {key!r} ({kind.__name__}) is missing")
-    info, metrics, arrays = content[INFO], content[METRICS], content[ARRAYS]
+    arrays = _required_record(who, content, ARRAYS, ArrayRecord)
+    metrics = _required_record(who, content, METRICS, MetricRecord)
+    info = _required_record(who, content, INFO, ConfigRecord)
     if "client-id" in info:
         who = f"reply from {node} (client {info['client-id']!r})"
     _check_info(who, info, spec)
@@ -351,7 +395,8 @@ def validate_reply(
         raise _reject(who, f"metrics key 'num-examples' is {num!r}, expected a positive int")
     layers = len(spec.layer_names)
     if "omega" in spec.needs:
-        if tuple(info["layer-names"]) != tuple(spec.layer_names):
+        names = info["layer-names"]
+        if not isinstance(names, list) or tuple(names) != tuple(spec.layer_names):
             raise _reject(who, "info key 'layer-names' differs from the server's LoRA layers")
         _number_list(who, metrics, "omega-a", layers)
         _number_list(who, metrics, "omega-b", layers)
@@ -427,10 +472,8 @@ def validate_moments(
     """``(client id, {"mean", "cov", "count"})`` of a CCVR QUERY reply, or
     :class:`InvalidReplyError` naming the node, client and key."""
     who = f"moments reply from node {node_id}" if node_id is not None else "moments reply"
-    for key, kind in ((MOMENTS, ArrayRecord), (INFO, ConfigRecord)):
-        if key not in content or not isinstance(content[key], kind):
-            raise _reject(who, f"record {key!r} ({kind.__name__}) is missing")
-    info, arrays = content[INFO], content[MOMENTS]
+    arrays = _required_record(who, content, MOMENTS, ArrayRecord)
+    info = _required_record(who, content, INFO, ConfigRecord)
     if "client-id" not in info:
         raise _reject(who, "info key 'client-id' is missing")
     who = f"{who} (client {info['client-id']!r})"
@@ -438,7 +481,7 @@ def validate_moments(
         raise _reject(who, f"info key 'protocol' is {info.get('protocol')!r}, expected {PROTOCOL}")
     cov_shape = (num_classes, width, width) if full_covariance else (num_classes, width)
     expected = {"mean": (num_classes, width), "cov": cov_shape, "count": (num_classes,)}
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for key, shape in expected.items():
         if key not in arrays:
             raise _reject(who, f"array {key!r} is missing")

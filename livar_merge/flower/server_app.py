@@ -164,6 +164,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        run_settings: FlowerSettings | None
         if config is None:
             run_config, run_settings = config_from_run_config(context.run_config)
         else:

@@ -59,7 +59,7 @@ def run_flower_simulation(
         server_app=make_server_app(config, settings or FlowerSettings()),
         client_app=client_app,
         num_supernodes=config.num_clients,
-        backend_config=backend_config(config),  # type: ignore[arg-type]
+        backend_config=backend_config(config),
         verbose_logging=verbose,
     )
     summary_path = folder / "summary.json"

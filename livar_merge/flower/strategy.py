@@ -271,7 +271,7 @@ class LivarStrategy(Strategy):
         for msg in replies:
             answered.add(msg.metadata.reply_to_message_id)
             node = _sender(sent, msg)
-            row = {"round": server_round, "node_id": node, "client": None}
+            row: dict[str, Any] = {"round": server_round, "node_id": node, "client": None}
             if msg.has_error():
                 self._drop(
                     outcomes,

@@ -17,7 +17,7 @@ def synthetic_images(
     labels: np.ndarray, templates: np.ndarray, rng: np.random.Generator, noise: float, shift: int
 ) -> np.ndarray:
     """uint8 [N, C, S, S]: templates [K, C, S, S] of ``labels``, rolled by <= shift px, + noise."""
-    n, size = labels.shape[0], templates.shape[-1]
+    n, size = int(labels.shape[0]), int(templates.shape[-1])
     dy = rng.integers(-shift, shift + 1, size=n)
     dx = rng.integers(-shift, shift + 1, size=n)
     rows = (np.arange(size)[None, :] - dy[:, None]) % size  # [N, S]
