@@ -11,7 +11,13 @@ from typing import Any, Literal
 
 from livar_merge._options import check_dataclass, option
 from livar_merge.errors import ConfigError
-from livar_merge.federated.config import ArchitectureOverrides, OmegaReduction, Precision
+from livar_merge.federated.config import (
+    AUGMENT_HELP,
+    ArchitectureOverrides,
+    Augment,
+    OmegaReduction,
+    Precision,
+)
 
 
 @dataclass
@@ -57,6 +63,7 @@ class CalibConfig(ArchitectureOverrides):
         2, "local epochs per round, for clients and the joint model alike", ge=1
     )
     omega_reduction: OmegaReduction = option("matrix", "omega per step")
+    augment: Augment = option("off", AUGMENT_HELP)
     precision: Precision = option("auto", "'auto': bf16 on GPU, fp32 on CPU")
     device: str = option("auto", "'auto', 'cpu', 'cuda'")
     threads: int | None = option(2, "torch CPU threads", ge=1)
@@ -114,10 +121,16 @@ ANALYSIS_OPTIONS = frozenset(
 )
 
 
+TRAINING_HASH_OMITS_DEFAULT: dict[str, Any] = {"augment": "off"}
+
+
 def training_hash(config: dict[str, Any]) -> str:
     """SHA-256 of a calibration config's training options (not analysis, progress, threads)."""
     skip = ANALYSIS_OPTIONS | {"progress", "threads"}
     body = {k: v for k, v in config.items() if k not in skip}
+    for name, default in TRAINING_HASH_OMITS_DEFAULT.items():  # added later: earlier
+        if body.get(name, default) == default:  # calibrations keep their hash
+            body.pop(name, None)
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

@@ -36,7 +36,7 @@ class TrainSettings:
     batch_size: int
     lr: float
     weight_decay: float
-    augment: bool = False
+    augment: str = "off"  # "off", "pad-crop", "rrc" (livar_merge.federated.data)
     precision: str = "fp32"  # fp32 | bf16 | fp16
     omega_reduction: Reduction = "matrix"
     omega_cumulative: bool = False

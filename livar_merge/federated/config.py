@@ -26,6 +26,25 @@ from livar_merge.errors import ConfigError, PairedMethodError, TableError
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 OmegaReduction = Literal["matrix", "elementwise"]
 LoraMerge = Literal["product", "svd", "factors"]
+Augment = Literal["off", "pad-crop", "rrc"]
+AUGMENT_HELP = (
+    "training augmentation: 'off' (the paper's presets: Section 5.1 names none), 'pad-crop' "
+    "(random crop after reflect-padding by 1/8, horizontal flip) or 'rrc' (RandomResizedCrop, "
+    "scale 0.08-1, ratio 3/4-4/3, back to the input size, horizontal flip: the released code)"
+)
+# before 'rrc' existed, augment was a boolean (true: pad-crop); files, run configs and the
+# hashes of earlier runs still read that way
+LEGACY_AUGMENT = {True: "pad-crop", False: "off"}
+
+
+def legacy_augment(value: Any) -> Any:
+    """``augment`` given as the boolean it once was (``true``/``false``/``1``/``0``/``yes``/
+    ``no``) as its choice; any other value unchanged."""
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+        value = value.lower() in ("true", "yes", "1")
+    if isinstance(value, bool | int) and value in (0, 1):
+        return LEGACY_AUGMENT[bool(value)]
+    return value
 
 ARCH_OVERRIDE = "(random init only)"
 ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
@@ -58,7 +77,7 @@ class FedConfig(ArchitectureOverrides):
     image_size: int = option(224, "input resolution (images are resized to it)", ge=1)
     max_train: int | None = option(None, "stratified subsample of the training set", ge=1)
     max_test: int | None = option(None, "stratified subsample of the test set", ge=1)
-    augment: bool = option(False, "random crop (pad 1/8) and horizontal flip while training")
+    augment: Augment = option("off", AUGMENT_HELP)
     # federation
     num_clients: int = option(10, "number of clients M", ge=1)
     beta: float = option(
@@ -176,11 +195,16 @@ class FedConfig(ArchitectureOverrides):
                 options[key] = getattr(self, key)
         return options
 
+    def __post_init__(self) -> None:
+        self.augment = legacy_augment(self.augment)
+
     def config_hash(self) -> str:
         """SHA-256 of the options that change results (not out/progress/threads/workers)."""
         ignore = {"out", "progress", "threads", "num_workers", "eval_batch_size"}
         ignore |= {"engine", "client_cpus", "client_gpus"}  # same results on either engine
         body = {k: v for k, v in self.to_dict().items() if k not in ignore}
+        legacy = {choice: flag for flag, choice in LEGACY_AUGMENT.items()}
+        body["augment"] = legacy.get(body["augment"], body["augment"])
         for name, default in HASH_OMITS_DEFAULT.items():  # options added later: old runs keep
             if body.get(name) == default:  # their hash (and resume) while at the default
                 body.pop(name)
@@ -290,6 +314,8 @@ def resolve_config(
     merged: dict[str, Any] = {}
     for layer in (PRESETS.get(preset or "paper", {}), file_options or {}, overrides or {}):
         for key, value in layer.items():
+            if key == "augment":
+                value = legacy_augment(value)
             merged[key] = coerce_option(FedConfig, key, value)
     config = FedConfig(**merged)
     validate_config(config)
