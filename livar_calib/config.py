@@ -85,6 +85,11 @@ class CalibConfig(ArchitectureOverrides):
         "'interaction' (main effects + SHAP interaction values per cell) or 'additive' (base + "
         "mean SHAP of the A bin + of the B bin: cannot hold Table A's shape)",
     )
+    downstream: bool = option(
+        True,
+        "score the merged model of each scheme (tables, FedAvg, oracle) on the proxy test set "
+        "for every held-out repeat, on the same client updates",
+    )
     table_name: str | None = option(None, "table name (default <proxy>-<model>)")
     seed: int = option(0, "seed of the forest and the hold-out split")
     progress: bool = option(True, "progress bars")
@@ -115,6 +120,7 @@ ANALYSIS_OPTIONS = frozenset(
         "holdout_fraction",
         "edges",
         "discretise",
+        "downstream",
         "table_name",
         "seed",
     }

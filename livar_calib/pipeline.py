@@ -26,6 +26,7 @@ import pandas as pd
 from livar_calib.config import ANALYSIS_OPTIONS, CalibConfig, training_hash
 from livar_calib.deltas import load_repeat
 from livar_calib.discretise import EdgeSpec, build_table
+from livar_calib.downstream import downstream_report, summarise_downstream
 from livar_calib.explain import shap_analysis
 from livar_calib.features import add_quantile_features
 from livar_calib.figures import plot_shap_summary
@@ -33,7 +34,7 @@ from livar_calib.forest import WITH_SAMPLES, fit_forest, split_repeats
 from livar_calib.nnls import nnls_repeat
 from livar_calib.proxy import proxy_runs, run_proxy_training
 from livar_calib.quality import reconstruction_report, summarise_report, verdict
-from livar_merge.errors import RunFolderError
+from livar_merge.errors import MissingHeadsError, RunFolderError
 from livar_merge.federated import pretrained
 from livar_merge.federated.datasets import load_dataset
 from livar_merge.federated.results import provenance, write_json
@@ -228,6 +229,12 @@ def run_calibration(
         + quality_verdict
     )
 
+    downstream_summary = None
+    if config.downstream:
+        start = time.perf_counter()
+        downstream_summary = _downstream(config, root, rows, test_ids or train_ids, tables, log)
+        timings["downstream"] = time.perf_counter() - start
+
     figures = root / "figures"
     figures.mkdir(exist_ok=True)
     plot_shap_summary(explained, rows, figures / "figure2")
@@ -245,6 +252,7 @@ def run_calibration(
         "shap_trend_spearman": shap_info["trend_spearman"],
         "quality_summary": json.loads(summary_report.to_json(orient="index")),
         "quality_verdict": quality_verdict,
+        "downstream": downstream_summary,
         "timings_seconds": timings,
     }
     write_json(root / "summary.json", summary)
@@ -316,6 +324,42 @@ def _check_config(config: CalibConfig, root: Path, log: Any = print) -> None:
         )
         return
     write_json(path, {"config": current, "config_hash": config.config_hash()})
+
+
+def _downstream(
+    config: CalibConfig,
+    root: Path,
+    rows: Any,
+    repeat_ids: list[str],
+    tables: dict[str, GShapTable],
+    log: Any,
+) -> dict[str, Any] | None:
+    """The downstream check (:mod:`livar_calib.downstream`): ``downstream.csv``,
+    ``downstream_summary.csv`` and the summary's entry; None when the proxy training saved
+    no heads (a calibration from before the check)."""
+    try:
+        frame = downstream_report(config, root, rows, repeat_ids, tables, log=log)
+    except MissingHeadsError as err:
+        log(f"downstream check skipped: {err}")
+        return None
+    frame.to_csv(root / "downstream.csv", index=False)
+    summary = summarise_downstream(frame)
+    summary.to_csv(root / "downstream_summary.csv")
+    table = summary.loc["calibrated"]
+    interval = (
+        ""
+        if np.isnan(table["diff_low"])
+        else f" (95% interval {table['diff_low']:+.4f} to {table['diff_high']:+.4f})"
+    )
+    sentence = (
+        f"downstream on {int(table['repeats'])} held-out repeats (same client updates, FedAvg "
+        f"head): calibrated table top-1 {table['test_accuracy']:.4f}, "
+        f"{table['difference']:+.4f} vs FedAvg{interval}; paper-table-a "
+        f"{summary.loc['paper-table-a', 'difference']:+.4f}; joint model "
+        f"{summary.loc['joint', 'difference']:+.4f}"
+    )
+    log("downstream accuracy of the merged models:\n" + summary.to_string() + "\n" + sentence)
+    return {"summary": json.loads(summary.to_json(orient="index")), "verdict": sentence}
 
 
 def _table_for(

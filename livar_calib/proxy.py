@@ -10,8 +10,9 @@ from the clients' sample-weighted merge (``"fedavg"``): the delta is folded into
 weights and the LoRA restarts.
 
 Outputs under ``<run>/proxy/b<beta>-s<seed>/``: ``round_<r>.safetensors`` (the repeat's deltas),
-``round_<r>.csv`` (its rows), ``partition.csv``, and ``state.safetensors`` (the model state after
-the last completed round, for resuming).
+``round_<r>.csv`` (its rows), ``round_<r>_heads.safetensors`` (every trainee's head and sample
+count: :mod:`livar_calib.downstream` rebuilds merged models from them), ``partition.csv``, and
+``state.safetensors`` (the model state after the last completed round, for resuming).
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ from livar_merge.federated.model import (
     snapshot_trainable,
 )
 from livar_merge.federated.results import write_csv
+
+HEADS_FILE = "round_{round}_heads.safetensors"
+
+
+def round_heads(updates: list[ClientUpdate], joint: ClientUpdate) -> dict[str, torch.Tensor]:
+    """``client/<m>/{weight,bias,num_samples}`` and ``joint/{weight,bias}`` of one round."""
+    heads: dict[str, torch.Tensor] = {}
+    for prefix, update in [*((f"client/{m}", u) for m, u in enumerate(updates)), ("joint", joint)]:
+        heads[f"{prefix}/weight"] = update.head_weight.detach().float().contiguous().cpu()
+        if update.head_bias is not None:
+            heads[f"{prefix}/bias"] = update.head_bias.detach().float().contiguous().cpu()
+        heads[f"{prefix}/num_samples"] = torch.tensor([update.num_samples], dtype=torch.int64)
+    return heads
 
 
 @dataclass(frozen=True)
@@ -113,8 +127,11 @@ class ProxyTrainer:
             out[layer] = (self.scalings[layer] * b, a)
         return out
 
-    def run_round(self, round_index: int) -> tuple[Any, list[dict[str, Any]]]:
-        """Train clients and the joint model from one start; returns (RepeatDeltas, rows)."""
+    def run_round(
+        self, round_index: int
+    ) -> tuple[Any, list[dict[str, Any]], dict[str, torch.Tensor]]:
+        """Train clients and the joint model from one start; returns (RepeatDeltas, rows,
+        heads)."""
 
         seed = derive_seed(self.run.seed, round_index, "calib-lora-init")
         restart_lora(self.model, self.info.lora_layers, seed)
@@ -171,8 +188,9 @@ class ProxyTrainer:
                         "num_samples": u.num_samples,
                     }
                 )
+        heads = round_heads(updates, joint)
         self._advance(round_index, updates, joint, start)
-        return deltas, rows
+        return deltas, rows, heads
 
     def _advance(
         self,
@@ -222,8 +240,11 @@ class ProxyTrainer:
         if done:
             self.load_state()
         for r in range(done + 1, self.config.rounds + 1):
-            deltas, rows = self.run_round(r)
+            deltas, rows, heads = self.run_round(r)
             save_repeat(self.folder / f"round_{r}.safetensors", deltas)
+            tmp = self.folder / (HEADS_FILE.format(round=r) + ".tmp")
+            save_file(heads, str(tmp))
+            tmp.replace(self.folder / HEADS_FILE.format(round=r))
             write_csv(self.folder / f"round_{r}.csv", rows)
             self.save_state(r)
             shutil.rmtree(self.folder / f"round_{r}_partial", ignore_errors=True)

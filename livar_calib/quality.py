@@ -154,7 +154,7 @@ def _gap(errors: pd.DataFrame) -> pd.Series:
     return (means[FEDAVG] - means) / span if span > 0 else means * np.nan
 
 
-def _bootstrap(
+def bootstrap_interval(
     per_repeat: pd.DataFrame,
     statistic: Any,
     *,
@@ -199,7 +199,9 @@ def summarise_report(
         summary["scaled_mean"], summary["scaled_median"] = scaled.mean(), scaled.median()
         per_repeat = _per_repeat(report, "scaled_error")
         summary["gap_closed"] = _gap(per_repeat)
-        low, high = _bootstrap(per_repeat, _gap, resamples=resamples, seed=seed, level=level)
+        low, high = bootstrap_interval(
+            per_repeat, _gap, resamples=resamples, seed=seed, level=level
+        )
         summary["gap_low"] = pd.Series(low, index=per_repeat.columns)
         summary["gap_high"] = pd.Series(high, index=per_repeat.columns)
         summary["gap_closed_raw"] = _gap(_per_repeat(report, "relative_error"))
@@ -225,7 +227,9 @@ def gap_difference(
         gap = _gap(rows)
         return np.array([gap[scheme] - gap[other]])
 
-    low, high = _bootstrap(per_repeat, difference, resamples=resamples, seed=seed, level=level)
+    low, high = bootstrap_interval(
+        per_repeat, difference, resamples=resamples, seed=seed, level=level
+    )
     return float(difference(per_repeat)[0]), float(low[0]), float(high[0])
 
 
@@ -244,8 +248,6 @@ def verdict(report: pd.DataFrame, table: str, others: Sequence[str]) -> str:
             word = "is worse than"
         else:
             word = "is within the noise of"
-        parts.append(
-            f"{table} {word} {other}: gap closed {diff:+.3f} "
-            f"(95% interval {low:+.3f} to {high:+.3f})"
-        )
+        interval = "" if np.isnan(low) else f" (95% interval {low:+.3f} to {high:+.3f})"
+        parts.append(f"{table} {word} {other}: gap closed {diff:+.3f}{interval}")
     return "; ".join(parts)

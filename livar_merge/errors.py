@@ -90,5 +90,9 @@ class CalibrationError(LivarError):
     """Calibration inputs (repeat files, rows, SHAP results) are missing or inconsistent."""
 
 
+class MissingHeadsError(CalibrationError):
+    """A calibration's proxy training saved no heads (it predates the downstream check)."""
+
+
 class ArtifactError(LivarError):
     """An artifact needed for a figure or table is missing or inconsistent."""
