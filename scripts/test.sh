@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the test suite offline.
+# Set up (if needed) and run the test suite offline; arguments go to pytest:
+#   bash scripts/test.sh -m "not integration"   # only the unit tests (tests/unit/)
+#   bash scripts/test.sh -m integration         # only the end-to-end tests (tests/integration/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -1,0 +1,142 @@
+"""End-to-end tests of ``livar-calibrate`` on tiny proxies (the numerical core is tested in
+tests/unit/calib/)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from livar_calib.cli import main
+from livar_merge import GShapTable
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("calib") / "run"
+    assert main(["--preset", "tiny", "--out", str(out)]) == 0
+    return out
+
+
+def test_run_folder_and_table(calibrated):
+    out = calibrated
+    summary = json.loads((out / "summary.json").read_text())
+    table = GShapTable.load(summary["table"])
+    assert table.shape == (3, 3) and table.name == "synthetic-vit_tiny_patch16_224"
+    assert table.provenance["proxy_dataset"] == "synthetic"
+    saved = json.loads((out / "config.json").read_text())
+    assert table.provenance["config_hash"] == saved["config_hash"]
+    assert "discretisation" in table.provenance
+    rows = pd.read_csv(out / "rows.csv")
+    # 1 beta x 1 seed x 2 rounds = 2 repeats of 3 clients x 8 layers
+    assert len(rows) == 2 * 3 * 8 and rows["repeat_id"].nunique() == 2
+    assert {"omega_a", "omega_b", "num_samples", "lam", "q_a", "q_b"} <= set(rows.columns)
+    assert (rows["lam"] >= 0).all() and rows["q_a"].between(0, 100).all()
+    for name in (
+        "forest.skops",
+        "forest.json",
+        "shap_values.csv",
+        "shap.json",
+        "quality.csv",
+        "quality_summary.csv",
+        "figures/figure2.png",
+        "figures/figure2.pdf",
+        "figures/figureA.png",
+        "provenance.json",
+    ):
+        assert (out / name).is_file(), name
+    quality = pd.read_csv(out / "quality_summary.csv", index_col=0)
+    assert {"calibrated", "paper-table-a", "fedavg", "nnls-oracle"} <= set(quality.index)
+    assert quality.loc["nnls-oracle", "mean"] <= quality["mean"].min() + 1e-12
+
+
+def test_table_drives_a_federated_run(calibrated, tmp_path):
+    from livar_merge.federated.cli import main as fed_main
+
+    table = json.loads((calibrated / "summary.json").read_text())["table"]
+    assert (
+        fed_main(
+            ["--preset", "tiny", "--rounds", "1", "--table", table, "--out", str(tmp_path / "fed")]
+        )
+        == 0
+    )
+    prov = json.loads((tmp_path / "fed/provenance.json").read_text())
+    assert prov["table"]["name"] == "synthetic-vit_tiny_patch16_224"
+
+
+def test_interrupted_run_resumes_to_the_same_table(calibrated, tmp_path, monkeypatch):
+    import livar_calib.proxy as client_module  # the proxy trainer's train_client
+
+    out = tmp_path / "run"
+    real = client_module.train_client
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # round 2 (4 trainees a round), after client_0 and client_1
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "train_client", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--preset", "tiny", "--out", str(out)])
+    partial = out / "proxy/b0.5-s0/round_2_partial"
+    assert sorted(p.name for p in partial.iterdir()) == [
+        "client_0.safetensors",
+        "client_1.safetensors",
+    ]
+    monkeypatch.setattr(client_module, "train_client", real)
+    assert main(["--preset", "tiny", "--out", str(out)]) == 2  # refuses without --resume
+    assert main(["--preset", "tiny", "--out", str(out), "--resume"]) == 0
+    ours = GShapTable.load(json.loads((out / "summary.json").read_text())["table"])
+    reference = GShapTable.load(json.loads((calibrated / "summary.json").read_text())["table"])
+    np.testing.assert_array_equal(ours.values, reference.values)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "rows.csv"), pd.read_csv(calibrated / "rows.csv")
+    )
+    assert not partial.exists()
+
+
+def test_tiny_imagenet_original_layout_and_publish(tmp_path):
+    from tests.helpers import write_tiny_folder
+
+    write_tiny_folder(tmp_path / "data", per_class=24, val_per_class=2)
+    out = tmp_path / "run"
+    publish = tmp_path / "gshap"
+    args = [
+        "--preset",
+        "tiny",
+        "--proxy",
+        "tiny-imagenet",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--max-train",
+        "none",
+        "--min-client-samples",
+        "5",
+        "--out",
+        str(out),
+        "--publish",
+        str(publish),
+        "--rounds",
+        "1",
+    ]
+    assert main(args) == 0
+    published = sorted(p.name for p in publish.iterdir())
+    assert published == ["tiny-imagenet-vit_tiny_patch16_224.v1.json"]
+    assert main([*args, "--resume"]) == 0  # same table: not published twice
+    assert sorted(p.name for p in publish.iterdir()) == published
+    table = GShapTable.load(publish / published[0])
+    assert table.provenance["proxy_dataset"] == "tiny-imagenet"
+    rows = pd.read_csv(out / "rows.csv")
+    assert rows["num_samples"].groupby(rows["client"]).first().sum() == 72
+
+
+def test_unknown_proxy_and_bad_weights_leave_the_folder_clean(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["--preset", "tiny", "--proxy", "nope", "--out", str(out)]) == 2
+    assert "unknown dataset 'nope'" in capsys.readouterr().err and not out.exists()
+    args = ["--preset", "tiny", "--weights", "dinov2-s14-imgfocus", "--out", str(out)]
+    assert main(args) == 2  # the tiny preset's vit_tiny model cannot take these weights
+    assert "vit_small_patch14_dinov2" in capsys.readouterr().err and not out.exists()
+    assert main(["--preset", "tiny", "--out", str(out), "--resume", "--rounds", "1"]) == 0

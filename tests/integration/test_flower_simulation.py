@@ -1,0 +1,72 @@
+"""livar-fed --engine flower: the Flower Simulation Engine against the in-process engine."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a running task's identity
+
+from tests.helpers import assert_accuracies_match, load_checkpoint  # noqa: E402
+
+
+@pytest.mark.slow
+def test_simulation_engine_matches_the_inprocess_run(tmp_path, inprocess_run):
+    from livar_merge.federated.cli import main
+
+    reference_out, reference = inprocess_run
+    out = tmp_path / "flower"
+    start = time.perf_counter()
+    code = main(["--preset", "tiny", "--engine", "flower", "--out", str(out)])
+    seconds = time.perf_counter() - start
+    print(f"Simulation Engine, tiny, 3 clients x 2 rounds: {seconds:.1f} s")
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"] == "flower" and summary["completed_rounds"] == 2
+    assert_accuracies_match(summary["accuracy_per_round"], reference["accuracy_per_round"], 200)
+    got, expected = load_checkpoint(out), load_checkpoint(reference_out)
+    assert got.keys() == expected.keys()
+    assert any(k.startswith("base/") for k in got)  # product mode: folded frozen weights
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
+    for name in ("config.json", "provenance.json", "metrics.csv", "metrics.json", "clients.csv"):
+        assert (out / name).is_file(), name
+    replies = pd.read_csv(out / "replies.csv")
+    assert len(replies) == 6 and replies["accepted"].all()
+    alpha = pd.read_csv(out / "alpha.csv")
+    pd.testing.assert_frame_equal(
+        alpha[["round", "client", "layer", "bin_a", "bin_b"]],
+        pd.read_csv(reference_out / "alpha.csv")[["round", "client", "layer", "bin_a", "bin_b"]],
+    )
+    assert json.loads((out / "config.json").read_text())["config"]["engine"] == "flower"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["regmean", "fisher", "fedproto", "livar+ccvr"])
+def test_simulation_engine_runs_the_baselines_as_livar_fed(tmp_path, method):
+    """Grams, Fisher and prototypes travel in the replies, FedProto's prototypes back to the
+    clients, CCVR's moments through a QUERY round: the same global model as in-process."""
+    from livar_merge.federated.cli import main
+
+    args = ["--preset", "tiny", "--method", method, "--fisher-samples", "16"]
+    args += ["--ccvr-samples", "32", "--ccvr-epochs", "1"]
+    assert main([*args, "--out", str(tmp_path / "inprocess")]) == 0
+    assert main([*args, "--engine", "flower", "--out", str(tmp_path / "flower")]) == 0
+    reference = json.loads((tmp_path / "inprocess" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert_accuracies_match(summary["accuracy_per_round"], reference["accuracy_per_round"], 200)
+    got = load_checkpoint(tmp_path / "flower")
+    expected = load_checkpoint(tmp_path / "inprocess")
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
+    clients = pd.read_csv(tmp_path / "flower" / "clients.csv")
+    reference_clients = pd.read_csv(tmp_path / "inprocess" / "clients.csv")
+    assert list(clients["statistics_bytes"]) == list(reference_clients["statistics_bytes"])
+    metrics = pd.read_csv(tmp_path / "flower" / "metrics.csv")
+    assert ((metrics["moments_seconds"] > 0) == method.endswith("ccvr")).all()

@@ -1,0 +1,156 @@
+"""The flwr-free round (FederatedServer) against independent computations."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from livar_merge.aggregation import make_aggregator
+from livar_merge.federated.data import derive_seed
+from livar_merge.federated.model import head_module
+from livar_merge.federated.peft_keys import (
+    GlobalStateError,
+    global_tensors,
+)
+from livar_merge.federated.server import FederatedServer
+from livar_merge.signals import find_lora_parameters
+from tests.helpers import NUM_CLASSES, tiny_vit
+from tests.helpers import fake_server_update as fake_update
+
+
+def dense_product_merge(model, updates, weights):
+    """Eq. 3 written out: W0 + s * sum_m w_ml B_m A_m per layer (dense)."""
+    scaling = 8.0 / 4
+    out = {}
+    modules = dict(model.named_modules())
+    for l, layer in enumerate(find_lora_parameters(model)):
+        delta = sum(
+            weights[m, l]
+            * u.lora[f"{layer}.lora_B.weight"].double()
+            @ u.lora[f"{layer}.lora_A.weight"].double()
+            for m, u in enumerate(updates)
+        )
+        out[layer] = modules[layer].base_layer.weight.detach().double() + scaling * delta
+    return out
+
+
+@pytest.mark.parametrize("method", ["livar", "fedavg"])
+def test_round_folds_eq3_and_restarts_the_lora(model, method):
+    updates = [fake_update(model, f"client_{m}", m) for m in range(3)]
+    server = FederatedServer(copy.deepcopy(model), method=method, seed=7)
+    record = server.aggregate_round(1, updates, train_seconds=2.5)
+    weights = record.result.lora_weights
+    expected = dense_product_merge(model, updates, weights)
+    modules = dict(server.model.named_modules())
+    for layer, weight in expected.items():
+        got = modules[layer].base_layer.weight.detach().double()
+        torch.testing.assert_close(got, weight, rtol=1e-5, atol=1e-6)
+        assert not modules[layer].lora_B["default"].weight.abs().any()  # B restarted at 0
+    # A restarted from derive_seed(seed, round, "lora-restart"): replay it on a copy
+    replay = copy.deepcopy(model)
+    torch.manual_seed(derive_seed(7, 1, "lora-restart"))
+    replay_modules = dict(replay.named_modules())
+    for layer in find_lora_parameters(model):
+        replay_modules[layer].reset_lora_parameters("default", True)
+        torch.testing.assert_close(
+            modules[layer].lora_A["default"].weight, replay_modules[layer].lora_A["default"].weight
+        )
+    assert record.train_seconds == 2.5 and record.aggregation_seconds > 0
+    assert record.outcomes is None and record.paired == []
+
+
+def test_round_equals_the_aggregator_and_reports_metrics(model):
+    updates = [fake_update(model, f"client_{m}", m) for m in range(3)]
+    server = FederatedServer(copy.deepcopy(model), method="livar-sigma", seed=1)
+    previous = server.previous_head()
+    record = server.aggregate_round(2, updates)
+    reference = make_aggregator("livar-sigma").aggregate(
+        updates, previous_head=previous, scaling=server.scalings
+    )
+    torch.testing.assert_close(head_module(server.model).weight, reference.head.weight)
+    np.testing.assert_array_equal(record.result.lora_weights, reference.lora_weights)
+    row, paired = server.metrics_row(record, 0.75, 1.25)
+    assert row["round"] == 2 and row["test_accuracy"] == 0.75 and row["test_loss"] == 1.25
+    assert row["uncovered_classes"] == 0 and paired == []
+    assert "replies_accepted" not in row  # in-process records have no reply outcomes
+
+
+def test_paired_rows_get_differences_and_leave_the_model_alone(model):
+    updates = [fake_update(model, f"client_{m}", m) for m in range(3)]
+    scores = iter([0.6, 0.4])
+
+    def evaluate(candidate):
+        return next(scores), 1.0
+
+    from livar_merge.federated.paired import PairedEvaluation
+
+    paired = PairedEvaluation("livar", ["fedavg", "livar-alpha"], {}, lora_merge="product", seed=3)
+    own = FederatedServer(copy.deepcopy(model), method="livar", seed=3)
+    both = FederatedServer(
+        copy.deepcopy(model), method="livar", seed=3, paired=paired, evaluate=evaluate
+    )
+    own.aggregate_round(1, updates)
+    record = both.aggregate_round(1, updates)
+    for key, value in global_tensors(own.model, "product").items():  # trajectory unchanged
+        torch.testing.assert_close(global_tensors(both.model, "product")[key], value)
+    _, rows = both.metrics_row(record, 0.5, 1.0)
+    assert [(r["method"], r["difference"]) for r in rows] == [
+        ("fedavg", pytest.approx(0.1)),
+        ("livar-alpha", pytest.approx(-0.1)),
+    ]
+    with pytest.raises(ValueError, match="paired evaluation needs evaluate"):
+        FederatedServer(model, method="livar", seed=3, paired=paired)
+
+
+def test_ccvr_decision_seed_and_moments(model):
+    calls = []
+
+    def query(updates, full):
+        calls.append(([u.client_id for u in updates], full))
+        rng = np.random.default_rng(0)
+        width = head_module(model).weight.shape[1]
+        moments = {
+            "mean": rng.normal(size=(NUM_CLASSES, width)),
+            "cov": np.stack([np.eye(width)] * NUM_CLASSES),
+            "count": np.full(NUM_CLASSES, 10.0),
+        }
+        return [moments, moments], 0.25
+
+    options = {"ccvr_samples": 16, "ccvr_epochs": 1}
+    server = FederatedServer(
+        copy.deepcopy(model), method="ccvr", method_options=options, seed=5, ccvr_round=2
+    )
+    updates = [fake_update(model, f"client_{m}", m) for m in range(2)]
+    first = server.aggregate_round(1, updates, query_moments=query)
+    assert calls == [] and first.moments_seconds == 0.0  # ccvr_round=2: not after round 1
+    second = server.aggregate_round(2, updates, query_moments=query)
+    assert calls == [(["client_0", "client_1"], True)] and second.moments_seconds == 0.25
+    with pytest.raises(ValueError, match="needs query_moments"):
+        server.aggregate_round(2, updates)
+
+
+def test_prototypes_are_server_state(model):
+    width = head_module(model).weight.shape[1]
+    updates = []
+    for m in range(2):
+        update = fake_update(model, f"client_{m}", m)
+        update.extras["proto_mean"] = np.random.default_rng(m).normal(size=(NUM_CLASSES, width))
+        update.extras["proto_count"] = np.full(NUM_CLASSES, 3.0 + m)
+        updates.append(update)
+    server = FederatedServer(copy.deepcopy(model), method="fedproto", seed=0)
+    record = server.aggregate_round(1, updates)
+    np.testing.assert_allclose(server.prototypes.numpy(), record.result.details["prototypes"])
+    again = FederatedServer(copy.deepcopy(model), method="fedproto", seed=0)
+    again.load_state_tensors(server.state_tensors())
+    torch.testing.assert_close(again.prototypes, server.prototypes)
+
+
+def test_server_checks_lora_targets_when_built():
+    """FederatedServer (under LivarStrategy and the in-process runner alike) refuses a model
+    that cannot carry the global state before any round."""
+    plain = tiny_vit(num_classes=3)
+    with pytest.raises(GlobalStateError, match="not a peft model"):
+        FederatedServer(plain, seed=0, method="livar")
