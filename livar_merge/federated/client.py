@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ class TrainSettings:
     omega_cumulative: bool = False
     sigma_samples: str = "correct"
     sigma_pass: str = "final"
+    sigma_inputs: str = "normalised"  # or "raw" [0, 1] pixels (released code)
     eval_batch_size: int = 256
     proto_weight: float = 1.0  # FedProto's lambda (used when prototypes are given)
     fisher_samples: int = 256  # samples of the diagonal Fisher (Fisher averaging)
@@ -132,6 +133,28 @@ def prototype_loss(
     return (diff**2).sum(dim=1).mean()
 
 
+@contextlib.contextmanager
+def pretrained_backbone(
+    model: torch.nn.Module, pretrained_base: Mapping[str, torch.Tensor] | None
+) -> Iterator[torch.nn.Module]:
+    """``model`` as the pretrained backbone W0: LoRA (and the trained head) disabled and, given
+    ``pretrained_base``, the LoRA layers' frozen weights swapped for W0 (restored after)."""
+    modules = dict(model.named_modules())
+    saved: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for layer, weight in (pretrained_base or {}).items():
+            target = modules[layer].base_layer.weight
+            saved[layer] = target.detach().clone()
+            target.copy_(weight)
+    try:
+        with peft_view(model).disable_adapter():
+            yield model
+    finally:
+        with torch.no_grad():
+            for layer, weight in saved.items():
+                modules[layer].base_layer.weight.copy_(weight)
+
+
 @torch.no_grad()
 def collect_class_stats(
     model: torch.nn.Module,
@@ -139,19 +162,21 @@ def collect_class_stats(
     indices: np.ndarray,
     num_classes: int,
     settings: TrainSettings,
+    pretrained_base: Mapping[str, torch.Tensor] | None = None,
 ) -> ClassFeatureStats:
-    """sigma^(c) from a pass over the client's data after training (or, for ``pretrained``,
-    with the LoRA and trained head disabled and all samples, as the released code)."""
+    """sigma^(c) from a pass over the client's data after training, or, for ``pretrained``,
+    under the pretrained backbone W0 with the LoRA and trained head disabled (the released
+    code). ``pretrained_base``: W0 of the LoRA layers' frozen weights, needed once merges
+    have been folded into them (``lora_merge="product"``)."""
     stats = ClassFeatureStats(num_classes, only_correct=settings.sigma_samples == "correct")
     was_training = model.training
     model.eval()
-    context = (
-        peft_view(model).disable_adapter()
-        if settings.sigma_pass == "pretrained"
-        else (contextlib.nullcontext())
-    )
+    context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if settings.sigma_pass == "pretrained":
+        context = pretrained_backbone(model, pretrained_base)
+    normalise = settings.sigma_inputs != "raw"
     with context, autocast_context(settings.precision, source.device):
-        for x, y in source.batches(indices, settings.eval_batch_size):
+        for x, y in source.batches(indices, settings.eval_batch_size, normalise=normalise):
             features, logits = forward_with_features(model, x)
             stats.update(features.float(), y, logits.float())
     model.train(was_training)
@@ -171,13 +196,15 @@ def train_client(
     needs: frozenset[str] = frozenset({"omega", "sigma"}),
     memory: ClientMemory | None = None,
     prototypes: torch.Tensor | None = None,
+    pretrained_base: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[ClientUpdate, TrainReport]:
     """Train ``model`` (already holding the global state) on ``indices`` and build the update.
 
     Randomness (shuffling, augmentation, dropout) is derived from ``(seed, round, client)`` so a
     resumed run repeats it exactly. ``needs`` lists the statistics the method uses (``omega``,
     ``sigma``, ``gram``, ``prototypes``, ``fisher``); ``prototypes [C, D]`` switches on
-    FedProto's regulariser with weight ``settings.proto_weight``.
+    FedProto's regulariser with weight ``settings.proto_weight``. ``pretrained_base``: the
+    pretrained frozen weights W0 for ``sigma_pass="pretrained"`` (:func:`pretrained_backbone`).
     """
     if len(indices) == 0:
         raise ClientUpdateError(f"client {client_id!r} has no training samples")
@@ -231,7 +258,9 @@ def train_client(
         tracker.detach()
     statistics_start = time.perf_counter()
     if "sigma" in needs and stats is None:
-        stats = collect_class_stats(model, source, indices, num_classes, settings)
+        stats = collect_class_stats(
+            model, source, indices, num_classes, settings, pretrained_base=pretrained_base
+        )
 
     extras = collect_method_statistics(
         model,

@@ -133,7 +133,19 @@ class FedConfig(ArchitectureOverrides):
     sigma_pass: Literal["final", "last-epoch", "pretrained"] = option(
         "final",
         "features for sigma: 'final' (a pass over local data after training, paper), "
-        "'last-epoch' (during the last local epoch), 'pretrained' (frozen backbone, released code)",
+        "'last-epoch' (during the last local epoch), 'pretrained' (the pretrained backbone W0 "
+        "without LoRA, in every merge mode, released code)",
+    )
+    sigma_inputs: Literal["normalised", "raw"] = option(
+        "normalised",
+        "inputs of the sigma pass: 'normalised' (as training) or 'raw' [0, 1] pixels (released)",
+    )
+    protocol: Literal["paper", "released"] = option(
+        "paper",
+        "'paper' (Eq. 3 evaluated as trained) or 'released' (the authors' code: clients "
+        "continue from the factor merge with LIVAR weights, the evaluated model is W0 + "
+        "sum_m n_m/N s B_m A_m, LoRA scale 1, no fold or reset, sigma from W0 on raw inputs over "
+        "all samples, RandomResizedCrop + flip; options it sets are listed in the README)",
     )
     # baselines (each method declares the options it takes: aggregation.registry)
     regmean_shrinkage: float = option(
@@ -215,6 +227,7 @@ class FedConfig(ArchitectureOverrides):
 
 
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(FedConfig))
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FedConfig)}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -317,13 +330,33 @@ def resolve_config(
             if key == "augment":
                 value = legacy_augment(value)
             merged[key] = coerce_option(FedConfig, key, value)
+    if merged.get("protocol") == "released":
+        given = {**(file_options or {}), **(overrides or {})}
+        merged.update(released_protocol(merged, given))
     config = FedConfig(**merged)
     validate_config(config)
     return config
 
 
 # options added after results folders existed, left out of the hash at their default value
-HASH_OMITS_DEFAULT: dict[str, Any] = {"ccvr_rounds": "all", "paired": []}
+HASH_OMITS_DEFAULT: dict[str, Any] = {
+    "ccvr_rounds": "all",
+    "paired": [],
+    "protocol": "paper",
+    "sigma_inputs": "normalised",
+}
+
+# what --protocol released sets (unless the file or command line gives the option itself);
+# lora_alpha follows lora_rank (scale 1). lora_merge must be factors: the evaluated model and
+# the clients' start differ only there.
+RELEASED_PROTOCOL: dict[str, Any] = {
+    "lora_merge": "factors",
+    "omega_cumulative": True,
+    "sigma_samples": "all",
+    "sigma_pass": "pretrained",
+    "sigma_inputs": "raw",
+    "augment": "rrc",
+}
 
 # Statistics a client computes after (not during) local training, or passively while training:
 # collecting them for a paired method leaves the run's own trajectory unchanged.
@@ -363,6 +396,22 @@ def check_paired_methods(own_method: str, paired: Sequence[str]) -> dict[str, Me
     return specs
 
 
+def released_protocol(merged: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The options ``--protocol released`` sets: :data:`RELEASED_PROTOCOL` and
+    ``lora_alpha = lora_rank``, except those ``given`` (file or command line) explicitly;
+    an explicit ``lora_merge`` other than ``factors`` is an error."""
+    if given.get("lora_merge", "factors") != "factors":
+        raise ConfigError(
+            f"--protocol released continues from the factor merge (lora_merge 'factors'); "
+            f"lora_merge {given['lora_merge']!r} contradicts it"
+        )
+    values = {k: v for k, v in RELEASED_PROTOCOL.items() if k not in given}
+    if "lora_alpha" not in given:
+        rank = merged.get("lora_rank", FIELD_DEFAULTS["lora_rank"])
+        values["lora_alpha"] = float(rank)  # peft scaling alpha / r = 1, as the released code
+    return values
+
+
 def validate_config(config: FedConfig) -> None:
     """Raise a :class:`ConfigError` (or ``TableError``) naming what is wrong: a value against
     its declaration (type, choices, bounds), the method, its options, the paired methods and,
@@ -374,10 +423,17 @@ def validate_config(config: FedConfig) -> None:
         *check_paired_methods(config.method, config.paired).values(),
     ]
     config.method_options(*(spec.name for spec in specs))  # declared options are fields
-    if any(spec.uses_table for spec in specs):
-        from livar_merge.tables import GShapTable  # numpy: only when a table is read
+    if config.protocol == "released":
+        if config.lora_merge != "factors":
+            raise ConfigError("--protocol released needs lora_merge 'factors'")
+        if config.paired:
+            raise ConfigError(
+                "--paired under --protocol released would score every method's merge with the "
+                "same sample-weighted product; pair methods under --protocol paper"
+            )
+    from livar_merge.tables import GShapTable  # numpy: only when the config is checked
 
-        try:
-            GShapTable.load(config.table)
-        except TableError as err:
-            raise TableError(f"option table: {err}") from err
+    try:  # every run records its table's identity (and Flower replies must echo it)
+        GShapTable.load(config.table)
+    except TableError as err:
+        raise TableError(f"option table: {err}") from err

@@ -53,11 +53,11 @@ class BatchSource:
     def __len__(self) -> int:
         return len(self._labels)
 
-    def _to_float(self, x: torch.Tensor) -> torch.Tensor:
+    def _to_float(self, x: torch.Tensor, normalise: bool = True) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True).float().div_(255.0)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return (x - self.mean) / self.std
+        return (x - self.mean) / self.std if normalise else x
 
     def batches(
         self,
@@ -67,9 +67,11 @@ class BatchSource:
         shuffle: bool = False,
         seed: int = 0,
         augment: str = "off",
+        normalise: bool = True,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches over ``indices`` (shuffled with ``seed`` if asked); the last may be smaller.
-        ``augment``: ``"off"`` or a name of :data:`AUGMENTATIONS` (drawn from ``seed`` too)."""
+        ``augment``: ``"off"`` or a name of :data:`AUGMENTATIONS` (drawn from ``seed`` too);
+        ``normalise=False``: raw pixels in [0, 1]."""
         order = np.asarray(indices, dtype=np.int64)
         transform = augmentation(augment)
         gen = torch.Generator().manual_seed(seed)
@@ -78,7 +80,7 @@ class BatchSource:
         if self._images is not None:
             for start in range(0, len(order), batch_size):
                 idx = torch.from_numpy(order[start : start + batch_size])
-                x = self._to_float(self._images[idx])
+                x = self._to_float(self._images[idx], normalise)
                 y = self._labels[idx].to(self.device, non_blocking=True)
                 yield (transform(x, gen) if transform else x), y
             return
@@ -91,7 +93,7 @@ class BatchSource:
             persistent_workers=False,
         )
         for x, y in loader:
-            x = self._to_float(x)
+            x = self._to_float(x, normalise)
             yield (transform(x, gen) if transform else x), y.to(self.device).long()
 
 

@@ -107,6 +107,9 @@ class Federation:
     test_source: BatchSource
     test_size: int
     eval_batch_size: int = 256
+    # W0 of the LoRA layers' frozen weights, kept for sigma_pass="pretrained" when merges are
+    # folded into them (lora_merge="product"); None otherwise (the frozen weights stay W0)
+    pretrained_base: dict[str, torch.Tensor] | None = None
 
     @property
     def client_ids(self) -> list[str]:
@@ -174,10 +177,18 @@ def build_federation(
     def batch_source(images: LabeledImages) -> BatchSource:
         return BatchSource(images, mean=info.mean, std=info.std, device=device, num_workers=workers)
 
+    settings = settings_from(config, precision)
+    pretrained_base = None
+    if settings.sigma_pass == "pretrained" and getattr(config, "lora_merge", "") == "product":
+        modules = dict(model.named_modules())
+        pretrained_base = {
+            layer: modules[layer].base_layer.weight.detach().clone()
+            for layer in info.lora_layers
+        }
     return Federation(
         device=device,
         precision=precision,
-        settings=settings_from(config, precision),
+        settings=settings,
         num_classes=splits.num_classes,
         dataset_source=splits.source,
         parts=list(parts),
@@ -188,5 +199,6 @@ def build_federation(
         train_source=batch_source(train),
         test_source=batch_source(test),
         test_size=len(test),
+        pretrained_base=pretrained_base,
         eval_batch_size=getattr(config, "eval_batch_size", 256),
     )

@@ -81,6 +81,7 @@ class FederatedRun:
                 needs=self.server.needs,
                 memory=memory,
                 prototypes=self.server.prototypes,
+                pretrained_base=fed.pretrained_base,
             )
             memory_record = memory.to_record()
             if memory_record is not None:
@@ -97,7 +98,8 @@ class FederatedRun:
             train_seconds=train_seconds,
             query_moments=self.query_moments,
         )
-        accuracy, loss = fed.evaluate(self.model)
+        with self.server.evaluated_model() as evaluated:
+            accuracy, loss = fed.evaluate(evaluated)
         row, paired_rows = self.server.metrics_row(record, accuracy, loss)
         self.folder.add_round(record, row, paired_rows)
         return row

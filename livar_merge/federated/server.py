@@ -10,9 +10,10 @@ strategy (:mod:`livar_merge.flower.strategy`) only move updates and moments to i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 
 from livar_merge.aggregation import AggregationResult, ClientUpdate, make_aggregator, method_spec
 from livar_merge.errors import ConfigError
+from livar_merge.fedavg import fedavg_lora
 from livar_merge.federated.data import derive_seed
 from livar_merge.federated.install import install_result
 from livar_merge.federated.model import head_module
@@ -62,6 +64,7 @@ def server_options(config: Any) -> dict[str, Any]:
         "lora_merge": config.lora_merge,
         "ccvr_round": config.rounds if config.ccvr_rounds == "last" else None,
         "paired": paired_from_config(config),
+        "evaluated": "sample-weighted-product" if config.protocol == "released" else "global",
     }
 
 
@@ -80,6 +83,10 @@ class FederatedServer:
         ccvr_round: CCVR calibrates only after this round; None: after every round.
         paired: methods also aggregated on every round's updates and scored by ``evaluate``.
         evaluate: ``model -> (top-1, loss)`` on the test set (needed with ``paired``).
+        evaluated: the model a round reports (:meth:`evaluated_model`): ``"global"`` (the
+            installed global model, paper) or ``"sample-weighted-product"`` (the released code:
+            the frozen weights plus ``sum_m n_m/N s B_m A_m`` of the round's client factors,
+            LoRA off, the merged head; clients still continue from the installed factors).
     """
 
     def __init__(
@@ -94,6 +101,7 @@ class FederatedServer:
         ccvr_round: int | None = None,
         paired: PairedEvaluation | None = None,
         evaluate: Evaluate | None = None,
+        evaluated: str = "global",
     ) -> None:
         check_lora_targets(model)
         if paired is not None and evaluate is None:
@@ -114,6 +122,13 @@ class FederatedServer:
         # clients also compute the paired methods' statistics, after local training
         self.needs = self.aggregator.needs | (paired.needs if paired else frozenset())
         self.prototypes: torch.Tensor | None = None  # FedProto's global prototypes [C, D]
+        if evaluated not in ("global", "sample-weighted-product"):
+            raise ConfigError("evaluated must be 'global' or 'sample-weighted-product'")
+        if evaluated != "global" and lora_merge != "factors":
+            raise ConfigError("the sample-weighted evaluated model needs lora_merge 'factors'")
+        self.evaluated = evaluated
+        # the round's sum_m n_m/N s B_m A_m per layer (evaluated="sample-weighted-product")
+        self.evaluated_delta: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def from_config(
@@ -171,6 +186,14 @@ class FederatedServer:
             seed=self.seed,
             round_index=round_index,
         )
+        if self.evaluated == "sample-weighted-product":
+            merged = fedavg_lora(
+                [u.lora for u in updates],
+                [u.num_samples for u in updates],
+                mode="product",
+                scaling=self.scalings,
+            )
+            self.evaluated_delta = {layer: d.to_dense() for layer, d in merged.items()}
         if "prototypes" in result.details:
             self.prototypes = torch.as_tensor(
                 result.details["prototypes"],
@@ -200,6 +223,31 @@ class FederatedServer:
             paired=paired_rows,
             outcomes=outcomes,
         )
+
+    @contextlib.contextmanager
+    def evaluated_model(self) -> Iterator[torch.nn.Module]:
+        """The model this round reports: the global model itself, or (released code) the
+        frozen weights plus the round's sample-weighted product with LoRA off; the global
+        model is restored exactly afterwards."""
+        if self.evaluated_delta is None:
+            yield self.model
+            return
+        modules = dict(self.model.named_modules())
+        saved = {}
+        with torch.no_grad():
+            for layer, delta in self.evaluated_delta.items():
+                module = modules[layer]
+                weight, factor_b = module.base_layer.weight, module.lora_B["default"].weight
+                saved[layer] = (weight.detach().clone(), factor_b.detach().clone())
+                weight.add_(delta.to(weight))
+                factor_b.zero_()
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for layer, (weight, factor_b) in saved.items():
+                    modules[layer].base_layer.weight.copy_(weight)
+                    modules[layer].lora_B["default"].weight.copy_(factor_b)
 
     def metrics_row(
         self, record: RoundRecord, accuracy: float, loss: float

@@ -165,6 +165,7 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
         needs=_config_names(record, "needs"),
         memory=memory,
         prototypes=prototypes,
+        pretrained_base=fed.pretrained_base,
     )
     _save_memory(context.state, memory)
     update.extras.update(report.extras())

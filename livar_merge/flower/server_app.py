@@ -122,7 +122,8 @@ class ServerRun:
         if round_index == 0:
             return None
         self.strategy.sync(arrays)
-        accuracy, loss = self.federation.evaluate(self.model)
+        with self.strategy.server.evaluated_model() as evaluated:
+            accuracy, loss = self.federation.evaluate(evaluated)
         record = self.strategy.history[-1]
         row, paired_rows = self.strategy.server.metrics_row(record, accuracy, loss)
         self.folder.add_round(record, row, paired_rows)
