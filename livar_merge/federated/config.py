@@ -431,9 +431,10 @@ def validate_config(config: FedConfig) -> None:
                 "--paired under --protocol released would score every method's merge with the "
                 "same sample-weighted product; pair methods under --protocol paper"
             )
-    from livar_merge.tables import GShapTable  # numpy: only when the config is checked
+    if any(spec.uses_table for spec in specs) or config.engine == "flower":
+        from livar_merge.tables import GShapTable  # numpy: only when a table is read
 
-    try:  # every run records its table's identity (and Flower replies must echo it)
-        GShapTable.load(config.table)
-    except TableError as err:
-        raise TableError(f"option table: {err}") from err
+        try:  # (Flower replies echo the table's identity whatever the method)
+            GShapTable.load(config.table)
+        except TableError as err:
+            raise TableError(f"option table: {err}") from err

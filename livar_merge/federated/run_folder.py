@@ -80,7 +80,7 @@ def run_provenance(federation: Federation, server: FederatedServer) -> dict[str,
     return {
         "seed": server.seed,
         "aggregator": server.aggregator.describe(),
-        "table": server.table_identity,
+        "table": server.table_identity if server.reads_table else None,
         "model_weights": federation.info.weights,
         "weights_provenance": federation.info.weights_provenance,
         "dataset_source": federation.dataset_source,

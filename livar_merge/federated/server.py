@@ -121,6 +121,10 @@ class FederatedServer:
         self.layer_names = tuple(find_lora_parameters(model))
         # clients also compute the paired methods' statistics, after local training
         self.needs = self.aggregator.needs | (paired.needs if paired else frozenset())
+        # whether the method or a paired method reads the G_SHAP table
+        self.reads_table = method_spec(method).uses_table or (
+            paired is not None and any(method_spec(m).uses_table for m in paired.methods)
+        )
         self.prototypes: torch.Tensor | None = None  # FedProto's global prototypes [C, D]
         if evaluated not in ("global", "sample-weighted-product"):
             raise ConfigError("evaluated must be 'global' or 'sample-weighted-product'")

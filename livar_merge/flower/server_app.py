@@ -111,6 +111,7 @@ class ServerRun:
     def _write_header(self) -> None:
         provenance = run_provenance(self.federation, self.strategy.server)
         provenance["engine"] = "flower"
+        provenance["table"] = self.strategy.table_identity  # replies echo it: always named
         self.folder.write_header(
             provenance,
             partition=self.federation.partition_table,

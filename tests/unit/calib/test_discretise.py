@@ -30,7 +30,7 @@ HAND = {
 
 def test_discretise_hand_computed_cells():
     explained, rows = hand_shap(0.1, HAND["q_a"], HAND["q_b"], HAND["s_a"], HAND["s_b"])
-    result = discretise_shap(explained, rows)
+    result = discretise_shap(explained, rows, rule="additive")
     expected = [  # 0.1 + c_b[b] + c_a[a], by hand
         [0.10, 0.07, 0.01],
         [0.16, 0.13, 0.07],
@@ -44,12 +44,35 @@ def test_discretise_hand_computed_cells():
     # a third feature adds its mean SHAP as a constant
     values = explained.values.assign(num_samples=[0.01, 0.0, 0.0, 0.0, 0.0, -0.004])
     three = ShapResult(values, 0.1, ("q_a", "q_b", "num_samples"), explained.data)
-    np.testing.assert_allclose(discretise_shap(three, rows).values, np.add(expected, 0.001))
+    np.testing.assert_allclose(
+        discretise_shap(three, rows, rule="additive").values, np.add(expected, 0.001)
+    )
+
+
+def test_discretise_cell_mean_by_hand():
+    """cell-mean: each row's prediction (base + its SHAP values) averaged per cell; the three
+    cells without rows take the additive rule's value (0.01, 0.13, 0.21 above)."""
+    explained, rows = hand_shap(0.1, HAND["q_a"], HAND["q_b"], HAND["s_a"], HAND["s_b"])
+    result = discretise_shap(explained, rows, rule="cell-mean")
+    # rows (b, a): (0,0) 0.12, (1,0) 0.14, (2,1) 0.18, (0,1) 0.07, (1,2) 0.09, (2,2) 0.10
+    expected = [
+        [0.12, 0.07, 0.01],
+        [0.14, 0.13, 0.09],
+        [0.21, 0.18, 0.10],
+    ]
+    np.testing.assert_allclose(result.values, expected, atol=1e-15)
+    assert result.counts.tolist() == [[1, 1, 0], [1, 0, 1], [0, 1, 1]]
+    assert result.empty_cells == [
+        {"b": 0, "a": 2, "filled_with": "additive"},
+        {"b": 1, "a": 1, "filled_with": "additive"},
+        {"b": 2, "a": 0, "filled_with": "additive"},
+    ]
+    assert result.report()["rule_name"] == "cell-mean"
 
 
 def test_discretise_clips_to_floor():
     explained, rows = hand_shap(0.02, HAND["q_a"], HAND["q_b"], HAND["s_a"], HAND["s_b"])
-    result = discretise_shap(explained, rows)
+    result = discretise_shap(explained, rows, rule="additive")
     # raw: [[0.02, -0.01, -0.07], [0.04, 0.01, -0.05], [0.09, 0.06, 0.0]] + ..., by hand
     np.testing.assert_allclose(
         result.raw, [[0.02, -0.01, -0.07], [0.08, 0.05, -0.01], [0.13, 0.10, 0.04]], atol=1e-15
@@ -58,7 +81,7 @@ def test_discretise_clips_to_floor():
     assert [(c["b"], c["a"]) for c in result.clipped] == [(0, 1), (0, 2), (1, 2)]
     assert result.clipped[1]["value"] == pytest.approx(-0.07)
     assert np.all(result.values > 0) and result.values[0, 2] == pytest.approx(2e-4)
-    assert discretise_shap(explained, rows, floor=0.005).values[0, 1] == 0.005
+    assert discretise_shap(explained, rows, floor=0.005, rule="additive").values[0, 1] == 0.005
 
 
 def test_discretise_empty_bin_uses_nearest_curve_bin(tmp_path):

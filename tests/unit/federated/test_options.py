@@ -71,7 +71,8 @@ def test_a_bad_choice_gives_the_same_error_from_a_file_the_command_line_and_a_ru
 def test_coercion_checks_types_bounds_and_names():
     assert coerce_option(FedConfig, "rounds", "3") == 3
     assert coerce_option(FedConfig, "max_train", "none") is None
-    assert coerce_option(FedConfig, "augment", "yes") is True
+    assert coerce_option(FedConfig, "progress", "yes") is True
+    assert coerce_option(FedConfig, "augment", "rrc") == "rrc"
     assert coerce_option(CalibConfig, "betas", "0.1, 0.5") == [0.1, 0.5]
     with pytest.raises(ConfigError, match="option rounds must be >= 1, got 0"):
         coerce_option(FedConfig, "rounds", 0)

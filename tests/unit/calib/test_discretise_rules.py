@@ -1,0 +1,233 @@
+"""Discretisation rules on a planted non-additive table, and the informative quality report.
+
+The planted table is the paper's Table A (flat across Q_A in the Q_B < 60 row). Its best
+additive approximation misses some cell by 0.025 (minimax, computed here by linear
+programming), so the ``additive`` rule provably cannot reproduce it; ``interaction`` and
+``cell-mean`` must come within 0.01 of every cell (measured: about 0.002).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.optimize import linprog, minimize_scalar
+from sklearn.ensemble import RandomForestRegressor
+
+from livar_calib.deltas import CalibrationError
+from livar_calib.discretise import RULES, build_table, discretise_shap
+from livar_calib.explain import shap_analysis
+from livar_calib.quality import (
+    FEDAVG,
+    ORACLE,
+    best_scale,
+    gap_difference,
+    summarise_report,
+    verdict,
+)
+from livar_merge.tables import GShapTable, assign_bins
+
+TABLE_A = GShapTable.load("paper-table-a")
+RECOVERY_TOL = 0.01  # max cell error of interaction / cell-mean on the planted table
+
+
+def minimax_additive_error(values: np.ndarray) -> float:
+    """``min over u, v of max_{b,a} |V[b, a] - u_b - v_a|`` by linear programming."""
+    n_b, n_a = values.shape
+    a_ub, b_ub = [], []
+    for b in range(n_b):
+        for a in range(n_a):
+            row = np.zeros(n_b + n_a + 1)
+            row[b], row[n_b + a], row[-1] = 1.0, 1.0, -1.0
+            a_ub.append(row)
+            b_ub.append(values[b, a])
+            mirrored = -row
+            mirrored[-1] = -1.0
+            a_ub.append(mirrored)
+            b_ub.append(-values[b, a])
+    cost = np.zeros(n_b + n_a + 1)
+    cost[-1] = 1.0
+    bounds = [(None, None)] * (n_b + n_a) + [(0, None)]
+    result = linprog(cost, A_ub=np.array(a_ub), b_ub=np.array(b_ub), bounds=bounds)
+    assert result.success
+    return float(result.fun)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Rows whose target is Table A's cell of their (q_a, q_b), plus noise and an irrelevant
+    sample-count feature; a forest and its SHAP (and interaction) values."""
+    rng = np.random.default_rng(0)
+    n = 1500
+    q_a, q_b = rng.uniform(0, 100, n), rng.uniform(0, 100, n)
+    cells = TABLE_A.values[
+        assign_bins(q_b, np.asarray(TABLE_A.edges_b)), assign_bins(q_a, np.asarray(TABLE_A.edges_a))
+    ]
+    rows = pd.DataFrame({"q_a": q_a, "q_b": q_b, "num_samples": rng.integers(50, 500, n)})
+    forest = RandomForestRegressor(60, min_samples_leaf=20, random_state=0)
+    forest.fit(rows, cells + rng.normal(0.0, 0.01, n))
+    return rows, shap_analysis(forest, rows, interactions=True)
+
+
+def test_table_a_is_not_additive():
+    assert minimax_additive_error(TABLE_A.values) == pytest.approx(0.025, abs=1e-9)
+    additive = np.add.outer([0.0, 1.0, 3.0], [0.5, 0.2, 0.1])
+    assert minimax_additive_error(additive) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_interaction_and_cell_mean_recover_the_planted_table(planted):
+    rows, explained = planted
+    bound = minimax_additive_error(TABLE_A.values)
+    errors = {
+        rule: np.abs(discretise_shap(explained, rows, rule=rule).values - TABLE_A.values).max()
+        for rule in RULES
+    }
+    assert errors["interaction"] < RECOVERY_TOL, errors
+    assert errors["cell-mean"] < RECOVERY_TOL, errors
+    # the additive rule's table is additive, so it misses by at least the minimax bound
+    additive = discretise_shap(explained, rows, rule="additive")
+    v = additive.raw
+    np.testing.assert_allclose(v - v[:, :1] - v[:1, :] + v[0, 0], 0.0, atol=1e-12)
+    assert errors["additive"] >= bound - 1e-12 > 2 * RECOVERY_TOL
+    # the low-Q_B row is flat across Q_A only without the additive restriction
+    for rule in ("interaction", "cell-mean"):
+        low_row = discretise_shap(explained, rows, rule=rule).values[0]
+        assert np.ptp(low_row) < RECOVERY_TOL, (rule, low_row)
+    assert np.ptp(additive.values[0]) > 0.01
+
+
+def test_cell_mean_is_the_mean_prediction_per_cell(planted):
+    rows, explained = planted
+    result = discretise_shap(explained, rows, rule="cell-mean")
+    prediction = explained.prediction()
+    bin_a = assign_bins(rows["q_a"].to_numpy(), np.asarray(TABLE_A.edges_a))
+    bin_b = assign_bins(rows["q_b"].to_numpy(), np.asarray(TABLE_A.edges_b))
+    for b in range(3):
+        for a in range(3):
+            mask = (bin_b == b) & (bin_a == a)
+            assert result.counts[b, a] == mask.sum()
+            assert result.raw[b, a] == pytest.approx(prediction[mask].mean(), abs=1e-12)
+
+
+def test_interaction_rule_by_hand(planted):
+    """Brute-force loop over rows: main effects per bin, the pair term per cell, the rest as a
+    constant."""
+    rows, explained = planted
+    phi = explained.interactions
+    np.testing.assert_allclose(phi.sum(axis=2), explained.values.to_numpy(), atol=1e-6)
+    result = discretise_shap(explained, rows, rule="interaction")
+    bin_a = assign_bins(rows["q_a"].to_numpy(), np.asarray(TABLE_A.edges_a))
+    bin_b = assign_bins(rows["q_b"].to_numpy(), np.asarray(TABLE_A.edges_b))
+    rest = phi.sum(axis=(1, 2)) - phi[:, 0, 0] - phi[:, 1, 1] - phi[:, 0, 1] - phi[:, 1, 0]
+    for b in range(3):
+        for a in range(3):
+            cell = (bin_b == b) & (bin_a == a)
+            expected = (
+                explained.base_value
+                + phi[bin_a == a, 0, 0].mean()
+                + phi[bin_b == b, 1, 1].mean()
+                + (phi[cell, 0, 1] + phi[cell, 1, 0]).mean()
+                + rest.mean()
+            )
+            assert result.raw[b, a] == pytest.approx(expected, abs=1e-9)
+
+
+def test_empty_cells_are_filled_and_reported(planted):
+    rows, explained = planted
+    keep = ~((rows["q_b"] > 80) & (rows["q_a"] < 25)).to_numpy()
+    sub_rows = rows.loc[keep].reset_index(drop=True)
+    sub = shap_analysis_subset(explained, keep)
+    result = discretise_shap(sub, sub_rows, rule="cell-mean")
+    assert result.counts[2, 0] == 0
+    assert result.empty_cells == [{"b": 2, "a": 0, "filled_with": "additive"}]
+    additive = discretise_shap(sub, sub_rows, rule="additive")
+    assert result.raw[2, 0] == pytest.approx(additive.raw[2, 0])
+
+
+def shap_analysis_subset(explained, keep):
+    from dataclasses import replace
+
+    return replace(
+        explained,
+        values=explained.values.loc[keep].reset_index(drop=True),
+        data=explained.data.loc[keep].reset_index(drop=True),
+        interactions=explained.interactions[keep],
+    )
+
+
+def test_rule_errors_and_provenance(planted, tmp_path):
+    rows, explained = planted
+    with pytest.raises(CalibrationError, match="unknown discretisation rule 'median'"):
+        discretise_shap(explained, rows, rule="median")
+    from dataclasses import replace
+
+    with pytest.raises(CalibrationError, match="needs SHAP interaction values"):
+        discretise_shap(replace(explained, interactions=None), rows, rule="interaction")
+    table, _ = build_table(explained, rows, name="planted", out_dir=tmp_path, rule="interaction")
+    report = table.provenance["discretisation"]
+    assert report["rule_name"] == "interaction" and report["rule"] == RULES["interaction"]
+    assert np.asarray(report["rows_per_cell"]).sum() == len(rows)
+    assert "interaction" in table.description
+
+
+# ------------------------------------------------------------------------ quality report
+def test_best_scale_matches_a_dense_search(rng):
+    m, d = 4, 30
+    deltas = rng.normal(size=(m, d))
+    joint = rng.normal(size=d) + 3.0 * deltas.sum(axis=0)
+    gram, h = deltas @ deltas.T, deltas @ joint
+    w = rng.uniform(0.1, 1.0, size=m)
+    w /= w.sum()
+    dense = minimize_scalar(
+        lambda t: float(np.sum((joint - t * (w @ deltas)) ** 2)),
+        bounds=(0.0, 100.0),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
+    assert best_scale(w, gram, h) == pytest.approx(dense.x, rel=1e-6)
+    assert best_scale(w, gram, -h) == 0.0  # pointing away: the best non-negative scale is 0
+
+
+def synthetic_report(rng, n_repeats=8, layers=4):
+    """A report where scheme 'good' sits 80 % and 'bad' 20 % of the way from FedAvg to the
+    oracle (plus noise)."""
+    records = []
+    for r in range(n_repeats):
+        for layer in range(layers):
+            fed, oracle = 0.5 + rng.uniform(0, 0.1), 0.05 + rng.uniform(0, 0.01)
+            for scheme, share in ((FEDAVG, 0.0), (ORACLE, 1.0), ("good", 0.8), ("bad", 0.2)):
+                err = fed - share * (fed - oracle) + (0 if share in (0, 1) else rng.normal(0, 0.01))
+                records.append(
+                    {
+                        "repeat_id": f"r{r}",
+                        "layer": f"l{layer}",
+                        "scheme": scheme,
+                        "relative_error": err + 0.3,
+                        "scaled_error": err,
+                    }
+                )
+    return pd.DataFrame.from_records(records)
+
+
+def test_gap_closed_by_hand_and_bootstrap(rng):
+    report = synthetic_report(rng)
+    summary = summarise_report(report, resamples=500)
+    means = report.groupby("scheme")["scaled_error"].mean()
+    expected = (means[FEDAVG] - means["good"]) / (means[FEDAVG] - means[ORACLE])
+    assert summary.loc["good", "gap_closed"] == pytest.approx(expected)
+    assert summary.loc[FEDAVG, "gap_closed"] == 0.0 and summary.loc[ORACLE, "gap_closed"] == 1.0
+    assert 0.75 < summary.loc["good", "gap_closed"] < 0.85
+    low, high = summary.loc["good", ["gap_low", "gap_high"]]
+    assert low <= summary.loc["good", "gap_closed"] <= high and high - low < 0.1
+    diff, d_low, _ = gap_difference(report, "good", "bad", resamples=500)
+    assert diff == pytest.approx(
+        summary.loc["good", "gap_closed"] - summary.loc["bad", "gap_closed"]
+    )
+    assert d_low > 0.5
+    text = verdict(report, "good", ["bad"])
+    assert text.startswith("good beats fedavg") and "good beats bad" in text
+    assert "is worse than" in verdict(report, "bad", ["good"])
+    # one repeat: no interval, and the verdict says so
+    single = report.loc[report["repeat_id"] == "r0"]
+    assert np.isnan(summarise_report(single).loc["good", "gap_low"])
+    assert "no interval" in verdict(single, "good", [])
