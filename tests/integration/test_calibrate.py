@@ -140,3 +140,78 @@ def test_unknown_proxy_and_bad_weights_leave_the_folder_clean(tmp_path, capsys):
     assert main(args) == 2  # the tiny preset's vit_tiny model cannot take these weights
     assert "vit_small_patch14_dinov2" in capsys.readouterr().err and not out.exists()
     assert main(["--preset", "tiny", "--out", str(out), "--resume", "--rounds", "1"]) == 0
+
+
+def test_quality_gap_downstream_and_verdict(calibrated):
+    """The informative report: scaled errors and gap_closed (FedAvg 0, oracle 1), the
+    downstream accuracies of every scheme on the same client updates, the verdict sentence."""
+    out = calibrated
+    quality = pd.read_csv(out / "quality_summary.csv", index_col=0)
+    assert quality.loc["fedavg", "gap_closed"] == 0.0
+    assert quality.loc["nnls-oracle", "gap_closed"] == 1.0
+    report = pd.read_csv(out / "quality.csv")
+    assert (report["scaled_error"] <= report["relative_error"] + 1e-12).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quality_verdict"].startswith("calibrated ")
+    assert "fedavg" in summary["quality_verdict"]
+    downstream = pd.read_csv(out / "downstream.csv")
+    assert set(downstream["scheme"]) == {
+        "calibrated",
+        "paper-table-a",
+        "fedavg",
+        "nnls-oracle",
+        "joint",
+    }
+    assert (downstream.loc[downstream["scheme"] == "fedavg", "difference"] == 0).all()
+    assert downstream["test_accuracy"].between(0, 1).all()
+    assert "vs FedAvg" in summary["downstream"]["verdict"]
+
+
+def test_round_starts_rebuild_the_proxy_training_state(calibrated):
+    """The downstream check rebuilds each round's start from the saved deltas and heads; after
+    the last round it must equal the trainer's saved state (float32 rounding)."""
+    from safetensors.torch import load_file
+
+    from livar_calib.config import CalibConfig
+    from livar_calib.downstream import round_starts
+    from livar_calib.proxy import proxy_runs
+    from livar_merge.federated.federation import build_federation
+
+    config = CalibConfig(**json.loads((calibrated / "config.json").read_text())["config"])
+    run = proxy_runs(config)[0]
+    fed = build_federation(config, dataset=config.proxy, seed=run.seed, beta=run.beta)
+    folder = calibrated / "proxy" / run.run_id
+    starts = list(round_starts(config, folder, fed.model, config.rounds))
+    assert [s.round for s in starts] == [1, 2]
+    params = dict(fed.model.named_parameters())
+    state = load_file(str(folder / "state.safetensors"))
+    for name, value in state.items():
+        scale = float(value.abs().max()) + 1e-12
+        assert float((params[name].detach() - value).abs().max()) / scale < 1e-5, name
+
+
+def test_resume_with_another_discretisation_reruns_only_the_analysis(calibrated, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(calibrated, out)
+    proxy_files = sorted((out / "proxy").rglob("*.safetensors"))
+    stamps = {p: p.stat().st_mtime_ns for p in proxy_files}
+    assert (
+        main(["--preset", "tiny", "--out", str(out), "--resume", "--discretise", "additive"]) == 0
+    )
+    assert {p: p.stat().st_mtime_ns for p in proxy_files} == stamps  # no training
+    tables = sorted((out / "table").glob("*.json"))
+    assert [p.name.rsplit(".", 2)[1] for p in tables] == ["v1", "v2"]
+    first, second = (GShapTable.load(p) for p in tables)
+    assert first.provenance["discretisation"]["rule_name"] == "cell-mean"
+    assert second.provenance["discretisation"]["rule_name"] == "additive"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["config"]["discretise"] == "additive"
+    assert saved["previous"][0]["config"]["discretise"] == "cell-mean"
+    # the same options again reuse the table; other training options are refused
+    assert (
+        main(["--preset", "tiny", "--out", str(out), "--resume", "--discretise", "additive"]) == 0
+    )
+    assert len(list((out / "table").glob("*.json"))) == 2
+    assert main(["--preset", "tiny", "--out", str(out), "--resume", "--rounds", "3"]) != 0

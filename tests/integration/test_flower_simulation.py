@@ -70,3 +70,35 @@ def test_simulation_engine_runs_the_baselines_as_livar_fed(tmp_path, method):
     assert list(clients["statistics_bytes"]) == list(reference_clients["statistics_bytes"])
     metrics = pd.read_csv(tmp_path / "flower" / "metrics.csv")
     assert ((metrics["moments_seconds"] > 0) == method.endswith("ccvr")).all()
+
+
+@pytest.mark.slow
+def test_released_protocol_on_both_engines(tmp_path, inprocess_run):
+    """--protocol released: the same reported accuracies and global factors on both engines;
+    against the paper default on the same seed, the factors are kept (no fold) and the
+    reported model is the sample-weighted product, so the accuracies differ."""
+    from livar_merge.federated.cli import main
+
+    args = ["--preset", "tiny", "--protocol", "released"]
+    assert main([*args, "--out", str(tmp_path / "inprocess")]) == 0
+    assert main([*args, "--engine", "flower", "--out", str(tmp_path / "flower")]) == 0
+    runs = {
+        name: json.loads((tmp_path / name / "summary.json").read_text())
+        for name in ("inprocess", "flower")
+    }
+    assert_accuracies_match(
+        runs["flower"]["accuracy_per_round"], runs["inprocess"]["accuracy_per_round"], 200
+    )
+    got, expected = load_checkpoint(tmp_path / "flower"), load_checkpoint(tmp_path / "inprocess")
+    assert not any(k.startswith("base/") for k in expected)  # factors: nothing folded
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
+    saved = json.loads((tmp_path / "inprocess" / "config.json").read_text())["config"]
+    assert (saved["protocol"], saved["lora_merge"], saved["augment"]) == (
+        "released",
+        "factors",
+        "rrc",
+    )
+    assert saved["lora_alpha"] == saved["lora_rank"]
+    _, paper = inprocess_run
+    assert runs["inprocess"]["accuracy_per_round"] != paper["accuracy_per_round"]

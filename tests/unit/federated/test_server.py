@@ -154,3 +154,69 @@ def test_server_checks_lora_targets_when_built():
     plain = tiny_vit(num_classes=3)
     with pytest.raises(GlobalStateError, match="not a peft model"):
         FederatedServer(plain, seed=0, method="livar")
+
+
+def test_released_evaluated_model_is_w0_plus_the_sample_weighted_product(model):
+    """--protocol released: the reported model is W0 + sum_m n_m/N s B_m A_m (LoRA off, the
+    merged head), computed here densely on a copy; the clients' global model (the LIVAR factor
+    merge) comes back bit for bit after the evaluation."""
+    updates = [fake_update(model, f"client_{m}", m) for m in range(3)]
+    server = FederatedServer(
+        copy.deepcopy(model),
+        method="livar",
+        seed=7,
+        lora_merge="factors",
+        evaluated="sample-weighted-product",
+    )
+    server.aggregate_round(1, updates)
+    before = {k: v.detach().clone() for k, v in server.model.state_dict().items()}
+    n = np.array([u.num_samples for u in updates], dtype=np.float64)
+    dense = dense_product_merge(model, updates, np.repeat((n / n.sum())[:, None], 8, axis=1))
+    expected = copy.deepcopy(server.model)
+    modules = dict(expected.named_modules())
+    with torch.no_grad():
+        for layer, weight in dense.items():
+            modules[layer].base_layer.weight.copy_(weight.float())
+            modules[layer].lora_B["default"].weight.zero_()
+    x = torch.randn(4, 3, 16, 16)
+    expected.eval()
+    with server.evaluated_model() as evaluated:
+        evaluated.eval()
+        torch.testing.assert_close(evaluated(x), expected(x), rtol=1e-5, atol=1e-5)
+    for key, value in server.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    paper = FederatedServer(copy.deepcopy(model), method="livar", seed=7)
+    paper.aggregate_round(1, updates)
+    with paper.evaluated_model() as evaluated:
+        assert evaluated is paper.model and paper.evaluated_delta is None
+    with pytest.raises(Exception, match="needs lora_merge 'factors'"):
+        FederatedServer(model, method="livar", seed=0, evaluated="sample-weighted-product")
+
+
+def test_pretrained_sigma_uses_w0_after_a_product_fold(model):
+    """--sigma-pass pretrained: features of the pretrained backbone W0 even after a round has
+    been folded into the frozen weights (disable_adapter alone would see the folded ones)."""
+    from livar_merge.federated.client import pretrained_backbone
+    from livar_merge.federated.model import forward_with_features
+
+    w0 = {
+        layer: module.base_layer.weight.detach().clone()
+        for layer, module in model.named_modules()
+        if layer in find_lora_parameters(model)
+    }
+    reference = copy.deepcopy(model)
+    server = FederatedServer(copy.deepcopy(model), method="fedavg", seed=7)
+    server.aggregate_round(1, [fake_update(model, f"client_{m}", m) for m in range(2)])
+    folded = server.model
+    x = torch.randn(4, 3, 16, 16)
+    folded.eval(), reference.eval()
+    with torch.no_grad():
+        expected, _ = forward_with_features(reference, x)  # B = 0: the backbone is W0
+        with pretrained_backbone(folded, w0):
+            got, _ = forward_with_features(folded, x)
+        with pretrained_backbone(folded, None):  # the old behaviour: folded weights
+            stale, _ = forward_with_features(folded, x)
+    torch.testing.assert_close(got, expected)
+    assert (stale - expected).abs().max() > 1e-3
+    for layer, weight in w0.items():  # restored: the folded weights are back
+        assert not torch.equal(dict(folded.named_modules())[layer].base_layer.weight, weight)
