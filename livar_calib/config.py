@@ -19,6 +19,12 @@ from livar_merge.federated.config import (
     Precision,
 )
 
+DISCRETISE_HELP = (
+    "how SHAP values become table cells: 'cell-mean' (mean forest prediction per cell), "
+    "'interaction' (main effects + SHAP interaction values per cell) or 'additive' (base + "
+    "mean SHAP of the A bin + of the B bin: cannot hold Table A's shape)"
+)
+
 
 @dataclass
 class CalibConfig(ArchitectureOverrides):
@@ -80,10 +86,7 @@ class CalibConfig(ArchitectureOverrides):
         "paper", "'paper' (A: 25, 50; B: 60, 80) or 'shap-curve'"
     )
     discretise: Literal["cell-mean", "interaction", "additive"] = option(
-        "cell-mean",
-        "how SHAP values become table cells: 'cell-mean' (mean forest prediction per cell), "
-        "'interaction' (main effects + SHAP interaction values per cell) or 'additive' (base + "
-        "mean SHAP of the A bin + of the B bin: cannot hold Table A's shape)",
+        "cell-mean", DISCRETISE_HELP
     )
     downstream: bool = option(
         True,

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from livar_calib.config import CalibConfig
 from livar_calib.deltas import RepeatDeltas, save_repeat
 from livar_merge.aggregation import ClientUpdate
-from livar_merge.aggregation.types import client_head_biases
+from livar_merge.aggregation.common import client_head_biases
 from livar_merge.fedavg import fedavg_head, fedavg_lora
 from livar_merge.federated.client import train_client
 from livar_merge.federated.data import derive_seed

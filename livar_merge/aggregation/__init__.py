@@ -6,6 +6,7 @@ module per method family, its math beside it:
 ============== ===================================================================
 ``types``      ClientUpdate, AggregationResult, Aggregator, validate_updates
 ``registry``   MethodSpec, register_method, method_spec, make_aggregator (no torch)
+``common``     helpers of the method modules (head biases, a merge without weights)
 ``weighted``   fedavg, livar, livar-alpha, livar-sigma (the paper's Table 4)
 ``regmean``    regmean: closed-form merge from input Grams
 ``fisher``     fisher: Fisher-weighted averaging

@@ -20,14 +20,13 @@ from typing import Any
 
 import torch
 
+from livar_merge.aggregation.common import client_head_biases, unweighted_result
 from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
     ClientUpdate,
     PreviousHead,
     Scaling,
-    client_head_biases,
-    unweighted_result,
 )
 from livar_merge.errors import ClientUpdateError, MethodOptionError
 from livar_merge.lora import LoraDelta, MergeMode, client_factor_lists, scaling_for

@@ -21,13 +21,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from livar_merge.aggregation.common import client_head_biases
 from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
     ClientUpdate,
     PreviousHead,
     Scaling,
-    client_head_biases,
 )
 from livar_merge.coefficients import livar_coefficient_details
 from livar_merge.errors import ClientUpdateError, MethodOptionError

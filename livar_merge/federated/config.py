@@ -46,6 +46,7 @@ def legacy_augment(value: Any) -> Any:
         return LEGACY_AUGMENT[bool(value)]
     return value
 
+
 ARCH_OVERRIDE = "(random init only)"
 ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
 

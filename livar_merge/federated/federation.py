@@ -182,8 +182,7 @@ def build_federation(
     if settings.sigma_pass == "pretrained" and getattr(config, "lora_merge", "") == "product":
         modules = dict(model.named_modules())
         pretrained_base = {
-            layer: modules[layer].base_layer.weight.detach().clone()
-            for layer in info.lora_layers
+            layer: modules[layer].base_layer.weight.detach().clone() for layer in info.lora_layers
         }
     return Federation(
         device=device,
