@@ -17,6 +17,7 @@ from livar_merge.federated.config import (
     Augment,
     OmegaReduction,
     Precision,
+    check_dataset_name,
 )
 
 DISCRETISE_HELP = (
@@ -215,6 +216,7 @@ def validate_calib_config(config: CalibConfig) -> None:
     declaration (type, choices, bounds), then the checks across options. Cheap (imports
     nothing heavy), so ``livar-calibrate`` runs it before anything is loaded or written."""
     check_dataclass(config)
+    check_dataset_name(config.proxy, "proxy")
     if config.max_train is not None and config.max_train < config.num_clients:
         raise ConfigError(
             f"option max_train ({config.max_train}) is below num_clients ({config.num_clients})"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 from livar_merge._options import check_dataclass, coerce_option, option
 from livar_merge.aggregation.registry import MethodSpec, available_methods, method_spec
-from livar_merge.errors import ConfigError, PairedMethodError, TableError
+from livar_merge.errors import ConfigError, DatasetError, PairedMethodError, TableError
 
 # choices shared with livar-calibrate's CalibConfig
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -48,6 +49,30 @@ def legacy_augment(value: Any) -> Any:
 
 
 ARCH_OVERRIDE = "(random init only)"
+# the datasets livar_merge.federated.datasets.sources registers (a test keeps the two equal), so
+# that a wrong --dataset/--proxy name fails before torch and the loaders are imported
+BUILTIN_DATASETS = (
+    "cifar100",
+    "cub200",
+    "digits",
+    "eurosat",
+    "fashion-mnist",
+    "imagenet-r",
+    "synthetic",
+    "tiny-imagenet",
+)
+
+
+def check_dataset_name(name: str, option_name: str = "dataset") -> None:
+    """:class:`DatasetError` unless ``name`` is a built-in dataset or one registered in this
+    process (:func:`~livar_merge.federated.datasets.register_dataset`); imports nothing."""
+    registry = sys.modules.get("livar_merge.federated.datasets.registry")
+    known = set(BUILTIN_DATASETS) | set(getattr(registry, "DATASETS", {}))
+    if name not in known:
+        raise DatasetError(
+            f"option {option_name}: unknown dataset {name!r}; registered datasets: "
+            f"{', '.join(sorted(known))} (livar-fed --list datasets)"
+        )
 ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
 
 
@@ -419,6 +444,7 @@ def validate_config(config: FedConfig) -> None:
     when one of them reads it, the G_SHAP table. No torch, no data: runs before anything is
     loaded or written."""
     check_dataclass(config)
+    check_dataset_name(config.dataset)
     specs = [
         method_spec(config.method),
         *check_paired_methods(config.method, config.paired).values(),

@@ -672,3 +672,26 @@ def test_synthetic_options():
     assert ds.train.images.shape == (12, 1, 12, 12) and ds.test.images.shape == (8, 1, 12, 12)
     with pytest.raises(DatasetError, match="channels"):
         load_dataset("synthetic", channels=2)
+
+
+def test_builtin_dataset_names_are_the_registry_and_checked_without_torch():
+    """A wrong --dataset / --proxy fails in validation (no torch, no loaders imported); the
+    torch-free name list equals what the sources register, and a dataset registered at run
+    time passes too."""
+    from livar_merge.errors import DatasetError
+    from livar_merge.federated.config import BUILTIN_DATASETS, check_dataset_name
+    from livar_merge.federated.datasets import available_datasets, register_dataset
+    from livar_merge.federated.datasets.registry import DATASETS
+
+    assert sorted(BUILTIN_DATASETS) == sorted(available_datasets())
+    with pytest.raises(DatasetError, match="option proxy: unknown dataset 'nope'"):
+        check_dataset_name("nope", "proxy")
+
+    @register_dataset("my-own", description="test", obtain="none")
+    def _load(root, *, image_size, seed):  # pragma: no cover - never loaded
+        raise AssertionError
+
+    try:
+        check_dataset_name("my-own")
+    finally:
+        DATASETS.pop("my-own")
