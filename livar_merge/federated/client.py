@@ -17,7 +17,12 @@ import torch
 from livar_merge.aggregation import ClientUpdate
 from livar_merge.errors import ClientUpdateError
 from livar_merge.federated.data import BatchSource, derive_seed
-from livar_merge.federated.model import forward_with_features, head_module, peft_view
+from livar_merge.federated.model import (
+    forward_with_features,
+    frozen_weights,
+    head_module,
+    peft_view,
+)
 from livar_merge.federated.peft_keys import lora_state
 from livar_merge.federated.statistics import diagonal_fisher, gram_and_prototype_pass
 from livar_merge.signals import (
@@ -139,20 +144,8 @@ def pretrained_backbone(
 ) -> Iterator[torch.nn.Module]:
     """``model`` as the pretrained backbone W0: LoRA (and the trained head) disabled and, given
     ``pretrained_base``, the LoRA layers' frozen weights swapped for W0 (restored after)."""
-    modules = dict(model.named_modules())
-    saved: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for layer, weight in (pretrained_base or {}).items():
-            target = modules[layer].base_layer.weight
-            saved[layer] = target.detach().clone()
-            target.copy_(weight)
-    try:
-        with peft_view(model).disable_adapter():
-            yield model
-    finally:
-        with torch.no_grad():
-            for layer, weight in saved.items():
-                modules[layer].base_layer.weight.copy_(weight)
+    with frozen_weights(model, replace=pretrained_base), peft_view(model).disable_adapter():
+        yield model
 
 
 @torch.no_grad()
@@ -351,22 +344,19 @@ def evaluate(
     weights are restored afterwards, so evaluation never perturbs training.
     """
     model.eval()
-    saved = None
-    if hasattr(model, "merge_adapter"):
-        saved = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
-        peft_view(model).merge_adapter()
-    try:
-        correct, loss, n = 0, 0.0, 0
-        with autocast_context(precision, source.device):
-            for x, y in source.batches(indices, batch_size):
-                logits = model(x).float()
-                loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-                correct += int((logits.argmax(1) == y).sum())
-                n += len(y)
-    finally:
-        if saved is not None:
-            peft_view(model).unmerge_adapter()
-            params = dict(model.named_parameters())
-            for name, value in saved.items():
-                params[name].data.copy_(value)
+    merged = hasattr(model, "merge_adapter")
+    with frozen_weights(model) if merged else contextlib.nullcontext(model):
+        if merged:
+            peft_view(model).merge_adapter()
+        try:
+            correct, loss, n = 0, 0.0, 0
+            with autocast_context(precision, source.device):
+                for x, y in source.batches(indices, batch_size):
+                    logits = model(x).float()
+                    loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+                    correct += int((logits.argmax(1) == y).sum())
+                    n += len(y)
+        finally:  # peft's merged flag back; frozen_weights restores the exact weights
+            if merged:
+                peft_view(model).unmerge_adapter()
     return correct / max(n, 1), loss / max(n, 1)

@@ -73,6 +73,8 @@ def check_dataset_name(name: str, option_name: str = "dataset") -> None:
             f"option {option_name}: unknown dataset {name!r}; registered datasets: "
             f"{', '.join(sorted(known))} (livar-fed --list datasets)"
         )
+
+
 ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
 
 

@@ -12,7 +12,7 @@ import torch
 
 from livar_merge.aggregation import AggregationResult
 from livar_merge.federated.data import derive_seed
-from livar_merge.federated.model import fold_into_base, head_module, restart_lora
+from livar_merge.federated.model import ADAPTER, fold_into_base, restart_lora, set_head
 from livar_merge.lora import to_peft_state_dict
 
 
@@ -26,14 +26,11 @@ def install_result(
     round_index: int,
 ) -> None:
     """Write ``result`` (merged LoRA and head) into the peft ``model`` in place."""
-    head = head_module(model)
-    head.weight.copy_(result.head.weight)
-    if head.bias is not None and result.head.bias is not None:
-        head.bias.copy_(result.head.bias)
+    set_head(model, result.head.weight, result.head.bias)
     if lora_merge == "product":
         fold_into_base(model, {k: d.to_dense() for k, d in result.lora.items()})
         restart_lora(model, list(result.lora), derive_seed(seed, round_index, "lora-restart"))
     else:
         params = dict(model.named_parameters())
-        for key, value in to_peft_state_dict(result.lora, adapter_name="default").items():
+        for key, value in to_peft_state_dict(result.lora, adapter_name=ADAPTER).items():
             params[key].copy_(value.to(params[key].dtype))

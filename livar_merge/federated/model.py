@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, cast
@@ -18,6 +19,8 @@ from typing import Any, NamedTuple, Protocol, cast
 import torch
 
 from livar_merge.errors import ConfigError
+
+ADAPTER = "default"  # the peft adapter livar builds and reads (one adapter per model)
 
 LORA_TARGET_REGEX = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 log = logging.getLogger(__name__)
@@ -245,6 +248,60 @@ def head_module(model: torch.nn.Module) -> torch.nn.Linear:
     return cast(torch.nn.Linear, head)
 
 
+def head_state(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Copies of the head ``(weight [C, D], bias [C] or None)``."""
+    head = head_module(model)
+    bias = None if head.bias is None else head.bias.detach().clone()
+    return head.weight.detach().clone(), bias
+
+
+@torch.no_grad()
+def set_head(model: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Copy ``weight [C, D]`` (and ``bias [C]`` when both the head and it exist) into the head."""
+    head = head_module(model)
+    head.weight.copy_(weight)
+    if head.bias is not None and bias is not None:
+        head.bias.copy_(bias)
+
+
+@contextlib.contextmanager
+def frozen_weights(
+    model: torch.nn.Module,
+    *,
+    replace: Mapping[str, torch.Tensor] | None = None,
+    add: Mapping[str, torch.Tensor] | None = None,
+    zero_lora: bool = False,
+) -> Iterator[torch.nn.Module]:
+    """Within the block, the frozen weight of each LoRA layer named in ``replace``/``add`` is
+    ``replace[layer]`` (else itself) plus ``add[layer]``, and with ``zero_lora`` every LoRA B
+    is 0 (the LoRA adds nothing); afterwards every weight is restored exactly. With neither,
+    the frozen weights and factors are only saved and restored (for in-place merges)."""
+    modules = dict(model.named_modules())
+    layers = [
+        n for n, m in modules.items() if isinstance(getattr(m, "lora_B", None), torch.nn.ModuleDict)
+    ]
+    saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for layer in layers:
+            module = modules[layer]
+            weight = module.get_parameter("base_layer.weight")
+            factor_b = module.get_parameter(f"lora_B.{ADAPTER}.weight")
+            saved[layer] = (weight.detach().clone(), factor_b.detach().clone())
+            if replace is not None and layer in replace:
+                weight.copy_(replace[layer])
+            if add is not None and layer in add:
+                weight.add_(add[layer].to(weight))
+            if zero_lora:
+                factor_b.zero_()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer, (weight, factor_b) in saved.items():
+                modules[layer].get_parameter("base_layer.weight").copy_(weight)
+                modules[layer].get_parameter(f"lora_B.{ADAPTER}.weight").copy_(factor_b)
+
+
 def snapshot_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trainable parameters (LoRA factors and head)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -273,4 +330,4 @@ def restart_lora(model: torch.nn.Module, layers: tuple[str, ...] | list[str], se
     torch.manual_seed(seed)
     modules = dict(model.named_modules())
     for layer in layers:
-        modules[layer].reset_lora_parameters("default", True)
+        modules[layer].reset_lora_parameters(ADAPTER, True)

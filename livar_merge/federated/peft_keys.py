@@ -21,9 +21,8 @@ from collections.abc import Mapping
 import torch
 
 from livar_merge.errors import GlobalStateError
-from livar_merge.federated.model import head_module
+from livar_merge.federated.model import ADAPTER, head_module
 
-ADAPTER = "default"
 GLOBAL_KINDS = ("lora", "head", "base")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from livar_merge.errors import ConfigError
 from livar_merge.fedavg import fedavg_lora
 from livar_merge.federated.data import derive_seed
 from livar_merge.federated.install import install_result
-from livar_merge.federated.model import head_module
+from livar_merge.federated.model import frozen_weights, head_module, head_state
 from livar_merge.federated.paired import PairedEvaluation, paired_from_config, with_differences
 from livar_merge.federated.peft_keys import check_lora_targets
 from livar_merge.lora import peft_scalings
@@ -149,9 +149,7 @@ class FederatedServer:
     # ------------------------------------------------------------------------ the round
     def previous_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Copies of the global head ``(weight [C, D], bias [C])`` before this round's merge."""
-        head = head_module(self.model)
-        bias = None if head.bias is None else head.bias.detach().clone()
-        return head.weight.detach().clone(), bias
+        return head_state(self.model)
 
     def wants_moments(self, round_index: int) -> bool:
         """Whether CCVR calibrates the head after ``round_index``."""
@@ -228,30 +226,13 @@ class FederatedServer:
             outcomes=outcomes,
         )
 
-    @contextlib.contextmanager
-    def evaluated_model(self) -> Iterator[torch.nn.Module]:
+    def evaluated_model(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
         """The model this round reports: the global model itself, or (released code) the
         frozen weights plus the round's sample-weighted product with LoRA off; the global
         model is restored exactly afterwards."""
         if self.evaluated_delta is None:
-            yield self.model
-            return
-        modules = dict(self.model.named_modules())
-        saved = {}
-        with torch.no_grad():
-            for layer, delta in self.evaluated_delta.items():
-                module = modules[layer]
-                weight, factor_b = module.base_layer.weight, module.lora_B["default"].weight
-                saved[layer] = (weight.detach().clone(), factor_b.detach().clone())
-                weight.add_(delta.to(weight))
-                factor_b.zero_()
-        try:
-            yield self.model
-        finally:
-            with torch.no_grad():
-                for layer, (weight, factor_b) in saved.items():
-                    modules[layer].base_layer.weight.copy_(weight)
-                    modules[layer].lora_B["default"].weight.copy_(factor_b)
+            return contextlib.nullcontext(self.model)
+        return frozen_weights(self.model, add=self.evaluated_delta, zero_lora=True)
 
     def metrics_row(
         self, record: RoundRecord, accuracy: float, loss: float
