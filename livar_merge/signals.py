@@ -38,8 +38,9 @@ def find_lora_parameters(
     """``{layer: (A weight, B weight)}`` of a peft model's LoRA layers, in module order.
 
     Layer names are module paths, matching the prefixes of ``get_peft_model_state_dict`` keys.
-    Raises ``ValueError`` for a layer with ``lora_A[adapter_name]`` but no ``lora_B`` of it and
-    ``TypeError`` when a factor's ``weight`` is not a parameter.
+    Raises :class:`~livar_merge.errors.GlobalStateError` for a layer with
+    ``lora_A[adapter_name]`` but no ``lora_B`` of it, or whose factor weights are not
+    parameters.
     """
     found: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
     for name, module in model.named_modules():
@@ -54,7 +55,9 @@ def find_lora_parameters(
         if not (
             isinstance(weight_a, torch.nn.Parameter) and isinstance(weight_b, torch.nn.Parameter)
         ):
-            raise TypeError(f"LoRA layer {name!r}: the lora_A/lora_B weights are not parameters")
+            raise GlobalStateError(
+                f"LoRA layer {name!r}: the lora_A/lora_B weights are not parameters"
+            )
         found[name] = (weight_a, weight_b)
     return found
 

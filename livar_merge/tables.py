@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from livar_merge import __version__
 from livar_merge.errors import TableError
 
 if TYPE_CHECKING:
@@ -63,6 +64,29 @@ def table_search_path() -> list[Path]:
     return dirs
 
 
+def table_file_name(name: str, version: int) -> str:
+    """File name of version ``version`` of table ``name``: ``<name>.v<version>.json``."""
+    return f"{name}.v{version}.json"
+
+
+def _version_files(directory: str | os.PathLike[str], name: str) -> list[tuple[int, Path]]:
+    """``(version, path)`` of every file ``<name>.v<N>.json`` in ``directory``, by version."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (int(m["version"]), path)
+        for path in folder.iterdir()
+        if (m := _FILE_NAME.match(path.name)) and m["name"] == name
+    )
+
+
+def existing_versions(directory: str | os.PathLike[str], name: str) -> list[int]:
+    """Versions of table ``name`` with a file ``<name>.v<N>.json`` in ``directory`` (sorted;
+    empty when the directory does not exist)."""
+    return [version for version, _ in _version_files(directory, name)]
+
+
 def available_tables() -> dict[str, list[int]]:
     """Names of the tables on the search path and their versions."""
     found: dict[str, set[int]] = {}
@@ -86,17 +110,12 @@ def resolve_table_path(name_or_path: str | os.PathLike[str]) -> Path:
     name, version = (match["name"], int(match["version"])) if match else (text, None)
     search = table_search_path()
     for directory in search:
-        if version is not None and (directory / f"{name}.v{version}.json").is_file():
-            return directory / f"{name}.v{version}.json"
+        if version is not None and (directory / table_file_name(name, version)).is_file():
+            return directory / table_file_name(name, version)
     if version is None:
-        versions = [
-            (int(m["version"]), path)
-            for directory in search
-            for path in directory.glob(f"{glob_escape(name)}.v*.json")
-            if (m := _FILE_NAME.match(path.name)) and m["name"] == name
-        ]
-        if versions:
-            return max(versions, key=lambda item: item[0])[1]
+        latest = [found[-1] for directory in search if (found := _version_files(directory, name))]
+        if latest:  # the highest version; on a tie the first directory of the search path
+            return max(latest, key=lambda item: item[0])[1]
     known = ", ".join(f"{n} (v{'/v'.join(map(str, v))})" for n, v in available_tables().items())
     where = ", ".join(str(d) for d in search) or "<empty search path>"
     raise TableError(
@@ -224,7 +243,7 @@ class GShapTable:
     # ------------------------------------------------------------ accessors
     @property
     def file_name(self) -> str:
-        return f"{self.name}.v{self.version}.json"
+        return table_file_name(self.name, self.version)
 
     @property
     def checksum(self) -> str:
@@ -360,8 +379,6 @@ def make_table(
     description: str = "",
 ) -> GShapTable:
     """Convenience constructor filling provenance fields a table must carry."""
-    from livar_merge import __version__
-
     prov = {
         "source": "user",
         "proxy_dataset": "",

@@ -13,7 +13,7 @@ from typing import Any
 
 from livar_merge._options import add_dataclass_options, cli_parser, collect_overrides, report_error
 from livar_merge.aggregation.registry import available_methods, method_spec
-from livar_merge.errors import LivarError
+from livar_merge.errors import ConfigError, LivarError, RunFolderError
 from livar_merge.federated.config import PRESETS, FedConfig, load_config_file, resolve_config
 
 EXAMPLES = """examples:
@@ -80,16 +80,16 @@ def run_with_engine(
 
         return run_federated(config, out, resume=resume, stop_after=stop_after)
     if resume or stop_after is not None:
-        raise LivarError("resume and stop-after are not supported with engine flower")
+        raise ConfigError("resume and stop-after are not supported with engine flower")
     if (out / "checkpoint").exists() and not (out / "summary.json").exists():
-        raise LivarError(
+        raise RunFolderError(
             f"{out} holds an interrupted Flower run; Flower runs do not resume: "
             "delete the folder to run it again"
         )
     try:
         from livar_merge.flower.simulation import run_flower_simulation
     except ImportError as err:
-        raise LivarError(f"--engine flower needs the flower extra: {err}") from err
+        raise ConfigError(f"--engine flower needs the flower extra: {err}") from err
     return run_flower_simulation(config, out)
 
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if config.engine == "flower" and (args.resume or args.stop_after is not None):
         parser.error("--resume and --stop-after are not supported with --engine flower")
-    out = Path(config.out or Path("runs") / config.run_name())
+    out = config.out_dir()
     try:
         summary = run_with_engine(config, out, resume=args.resume, stop_after=args.stop_after)
     except (LivarError, OSError) as err:

@@ -250,6 +250,10 @@ class FedConfig(ArchitectureOverrides):
                 body.pop(name)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
+    def out_dir(self) -> Path:
+        """The run folder: ``out``, else ``runs/<run_name>``."""
+        return Path(self.out or Path("runs") / self.run_name())
+
     def run_name(self) -> str:
         return f"{self.dataset}-{self.method}-b{self.beta:g}-s{self.seed}"
 

@@ -94,8 +94,7 @@ class Federation:
     """Everything a run builds before its first round (same config and seed: same objects)."""
 
     device: torch.device
-    precision: str
-    settings: TrainSettings
+    settings: TrainSettings  # local training, with the resolved precision
     num_classes: int
     dataset_source: Any  # where the dataset was read from (DatasetSplits.source)
     parts: list[np.ndarray]  # client m's training indices
@@ -105,11 +104,21 @@ class Federation:
     scalings: dict[str, float]  # peft scaling per LoRA layer
     train_source: BatchSource
     test_source: BatchSource
-    test_size: int
-    eval_batch_size: int = 256
     # W0 of the LoRA layers' frozen weights, kept for sigma_pass="pretrained" when merges are
     # folded into them (lora_merge="product"); None otherwise (the frozen weights stay W0)
     pretrained_base: dict[str, torch.Tensor] | None = None
+
+    @property
+    def precision(self) -> str:
+        return self.settings.precision
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test_source)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.settings.eval_batch_size
 
     @property
     def client_ids(self) -> list[str]:
@@ -186,7 +195,6 @@ def build_federation(
         }
     return Federation(
         device=device,
-        precision=precision,
         settings=settings,
         num_classes=splits.num_classes,
         dataset_source=splits.source,
@@ -197,7 +205,5 @@ def build_federation(
         scalings=peft_scalings(model),
         train_source=batch_source(train),
         test_source=batch_source(test),
-        test_size=len(test),
         pretrained_base=pretrained_base,
-        eval_batch_size=getattr(config, "eval_batch_size", 256),
     )

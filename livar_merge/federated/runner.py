@@ -33,7 +33,6 @@ class FederatedRun:
     def __init__(self, config: FedConfig, out: Path, *, resume: bool = False) -> None:
         self.config = config
         self.folder = RunFolder(out, config)
-        self.out = self.folder.out
         self.resume = self.folder.check(resume=resume)  # before anything is built or written
         self.federation = build_federation(config)
         self.model = self.federation.model
@@ -139,5 +138,5 @@ def run_federated(
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a federated experiment; returns the summary dict."""
-    folder = Path(out or config.out or Path("runs") / config.run_name())
+    folder = Path(out) if out is not None else config.out_dir()
     return FederatedRun(config, folder, resume=resume).run(stop_after=stop_after)

@@ -24,7 +24,6 @@ import shlex
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, MetricRecord
@@ -85,18 +84,13 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[FedConfig, Fl
     return resolve_config(preset, file_options, overrides), settings_from_run_config(run_config)
 
 
-def default_out(config: FedConfig) -> Path:
-    return Path(config.out or Path("runs") / config.run_name())
-
-
 class ServerRun:
     """One Flower run on the server side: federation, strategy, evaluation, results folder."""
 
     def __init__(self, config: FedConfig, settings: FlowerSettings | None = None) -> None:
         self.config = replace(config, engine="flower")
         self.settings = settings or DEFAULTS
-        self.folder = RunFolder(default_out(config), self.config)
-        self.out = self.folder.out
+        self.folder = RunFolder(config.out_dir(), self.config)
         self.folder.check(resume=False, resumable=False)
         self.federation = build_federation(config)
         self.model = self.federation.model

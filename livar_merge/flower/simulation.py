@@ -9,7 +9,6 @@ Python entry point of the Simulation Engine (``flwr run`` on a federation with
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -17,10 +16,11 @@ from typing import Any
 
 from flwr.simulation import run_simulation
 
-from livar_merge.errors import ConfigError
+from livar_merge.errors import ConfigError, RoundFailedError
 from livar_merge.federated.config import FedConfig
+from livar_merge.federated.results import read_run_summary
 from livar_merge.flower.client_app import client_app
-from livar_merge.flower.server_app import default_out, make_server_app
+from livar_merge.flower.server_app import make_server_app
 from livar_merge.flower.strategy import FlowerSettings, check_method
 
 
@@ -53,7 +53,7 @@ def run_flower_simulation(
     """
 
     check_method(config.method)  # before Ray starts
-    folder = Path(out) if out is not None else default_out(config)
+    folder = Path(out) if out is not None else config.out_dir()
     config = replace(config, out=str(folder), engine="flower")
     run_simulation(
         server_app=make_server_app(config, settings or FlowerSettings()),
@@ -62,9 +62,10 @@ def run_flower_simulation(
         backend_config=backend_config(config),
         verbose_logging=verbose,
     )
-    summary_path = folder / "summary.json"
-    if not summary_path.is_file():
-        raise RuntimeError(
-            f"the Flower simulation ended without writing {summary_path}; see the log above"
+    summary = read_run_summary(folder)
+    if summary is None:
+        raise RoundFailedError(
+            f"the Flower simulation ended without writing {folder / 'summary.json'}; see the "
+            "log above"
         )
-    return json.loads(summary_path.read_text())
+    return summary
