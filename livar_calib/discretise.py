@@ -9,7 +9,8 @@ individual features". Three rules (:func:`discretise_shap`, ``rule=``; ``livar-c
                                          + sum over other features f of mean SHAP_f (all rows)
                  An additive table: it cannot hold an effect of omega_A that depends on the
                  omega_B bin (the paper's Table A has none for Q_B < 60 and a large one for
-                 Q_B > 80; the best additive fit of Table A misses a cell by 0.035).
+                 Q_B > 80; the best additive fit of Table A misses a cell by 0.025 (minimax, by
+                 linear programming; the least-squares additive fit misses by 0.035)).
 ``interaction``  cell(b, a) = base_value + mean main_A(bin a) + mean main_B(bin b)
                               + mean (Phi_AB + Phi_BA) over the rows of cell (b, a)
                               + mean over all rows of every other interaction entry,
@@ -18,9 +19,10 @@ individual features". Three rules (:func:`discretise_shap`, ``rule=``; ``livar-c
                  term (reported).
 ``cell-mean``    cell(b, a) = mean over the rows of cell (b, a) of the forest's prediction,
                  which equals base_value + sum_f SHAP_f of those rows (SHAP additivity). An
-                 empty cell takes the additive rule's value (reported). The default: on the
-                 planted Table-A test it reproduces the table as well as ``interaction``
-                 (both within 0.003 of every cell) without a second, slower SHAP pass.
+                 empty cell takes the additive rule's value (reported). The default: it
+                 reproduces a planted Table A as well as ``interaction`` (both within 0.002 of
+                 every cell on the planted test; the test's bound is 0.01) without a second,
+                 slower SHAP pass.
 
 Common to all rules:
 
@@ -48,7 +50,6 @@ from __future__ import annotations
 import datetime as _dt
 import itertools
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +57,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from livar_calib.deltas import CalibrationError
 from livar_calib.explain import ShapResult, binned_shap_curve
-from livar_merge.errors import TableError
-from livar_merge.tables import GShapTable, assign_bins, make_table
+from livar_merge.errors import CalibrationError, TableError
+from livar_merge.tables import (
+    GShapTable,
+    assign_bins,
+    existing_versions,
+    make_table,
+    table_file_name,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -402,15 +408,6 @@ def _interactions(shap_result: ShapResult, feature_a: str, feature_b: str) -> np
     return phi
 
 
-def existing_versions(out_dir: str | os.PathLike[str], name: str) -> list[int]:
-    """Versions of ``<name>.v<N>.json`` present in ``out_dir`` (sorted)."""
-    pattern = re.compile(rf"^{re.escape(name)}\.v(\d+)\.json$")
-    directory = Path(out_dir)
-    if not directory.is_dir():
-        return []
-    return sorted(int(m[1]) for p in directory.iterdir() if (m := pattern.match(p.name)))
-
-
 def build_table(
     shap_result: ShapResult,
     rows: pd.DataFrame,
@@ -439,7 +436,7 @@ def build_table(
     out = Path(out_dir)
     if version is None:
         version = max(existing_versions(out, name), default=0) + 1
-    target = out / f"{name}.v{version}.json"
+    target = out / table_file_name(name, version)
     if target.exists():
         raise TableError(f"{target} exists; tables are immutable: choose another version")
     prov: dict[str, Any] = {

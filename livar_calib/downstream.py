@@ -28,10 +28,11 @@ from safetensors.torch import load_file
 from livar_calib.config import CalibConfig
 from livar_calib.deltas import RepeatDeltas, load_repeat
 from livar_calib.proxy import HEADS_FILE, ProxyRun, proxy_runs
-from livar_calib.quality import FEDAVG, ORACLE, bootstrap_interval, scheme_weights
+from livar_calib.quality import FEDAVG, ORACLE, _matrix, bootstrap_interval, scheme_weights
 from livar_merge.errors import MissingHeadsError
+from livar_merge.fedavg import fedavg_head
 from livar_merge.federated.federation import build_federation
-from livar_merge.federated.model import head_module
+from livar_merge.federated.model import ADAPTER, head_state, set_head
 from livar_merge.signals import find_lora_parameters
 
 if TYPE_CHECKING:
@@ -57,25 +58,18 @@ def _load_heads(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _set_head(model: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    head = head_module(model)
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        if head.bias is not None and bias is not None:
-            head.bias.copy_(bias)
-
-
-def _fedavg_head(
-    heads: Mapping[str, torch.Tensor], n: np.ndarray, clients: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The sample-weighted mean of the clients' heads (float64)."""
-    share = torch.as_tensor(n / n.sum(), dtype=torch.float64)
-    weight = torch.stack([heads[f"client/{m}/weight"].double() for m in range(clients)])
-    merged = torch.einsum("m,mcd->cd", share, weight)
-    if "client/0/bias" not in heads:
-        return merged, None
-    bias = torch.stack([heads[f"client/{m}/bias"].double() for m in range(clients)])
-    return merged, share @ bias
+def _set_fedavg_head(
+    model: torch.nn.Module, heads: Mapping[str, torch.Tensor], n: np.ndarray, clients: int
+) -> None:
+    """Set the head to the sample-weighted mean of the clients' heads (merged in float64)."""
+    weights = [heads[f"client/{m}/weight"].double() for m in range(clients)]
+    biases = (
+        None
+        if "client/0/bias" not in heads
+        else [heads[f"client/{m}/bias"].double() for m in range(clients)]
+    )
+    merged = fedavg_head(weights, biases, n)
+    set_head(model, merged.weight, merged.bias)
 
 
 def downstream_report(
@@ -130,10 +124,10 @@ def round_starts(
     :meth:`livar_calib.proxy.ProxyTrainer._advance` did (from the saved float64 factors: equal
     to the training's float32 fold up to rounding). LoRA B is zeroed: only folded weights act."""
     modules = dict(model.named_modules())
-    layers = _lora_layers(model)
+    layers = list(find_lora_parameters(model))
     with torch.no_grad():
         for layer in layers:
-            modules[layer].lora_B["default"].weight.zero_()
+            modules[layer].lora_B[ADAPTER].weight.zero_()
     base = {layer: modules[layer].base_layer.weight.detach().clone() for layer in layers}
     for r in range(1, last + 1):
         deltas = load_repeat(folder / f"round_{r}.safetensors")
@@ -143,18 +137,14 @@ def round_starts(
         yield RoundStart(r, deltas, heads, n, dict(base))
         if config.next_start == "joint":
             step = {layer: torch.from_numpy(_joint(deltas, layer)) for layer in layers}
-            _set_head(model, heads["joint/weight"], heads.get("joint/bias"))
+            set_head(model, heads["joint/weight"], heads.get("joint/bias"))
         else:
             share = n / n.sum()
             step = {layer: _dense(deltas.client_factors[layer], share) for layer in layers}
-            _set_head(model, *_fedavg_head(heads, n, clients))
+            _set_fedavg_head(model, heads, n, clients)
         for layer in layers:
             base[layer] = base[layer] + step[layer].to(base[layer])
         _install(model, base, {})
-
-
-def _lora_layers(model: torch.nn.Module) -> list[str]:
-    return list(find_lora_parameters(model))
 
 
 def _run_records(
@@ -204,26 +194,21 @@ def _score_repeat(
     layers = list(deltas.layers)
     sub = rows.loc[rows["repeat_id"].astype(str) == str(deltas.repeat_id)]
     weights = scheme_weights(deltas, sub, tables)
-    lam = sub.pivot(index="client", columns="layer", values="lam")
-    lam.index = lam.index.astype(str)
-    weights[ORACLE] = lam.loc[[str(c) for c in deltas.clients], layers].to_numpy(np.float64)
-    start_head = (
-        head_module(model).weight.detach().clone(),
-        (None if head_module(model).bias is None else head_module(model).bias.detach().clone()),
-    )
+    weights[ORACLE] = _matrix(sub, "lam", deltas)
+    start_head = head_state(model)
     clients = len(deltas.clients)
     records = []
     schemes = {**{k: v for k, v in weights.items()}, JOINT: None}
     for scheme, w in schemes.items():
         if w is None:
             delta = {layer: torch.from_numpy(_joint(deltas, layer)) for layer in layers}
-            _set_head(model, heads["joint/weight"], heads.get("joint/bias"))
+            set_head(model, heads["joint/weight"], heads.get("joint/bias"))
         else:
             delta = {
                 layer: _dense(deltas.client_factors[layer], w[:, l])
                 for l, layer in enumerate(layers)
             }
-            _set_head(model, *_fedavg_head(heads, n, clients))
+            _set_fedavg_head(model, heads, n, clients)
         _install(model, base, delta)
         accuracy, loss = fed.evaluate(model)
         records.append(
@@ -235,7 +220,7 @@ def _score_repeat(
             }
         )
     _install(model, base, {})
-    _set_head(model, *start_head)
+    set_head(model, *start_head)
     return records
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from livar_calib.deltas import CalibrationError
+from livar_merge.errors import CalibrationError
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from livar_calib.deltas import CalibrationError
+from livar_merge.errors import CalibrationError
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from livar_calib.deltas import CalibrationError
 from livar_calib.explain import ShapResult, binned_shap_curve
 from livar_calib.features import percentile_rank_1d
+from livar_merge.errors import CalibrationError
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from livar_calib.deltas import CalibrationError
 from livar_calib.features import check_rows
+from livar_merge.errors import CalibrationError
 
 if TYPE_CHECKING:
     import pandas as pd

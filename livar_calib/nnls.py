@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from livar_calib.deltas import CalibrationError, Factors, RepeatDeltas
+from livar_calib.deltas import Factors, RepeatDeltas
+from livar_merge.errors import CalibrationError
 
 if TYPE_CHECKING:
     import pandas as pd

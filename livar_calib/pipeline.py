@@ -34,11 +34,11 @@ from livar_calib.forest import WITH_SAMPLES, fit_forest, split_repeats
 from livar_calib.nnls import nnls_repeat
 from livar_calib.proxy import proxy_runs, run_proxy_training
 from livar_calib.quality import reconstruction_report, summarise_report, verdict
-from livar_merge.errors import MissingHeadsError, RunFolderError
+from livar_merge.errors import CalibrationError, MissingHeadsError, RunFolderError, TableError
 from livar_merge.federated import pretrained
 from livar_merge.federated.datasets import load_dataset
 from livar_merge.federated.results import provenance, write_json
-from livar_merge.tables import GShapTable, TableError
+from livar_merge.tables import GShapTable, existing_versions, table_file_name
 
 
 class _ForestOptions(TypedDict):
@@ -73,8 +73,14 @@ def collect_rows(config: CalibConfig, root: Path) -> Any:  # -> pandas.DataFrame
                 )
             )
     rows = pd.concat(frames, ignore_index=True)
-    if rows["lam"].isna().any():
-        raise RuntimeError("NNLS produced no lambda for some rows (mismatched client/layer ids)")
+    missing = rows[rows["lam"].isna()]
+    if len(missing):
+        first = missing.iloc[0]
+        raise CalibrationError(
+            f"NNLS produced no lambda for {len(missing)} rows of repeat(s) "
+            f"{sorted(missing['repeat_id'].astype(str).unique())} (mismatched client/layer ids), "
+            f"e.g. client {first['client']!r}, layer {first['layer']!r}"
+        )
     return add_quantile_features(rows)
 
 
@@ -398,11 +404,8 @@ def _publish(table: Any, directory: Path) -> Path:
             "config_hash"
         ) == table.provenance.get("config_hash"):
             return existing  # the same table is already published
-    version = 1 + max(
-        (int(p.name.rsplit(".v", 1)[1][:-5]) for p in directory.glob(f"{table.name}.v*.json")),
-        default=0,
-    )
-    target = directory / f"{table.name}.v{version}.json"
+    version = 1 + max(existing_versions(directory, table.name), default=0)
+    target = directory / table_file_name(table.name, version)
     if target.exists():
         raise TableError(f"{target} exists")
     return replace(table, version=version, source_path=None).save(target)

@@ -37,7 +37,7 @@ from livar_merge.aggregation.common import client_head_biases
 from livar_merge.fedavg import fedavg_head, fedavg_lora
 from livar_merge.federated.client import train_client
 from livar_merge.federated.data import derive_seed
-from livar_merge.federated.federation import build_federation
+from livar_merge.federated.federation import build_federation, client_id
 from livar_merge.federated.model import (
     fold_into_base,
     head_module,
@@ -83,24 +83,16 @@ class ProxyTrainer:
 
     def __init__(self, config: CalibConfig, run: ProxyRun, folder: Path) -> None:
         self.config, self.run, self.folder = config, run, folder
-        fed = build_federation(config, dataset=config.proxy, seed=run.seed, beta=run.beta)
+        self.fed = build_federation(config, dataset=config.proxy, seed=run.seed, beta=run.beta)
         folder.mkdir(parents=True, exist_ok=True)
-        fed.partition_table.to_csv(folder / "partition.csv", index_label="client")
-        self.device, self.precision, self.settings = fed.device, fed.precision, fed.settings
-        self.num_classes, self.parts = fed.num_classes, fed.parts
-        self.union = np.sort(np.concatenate(self.parts))
-        self.model, self.info, self.scalings = fed.model, fed.info, fed.scalings
-        self.source = fed.train_source
+        self.fed.partition_table.to_csv(folder / "partition.csv", index_label="client")
+        self.union = np.sort(np.concatenate(self.fed.parts))
 
     # ------------------------------------------------------------------ state
-    def completed_rounds(self) -> int:
-        path = self.folder / "state.json"
-        return json.loads(path.read_text())["completed_rounds"] if path.is_file() else 0
-
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {
             n: p.detach().contiguous().cpu()
-            for n, p in self.model.named_parameters()
+            for n, p in self.fed.model.named_parameters()
             if "base_layer" in n or "modules_to_save" in n
         }
 
@@ -112,7 +104,7 @@ class ProxyTrainer:
         (self.folder / "state.json.tmp").replace(self.folder / "state.json")
 
     def load_state(self) -> None:
-        params = dict(self.model.named_parameters())
+        params = dict(self.fed.model.named_parameters())
         with torch.no_grad():
             for name, value in load_file(str(self.folder / "state.safetensors")).items():
                 params[name].copy_(value)
@@ -121,10 +113,10 @@ class ProxyTrainer:
     def _factors(self, update: ClientUpdate) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{layer: (s B, A)}`` of an update whose round started from B = 0."""
         out = {}
-        for layer in self.info.lora_layers:
+        for layer in self.fed.info.lora_layers:
             b = update.lora[f"{layer}.lora_B.weight"].double().cpu().numpy()
             a = update.lora[f"{layer}.lora_A.weight"].double().cpu().numpy()
-            out[layer] = (self.scalings[layer] * b, a)
+            out[layer] = (self.fed.scalings[layer] * b, a)
         return out
 
     def run_round(
@@ -134,27 +126,27 @@ class ProxyTrainer:
         heads)."""
 
         seed = derive_seed(self.run.seed, round_index, "calib-lora-init")
-        restart_lora(self.model, self.info.lora_layers, seed)
-        start = snapshot_trainable(self.model)
+        restart_lora(self.fed.model, self.fed.info.lora_layers, seed)
+        start = snapshot_trainable(self.fed.model)
         partial = self.folder / f"round_{round_index}_partial"
         partial.mkdir(exist_ok=True)
         trainees = [
-            (f"client_{m}", part, frozenset({"omega"})) for m, part in enumerate(self.parts)
+            (client_id(m), part, frozenset({"omega"})) for m, part in enumerate(self.fed.parts)
         ] + [("joint", self.union, frozenset())]
         done = []
-        for client_id, indices, needs in trainees:
-            cached = partial / f"{client_id}.safetensors"
+        for trainee, indices, needs in trainees:
+            cached = partial / f"{trainee}.safetensors"
             if cached.is_file():  # finished before an interruption: identical by construction
                 done.append(load_update(cached))
                 continue
-            restore_parameters(self.model, start)
+            restore_parameters(self.fed.model, start)
             update, _ = train_client(
-                self.model,
-                self.source,
+                self.fed.model,
+                self.fed.train_source,
                 indices,
-                client_id=client_id,
-                num_classes=self.num_classes,
-                settings=self.settings,
+                client_id=trainee,
+                num_classes=self.fed.num_classes,
+                settings=self.fed.settings,
                 seed=self.run.seed,
                 round_index=round_index,
                 needs=needs,
@@ -163,7 +155,7 @@ class ProxyTrainer:
             done.append(update)
         done = [_on_cpu(u) for u in done]
         updates, joint = done[:-1], done[-1]
-        layers = list(self.info.lora_layers)
+        layers = list(self.fed.info.lora_layers)
         client_factors = [self._factors(u) for u in updates]
         deltas = RepeatDeltas(
             repeat_id=self.run.repeat_id(round_index),
@@ -201,14 +193,14 @@ class ProxyTrainer:
     ) -> None:
         """Fold the chosen round result into the frozen weights and set the head."""
 
-        restore_parameters(self.model, start)
-        modules = self.info.lora_layers
-        head = head_module(self.model)
+        restore_parameters(self.fed.model, start)
+        modules = self.fed.info.lora_layers
+        head = head_module(self.fed.model)
         with torch.no_grad():
             if self.config.next_start == "joint":
                 deltas = {
                     layer: (
-                        self.scalings[layer]
+                        self.fed.scalings[layer]
                         * joint.lora[f"{layer}.lora_B.weight"]
                         @ joint.lora[f"{layer}.lora_A.weight"]
                     )
@@ -221,7 +213,7 @@ class ProxyTrainer:
             else:
                 n = [u.num_samples for u in updates]
                 merged = fedavg_lora(
-                    [u.lora for u in updates], n, mode="product", scaling=self.scalings
+                    [u.lora for u in updates], n, mode="product", scaling=self.fed.scalings
                 )
                 deltas = {layer: merged[layer].to_dense() for layer in modules}
                 merged_head = fedavg_head(
@@ -231,12 +223,12 @@ class ProxyTrainer:
                 if head.bias is not None:
                     assert merged_head.bias is not None  # the clients trained this head
                     head.bias.copy_(merged_head.bias)
-        fold_into_base(self.model, deltas)
+        fold_into_base(self.fed.model, deltas)
 
     def rounds(self) -> Iterator[int]:
         """Train the remaining rounds, saving each; yields the completed round numbers."""
 
-        done = self.completed_rounds()
+        done = _completed(self.folder)
         if done:
             self.load_state()
         for r in range(done + 1, self.config.rounds + 1):
@@ -269,6 +261,7 @@ def run_proxy_training(config: CalibConfig, root: Path) -> list[Path]:
 
 
 def _completed(folder: Path) -> int:
+    """Rounds of the proxy run in ``folder`` saved so far (``state.json``; 0 before the first)."""
     path = folder / "state.json"
     return json.loads(path.read_text())["completed_rounds"] if path.is_file() else 0
 

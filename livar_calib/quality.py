@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from livar_calib.deltas import CalibrationError, RepeatDeltas
+from livar_calib.deltas import RepeatDeltas
 from livar_calib.features import check_rows
 from livar_calib.nnls import DEFAULT_RANK_RTOL, gram_objective, nnls_gram, normal_equations
+from livar_merge.coefficients import livar_coefficients
+from livar_merge.errors import CalibrationError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,8 +65,6 @@ def scheme_weights(
     deltas: RepeatDeltas, rows: pd.DataFrame, tables: Mapping[str, GShapTable]
 ) -> dict[str, np.ndarray]:
     """Weights ``[clients, layers]`` of each table scheme and of FedAvg for one repeat."""
-    from livar_merge.coefficients import livar_coefficients
-
     omega_a = _matrix(rows, "omega_a", deltas)
     omega_b = _matrix(rows, "omega_b", deltas)
     samples = _matrix(rows, "num_samples", deltas)

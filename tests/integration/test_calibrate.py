@@ -134,7 +134,9 @@ def test_tiny_imagenet_original_layout_and_publish(tmp_path):
 
 def test_unknown_proxy_and_bad_weights_leave_the_folder_clean(tmp_path, capsys):
     out = tmp_path / "r"
-    assert main(["--preset", "tiny", "--proxy", "nope", "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as exc:  # a usage error: the name is checked in validation
+        main(["--preset", "tiny", "--proxy", "nope", "--out", str(out)])
+    assert exc.value.code == 2
     assert "unknown dataset 'nope'" in capsys.readouterr().err and not out.exists()
     args = ["--preset", "tiny", "--weights", "dinov2-s14-imgfocus", "--out", str(out)]
     assert main(args) == 2  # the tiny preset's vit_tiny model cannot take these weights

@@ -10,7 +10,7 @@ from livar_calib.deltas import CalibrationError
 from livar_calib.discretise import build_table, discretise_shap, segment_1d, shap_curve_edges
 from livar_calib.explain import ShapResult, binned_shap_curve
 from livar_merge.errors import TableError
-from livar_merge.tables import GShapTable
+from livar_merge.tables import GShapTable, existing_versions
 
 
 # ---------------------------------------------------------------------------- discretise
@@ -136,3 +136,14 @@ def test_build_table_versions_and_refuses_overwrite(tmp_path):
     assert (p7.name, p8.name) == ("calib.v7.json", "calib.v8.json")
     _, other = build_table(explained, rows, name="calib-b", out_dir=tmp_path, provenance=prov)
     assert other.name == "calib-b.v1.json"
+
+
+def test_existing_versions_reads_only_the_named_tables(tmp_path):
+    assert existing_versions(tmp_path / "missing", "calib") == []
+    for name in ("calib.v1", "calib.v10", "calib.v2", "calib.vx", "calib-b.v3", "calib.v1.v5"):
+        (tmp_path / f"{name}.json").write_text("{}")
+    (tmp_path / "calib.v4.json.tmp").write_text("{}")
+    assert existing_versions(tmp_path, "calib") == [1, 2, 10]
+    assert existing_versions(tmp_path, "calib-b") == [3]
+    assert existing_versions(tmp_path, "calib.v1") == [5]
+    assert existing_versions(tmp_path, "cal") == []
