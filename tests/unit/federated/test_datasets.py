@@ -15,6 +15,7 @@ import torch
 
 from livar_merge.errors import LivarError
 from livar_merge.federated import datasets as D
+from livar_merge.federated.config import BUILTIN_DATASETS
 from livar_merge.federated.datasets import (
     DatasetError,
     FileImages,
@@ -31,16 +32,7 @@ from livar_merge.federated.datasets.sources.fashion_mnist import (
 from livar_merge.federated.datasets.splits import stratified_split
 from tests.helpers import H, W, colour, fresh_imports, write_jpeg, write_tiny_folder
 
-REGISTERED = [
-    "cifar100",
-    "cub200",
-    "digits",
-    "eurosat",
-    "fashion-mnist",
-    "imagenet-r",
-    "synthetic",
-    "tiny-imagenet",
-]
+REGISTERED = sorted(BUILTIN_DATASETS)  # test_builtin_dataset_names_... checks it is the registry
 
 
 JPEG_TOLERANCE = 4  # max |error| of a solid-colour JPEG saved at quality 95 (measured <= 2)
