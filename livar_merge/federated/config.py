@@ -22,6 +22,7 @@ from typing import Any, Literal
 from livar_merge._options import check_dataclass, coerce_option, option
 from livar_merge.aggregation.registry import MethodSpec, available_methods, method_spec
 from livar_merge.errors import ConfigError, DatasetError, PairedMethodError, TableError
+from livar_merge.federated.sampling import clients_per_round
 
 # choices shared with livar-calibrate's CalibConfig
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -108,6 +109,20 @@ class FedConfig(ArchitectureOverrides):
     augment: Augment = option("off", AUGMENT_HELP)
     # federation
     num_clients: int = option(10, "number of clients M", ge=1)
+    clients_per_round: int | None = option(
+        None,
+        "clients K sampled to train each round, uniformly without replacement, seeded by the "
+        "run seed and round (None: all M); G_SHAP quantiles, head merge, FedProto and CCVR "
+        "use the round's participants",
+        ge=1,
+    )
+    fraction_train: float | None = option(
+        None,
+        "fraction C of the clients sampled each round, K = max(1, floor(C M)) (Flower's "
+        "fraction_train; instead of clients_per_round)",
+        gt=0,
+        le=1,
+    )
     beta: float = option(
         0.5, "Dirichlet concentration of the label skew (lower: more skewed)", gt=0
     )
@@ -237,6 +252,10 @@ class FedConfig(ArchitectureOverrides):
 
     def __post_init__(self) -> None:
         self.augment = legacy_augment(self.augment)
+
+    def participants_per_round(self) -> int | None:
+        """``K``, the clients that train each round (None: all ``num_clients``)."""
+        return clients_per_round(self.num_clients, self.clients_per_round, self.fraction_train)
 
     def config_hash(self) -> str:
         """SHA-256 of the options that change results (not out/progress/threads/workers)."""
@@ -372,6 +391,8 @@ def resolve_config(
 
 # options added after results folders existed, left out of the hash at their default value
 HASH_OMITS_DEFAULT: dict[str, Any] = {
+    "clients_per_round": None,
+    "fraction_train": None,
     "ccvr_rounds": "all",
     "paired": [],
     "protocol": "paper",
@@ -451,6 +472,10 @@ def validate_config(config: FedConfig) -> None:
     loaded or written."""
     check_dataclass(config)
     check_dataset_name(config.dataset)
+    try:
+        config.participants_per_round()
+    except ConfigError as err:
+        raise ConfigError(f"option clients_per_round/fraction_train: {err}") from err
     specs = [
         method_spec(config.method),
         *check_paired_methods(config.method, config.paired).values(),

@@ -15,14 +15,7 @@ from torchvision.transforms.v2 import functional as tvf
 
 from livar_merge.errors import ConfigError
 from livar_merge.federated.datasets import LabeledImages
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from the run seed and (round, client, purpose), stable across runs."""
-    import hashlib
-
-    text = "/".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+from livar_merge.federated.seeds import derive_seed as derive_seed  # its former home
 
 
 class BatchSource:

@@ -60,12 +60,16 @@ class FederatedRun:
         return moments, time.perf_counter() - start
 
     def run_round(self, round_index: int, progress: Any = None) -> dict[str, Any]:
-        """Train every client from the global model, aggregate, evaluate; returns the row."""
+        """Train the round's participants from the global model, aggregate, evaluate; returns
+        the row."""
         fed, rows = self.federation, self.folder.rows
         start = time.perf_counter()
         global_state = snapshot_trainable(self.model)
         updates: list[ClientUpdate] = []
-        for m, client_id in enumerate(fed.client_ids):
+        participants = self.server.participants(round_index, fed.client_ids)
+        index = {cid: m for m, cid in enumerate(fed.client_ids)}
+        for client_id in participants:
+            m = index[client_id]
             restore_parameters(self.model, global_state)
             memory = ClientMemory.from_record(rows.memories.get(client_id))
             update, report = train_client(
@@ -96,6 +100,7 @@ class FederatedRun:
             updates,
             train_seconds=train_seconds,
             query_moments=self.query_moments,
+            participants=participants,
         )
         with self.server.evaluated_model() as evaluated:
             accuracy, loss = fed.evaluate(evaluated)
@@ -112,7 +117,8 @@ class FederatedRun:
         rows = self.folder.rows
         first = rows.completed_rounds + 1
         last = self.config.rounds if stop_after is None else min(stop_after, self.config.rounds)
-        total = max(0, last - first + 1) * len(self.federation.client_ids)
+        per_round = self.server.clients_per_round or len(self.federation.client_ids)
+        total = max(0, last - first + 1) * per_round
         with tqdm(
             total=total,
             disable=not self.config.progress,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from livar_merge.federated.install import install_result
 from livar_merge.federated.model import frozen_weights, head_module, head_state
 from livar_merge.federated.paired import PairedEvaluation, paired_from_config, with_differences
 from livar_merge.federated.peft_keys import check_lora_targets
+from livar_merge.federated.sampling import sample_participants
 from livar_merge.lora import peft_scalings
 from livar_merge.signals import find_lora_parameters
 from livar_merge.tables import GShapTable
@@ -52,6 +53,7 @@ class RoundRecord:
     moments_seconds: float = 0.0  # CCVR's client moment pass (client-side work)
     paired: list[dict[str, Any]] = field(default_factory=list)
     outcomes: list[dict[str, Any]] | None = None
+    participants: list[str] = field(default_factory=list)  # sampled to train this round
 
 
 def server_options(config: Any) -> dict[str, Any]:
@@ -65,6 +67,7 @@ def server_options(config: Any) -> dict[str, Any]:
         "ccvr_round": config.rounds if config.ccvr_rounds == "last" else None,
         "paired": paired_from_config(config),
         "evaluated": "sample-weighted-product" if config.protocol == "released" else "global",
+        "clients_per_round": config.participants_per_round(),
     }
 
 
@@ -87,6 +90,8 @@ class FederatedServer:
             installed global model, paper) or ``"sample-weighted-product"`` (the released code:
             the frozen weights plus ``sum_m n_m/N s B_m A_m`` of the round's client factors,
             LoRA off, the merged head; clients still continue from the installed factors).
+        clients_per_round: clients sampled to train each round
+            (:func:`~livar_merge.federated.sampling.sample_participants`); None: all.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class FederatedServer:
         paired: PairedEvaluation | None = None,
         evaluate: Evaluate | None = None,
         evaluated: str = "global",
+        clients_per_round: int | None = None,
     ) -> None:
         check_lora_targets(model)
         if paired is not None and evaluate is None:
@@ -131,6 +137,9 @@ class FederatedServer:
         if evaluated != "global" and lora_merge != "factors":
             raise ConfigError("the sample-weighted evaluated model needs lora_merge 'factors'")
         self.evaluated = evaluated
+        if clients_per_round is not None and clients_per_round < 1:
+            raise ConfigError(f"clients_per_round must be >= 1, got {clients_per_round}")
+        self.clients_per_round = clients_per_round
         # the round's sum_m n_m/N s B_m A_m per layer (evaluated="sample-weighted-product")
         self.evaluated_delta: dict[str, torch.Tensor] | None = None
 
@@ -147,6 +156,13 @@ class FederatedServer:
         return GShapTable.load(self.table).identity()
 
     # ------------------------------------------------------------------------ the round
+    def participants(self, round_index: int, available: Iterable[str]) -> list[str]:
+        """The clients of ``available`` that train in round ``round_index``, in client-id
+        order: all, or ``clients_per_round`` of them sampled by the run seed and round."""
+        return sample_participants(
+            available, self.clients_per_round, seed=self.seed, round_index=round_index
+        )
+
     def previous_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Copies of the global head ``(weight [C, D], bias [C])`` before this round's merge."""
         return head_state(self.model)
@@ -163,10 +179,12 @@ class FederatedServer:
         train_seconds: float = 0.0,
         query_moments: QueryMoments | None = None,
         outcomes: list[dict[str, Any]] | None = None,
+        participants: Sequence[str] | None = None,
     ) -> RoundRecord:
         """Aggregate ``updates`` (in reduction order) into the next global model.
 
-        ``query_moments(updates, full_covariance)`` is called when CCVR calibrates this round.
+        ``query_moments(updates, full_covariance)`` is called when CCVR calibrates this round;
+        ``participants``: the clients sampled to train (default: those of ``updates``).
         """
         previous = self.previous_head()
         paired_rows: list[dict[str, Any]] = []
@@ -224,6 +242,9 @@ class FederatedServer:
             moments_seconds=moments_seconds,
             paired=paired_rows,
             outcomes=outcomes,
+            participants=list(
+                participants if participants is not None else [u.client_id for u in updates]
+            ),
         )
 
     def evaluated_model(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
@@ -251,6 +272,8 @@ class FederatedServer:
             ),
             "uncovered_classes": len(record.result.head.uncovered),
         }
+        if self.clients_per_round is not None:
+            row["participants"] = " ".join(record.participants)
         if record.outcomes is not None:
             accepted = sum(bool(o["accepted"]) for o in record.outcomes)
             row["replies_accepted"] = accepted

@@ -30,6 +30,7 @@ from livar_merge.flower.messages import (
     PROTOTYPES,
     from_array_record,
     get_record,
+    pack_identity,
     pack_moments,
     pack_reply,
 )
@@ -85,6 +86,27 @@ def _save_memory(state: RecordDict, memory: ClientMemory) -> None:
         state[MEMORY_KEY] = ConfigRecord(record)
 
 
+def node_partition(context: Context, num_clients: int | None = None) -> int:
+    """The partition of the node's config (``partition-id``), checked against
+    ``num-partitions`` and, when given, the run's ``num_clients``."""
+    node = context.node_config
+    if "partition-id" not in node:
+        raise NodeConfigError(
+            "node config has no 'partition-id' (start the SuperNode with "
+            "--node-config 'partition-id=<m> num-partitions=<M>')"
+        )
+    partition = int(node["partition-id"])
+    if num_clients is not None:
+        if "num-partitions" in node and int(node["num-partitions"]) != num_clients:
+            raise NodeConfigError(
+                f"node config num-partitions={node['num-partitions']} but the run has "
+                f"num_clients={num_clients}"
+            )
+        if not 0 <= partition < num_clients:
+            raise NodeConfigError(f"node config partition-id={partition} not in [0, {num_clients})")
+    return partition
+
+
 def _prepare_node(
     content: RecordDict, context: Context
 ) -> tuple[FedConfig, int, ClientRuntime, ConfigRecord]:
@@ -100,23 +122,9 @@ def _prepare_node(
             f"server speaks LIVAR protocol {record.get('protocol')!r}, this node {PROTOCOL}"
         )
     config = resolve_config(None, None, json.loads(str(record["livar-config"])))
-    node = context.node_config
-    if "partition-id" not in node:
-        raise NodeConfigError(
-            "node config has no 'partition-id' (start the SuperNode with "
-            "--node-config 'partition-id=<m> num-partitions=<M>')"
-        )
-    partition = int(node["partition-id"])
-    if "num-partitions" in node and int(node["num-partitions"]) != config.num_clients:
-        raise NodeConfigError(
-            f"node config num-partitions={node['num-partitions']} but the run has "
-            f"num_clients={config.num_clients}"
-        )
-    if not 0 <= partition < config.num_clients:
-        raise NodeConfigError(
-            f"node config partition-id={partition} not in [0, {config.num_clients})"
-        )
-    runtime = client_runtime(config, str(node.get("data-root", "") or "") or None)
+    partition = node_partition(context, config.num_clients)
+    data_root = str(context.node_config.get("data-root", "") or "") or None
+    runtime = client_runtime(config, data_root)
     expected = record.get("frozen-checksum")
     if expected is not None and expected != runtime.frozen:
         raise NodeConfigError(
@@ -199,3 +207,18 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Flower entry point of CCVR's moment query (errors become error replies)."""
     return Message(moments_on_node(msg.content, context), reply_to=msg)
+
+
+@client_app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    """Flower entry point of client sampling's identity query: the node's client id (no
+    model is built)."""
+    record = get_record(msg.content, CONFIG, ConfigRecord)
+    num_clients: int | None = None
+    if record is not None and "livar-config" in record:  # the run's options, as with training
+        run = resolve_config(None, None, json.loads(str(record["livar-config"])))
+        num_clients = run.num_clients
+    partition = node_partition(context, num_clients)
+    return Message(
+        pack_identity(client_id=client_id(partition), partition_id=partition), reply_to=msg
+    )

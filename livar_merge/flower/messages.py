@@ -494,3 +494,26 @@ def validate_moments(
     if (out["count"] < 0).any() or (out["count"] != np.round(out["count"])).any():
         raise _reject(who, "array 'count' holds negative or fractional counts")
     return str(info["client-id"]), out
+
+
+IDENTIFY = "query.identify"  # message type of the client-sampling identity query
+
+
+def pack_identity(*, client_id: str, partition_id: int) -> RecordDict:
+    """The reply to an identity query: which client (partition) a node trains."""
+    info = ConfigRecord(
+        {"protocol": PROTOCOL, "client-id": str(client_id), "partition-id": int(partition_id)}
+    )
+    return RecordDict({INFO: info})
+
+
+def validate_identity(content: RecordDict, *, node_id: int | None = None) -> str:
+    """The client id of an identity reply, or :class:`InvalidReplyError` naming the node."""
+    who = f"identity reply from node {node_id}" if node_id is not None else "identity reply"
+    info = _required_record(who, content, INFO, ConfigRecord)
+    if info.get("protocol") != PROTOCOL:
+        raise _reject(who, f"info key 'protocol' is {info.get('protocol')!r}, expected {PROTOCOL}")
+    client = info.get("client-id")
+    if not isinstance(client, str) or not client:
+        raise _reject(who, f"info key 'client-id' is {client!r}, not a client id")
+    return client

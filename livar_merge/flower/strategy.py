@@ -16,7 +16,6 @@ centrally through ``Strategy.start(evaluate_fn=...)``.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,16 +34,19 @@ from livar_merge.federated.peft_keys import (
     global_tensors,
     load_global_tensors,
 )
+from livar_merge.federated.sampling import client_order
 from livar_merge.federated.server import FederatedServer, RoundRecord
 from livar_merge.flower.messages import (
     ARRAYS,
     CONFIG,
+    IDENTIFY,
     PROTOCOL,
     PROTOTYPES,
     InvalidReplyError,
     ReplySpec,
     from_array_record,
     to_array_record,
+    validate_identity,
     validate_moments,
     validate_reply,
 )
@@ -65,17 +67,12 @@ def check_method(method: str, needs: Iterable[str] | None = None) -> None:
         )
 
 
-def client_order(client_id: str) -> tuple[Any, ...]:
-    """Natural sort key: ``client_2`` before ``client_10`` (the order ``livar-fed`` uses)."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", client_id))
-
-
 @dataclass(frozen=True)
 class FlowerSettings:
     """Server-side settings of a Flower run that are not livar-fed options (one home of their
     defaults: the ServerApp's run config and :class:`LivarStrategy` read them from here)."""
 
-    min_replies: int = 0  # 0: a majority of the nodes a round expects
+    min_replies: int = 0  # 0: a majority of the nodes a round expects (sampled or all)
     round_timeout: float = 3600.0  # seconds to wait for the replies of one round (and moments)
     node_wait_timeout: float = 120.0  # seconds to wait for the expected nodes before a round
 
@@ -105,9 +102,11 @@ class LivarStrategy(Strategy):
             were checked when it was built, and its method is checked here against what the
             wire format carries.
         settings: :class:`FlowerSettings`: ``min_replies`` (a round fails with
-            :class:`RoundFailedError` below it; 0: a majority of ``min_available_nodes``, at
-            least 1), ``node_wait_timeout``, and ``round_timeout`` (also the wait for CCVR's
-            moment replies).
+            :class:`RoundFailedError` below it; 0: a majority of the nodes a round sends to:
+            ``min_available_nodes``, or with client sampling the server's
+            ``clients_per_round``; at least 1; it may not exceed ``clients_per_round``),
+            ``node_wait_timeout``, and ``round_timeout`` (also the wait for CCVR's moment and
+            the identity replies).
         min_available_nodes: wait up to ``node_wait_timeout`` s for this many nodes before a
             round; after that the round goes on with those connected (at least min_replies).
         config_hash: if given, replies trained with other options are dropped.
@@ -126,7 +125,13 @@ class LivarStrategy(Strategy):
         check_method(server.method, server.needs)
         self.server = server
         self.table_identity = self.server.table_identity  # loads the table: fails here
-        self.min_replies = settings.resolved_min_replies(min_available_nodes)
+        sampled = server.clients_per_round
+        if sampled is not None and settings.min_replies > sampled:
+            raise ConfigError(
+                f"min_replies {settings.min_replies} exceeds clients_per_round {sampled}: "
+                "a round sends to only that many nodes"
+            )
+        self.min_replies = settings.resolved_min_replies(sampled or min_available_nodes)
         self.min_available_nodes = min_available_nodes
         self.node_wait_timeout = settings.node_wait_timeout
         self.config_hash = config_hash
@@ -139,6 +144,8 @@ class LivarStrategy(Strategy):
         self._spec: ReplySpec | None = None
         self._grid: Grid | None = None
         self._train_config: ConfigRecord | None = None
+        self.node_clients: dict[int, str] = {}  # node id -> client id (identity, replies)
+        self._participants: list[str] | None = None  # the round's sampled clients
 
     # ------------------------------------------------------------------------- helpers
     @property
@@ -225,9 +232,13 @@ class LivarStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the global model and the round's ConfigRecord to every connected node."""
+        """Send the global model and the round's ConfigRecord to every connected node, or with
+        client sampling to the nodes of the round's sampled clients."""
         self.sync(arrays)
         nodes = self._wait_for_nodes(grid, server_round)
+        self._participants = None
+        if self.server.clients_per_round is not None:
+            nodes = self._sampled_nodes(server_round, nodes, grid, config)
         config["server-round"] = server_round
         config["protocol"] = PROTOCOL
         config["needs"] = sorted(self.needs)
@@ -253,6 +264,61 @@ class LivarStrategy(Strategy):
         self._sent_at = time.perf_counter()
         log.info("round %d: sent the global model to %d nodes", server_round, len(nodes))
         return messages
+
+    def _sampled_nodes(
+        self, server_round: int, nodes: list[int], grid: Grid, config: ConfigRecord
+    ) -> list[int]:
+        """The nodes of the round's participants, sampled among the connected nodes' clients
+        by the rule of ``livar-fed`` (:meth:`FederatedServer.participants`); nodes whose client
+        is not yet known are asked once (an identity query, no model sent)."""
+        unknown = [n for n in nodes if n not in self.node_clients]
+        if unknown:
+            self._identify(server_round, unknown, grid, config)
+        by_client: dict[str, int] = {}
+        for node in sorted(nodes):  # a client served by several nodes: the lowest node id
+            if node in self.node_clients:
+                by_client.setdefault(self.node_clients[node], node)
+        self._participants = self.server.participants(server_round, by_client)
+        if len(self._participants) < self.min_replies:
+            raise RoundFailedError(
+                f"round {server_round}: {len(by_client)} clients identified among "
+                f"{len(nodes)} connected nodes; min_replies is {self.min_replies}"
+            )
+        log.info(
+            "round %d: sampled %d of %d clients: %s",
+            server_round,
+            len(self._participants),
+            len(by_client),
+            " ".join(self._participants),
+        )
+        return [by_client[c] for c in self._participants]
+
+    def _identify(
+        self, server_round: int, nodes: list[int], grid: Grid, config: ConfigRecord
+    ) -> None:
+        """Learn the client id of ``nodes`` (``query.identify``); nodes that do not answer
+        validly are left out of this round's draw, with a warning."""
+        content = RecordDict({CONFIG: ConfigRecord(dict(config))})
+        messages = [
+            Message(
+                content=content,
+                message_type=IDENTIFY,
+                dst_node_id=node,
+                group_id=f"{server_round}-identify",
+            )
+            for node in nodes
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=self.node_wait_timeout))
+        sent = _destinations(messages)
+        for msg in replies:
+            node = _sender(sent, msg)
+            if msg.has_error():
+                log.warning("identity reply from node %d: error reply: %s", node, msg.error.reason)
+                continue
+            try:
+                self.node_clients[node] = validate_identity(msg.content, node_id=node)
+            except InvalidReplyError as err:
+                log.warning("%s", err)
 
     def _drop(self, outcomes: list[dict[str, Any]], reason: str, **row: Any) -> None:
         log.warning("dropped %s", reason)
@@ -286,6 +352,7 @@ class LivarStrategy(Strategy):
                 self._drop(outcomes, str(err), **row)
                 continue
             valid.append((update, node))
+            self.node_clients[node] = update.client_id
         for message_id, node in sent.items():
             if message_id not in answered:
                 self._drop(
@@ -339,6 +406,7 @@ class LivarStrategy(Strategy):
             train_seconds=train_seconds,
             query_moments=query,
             outcomes=outcomes,
+            participants=self._participants,
         )
         outcomes.sort(key=lambda o: (not o["accepted"], str(o["client"]), o["node_id"]))
         self._current = self.global_arrays()
