@@ -181,10 +181,17 @@ class CCVRAggregator(Aggregator):
         }
 
     def merge(
-        self, updates: Sequence[ClientUpdate], *, previous_head: PreviousHead, scaling: Scaling
+        self,
+        updates: Sequence[ClientUpdate],
+        *,
+        previous_head: PreviousHead,
+        scaling: Scaling,
+        rank: int | None = None,
     ) -> AggregationResult:
         """The base method's merge (the calibration comes after, with the clients' moments)."""
-        return self.base.merge(updates, previous_head=previous_head, scaling=scaling)
+        if rank is None:
+            return self.base.merge(updates, previous_head=previous_head, scaling=scaling)
+        return self.base.merge(updates, previous_head=previous_head, scaling=scaling, rank=rank)
 
     def calibrate(
         self, head: torch.nn.Linear, moments: Sequence[Mapping[str, np.ndarray]], *, seed: int

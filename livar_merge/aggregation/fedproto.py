@@ -45,9 +45,14 @@ class FedProtoAggregator(WeightedAggregator):
         return {**super().describe(), "proto_weight": self.proto_weight}
 
     def merge(
-        self, updates: Sequence[ClientUpdate], *, previous_head: PreviousHead, scaling: Scaling
+        self,
+        updates: Sequence[ClientUpdate],
+        *,
+        previous_head: PreviousHead,
+        scaling: Scaling,
+        rank: int | None = None,
     ) -> AggregationResult:
-        result = super().merge(updates, previous_head=previous_head, scaling=scaling)
+        result = super().merge(updates, previous_head=previous_head, scaling=scaling, rank=rank)
         proto, counts = pooled_prototypes(
             [u.extras["proto_mean"] for u in updates], [u.extras["proto_count"] for u in updates]
         )

@@ -3,8 +3,12 @@
 Per trainable parameter (LoRA A, B and the head), ``theta = sum_m F_m theta_m / sum_m F_m``
 with ``F_m`` the diagonal empirical Fisher (mean over local samples of the squared per-sample
 gradient of the log-likelihood) plus a floor ``eps`` so parameters no client moved average
-uniformly. LoRA is merged as factors. The paper's LoRA set-up of this baseline is not
-published; this definition is ours.
+uniformly. LoRA is merged as factors, so all clients need one rank per layer (the registry
+declares ``mixed_ranks=False``; mixed ranks are refused naming the layer and ranks). A client's
+own scaling ``s_m`` (``ClientUpdate.scaling``) is folded into its B before averaging,
+``B_m <- c_m B_m`` with ``c_m = s_m / s``, and its Fisher follows the reparameterisation,
+``F_B <- F_B / c_m^2``. The paper's LoRA set-up of this baseline is not published; this
+definition is ours.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import torch
 
-from livar_merge.aggregation.common import client_head_biases, unweighted_result
+from livar_merge.aggregation.common import client_head_biases, client_scalings, unweighted_result
 from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
@@ -23,7 +27,14 @@ from livar_merge.aggregation.types import (
     Scaling,
 )
 from livar_merge.errors import ClientUpdateError
-from livar_merge.lora import LoraDelta, client_factor_lists, lora_layer_names, scaling_for
+from livar_merge.lora import (
+    LoraDelta,
+    client_factor_lists,
+    client_scaling_ratios,
+    lora_layer_names,
+    require_common_rank,
+    scaling_for,
+)
 
 
 def fisher_average(
@@ -50,13 +61,24 @@ class FisherAggregator(Aggregator):
         return {"method": self.name, "floor": self.floor, "lora_merge": "factors"}
 
     def merge(
-        self, updates: Sequence[ClientUpdate], *, previous_head: PreviousHead, scaling: Scaling
+        self,
+        updates: Sequence[ClientUpdate],
+        *,
+        previous_head: PreviousHead,
+        scaling: Scaling,
+        rank: int | None = None,
     ) -> AggregationResult:
+        """Fisher-weighted factors; ``rank`` is ignored (factors keep the clients' one rank)."""
         ids = [u.client_id for u in updates]
-        client_factor_lists([u.lora for u in updates], client_ids=ids)  # consistency checks
+        lists = client_factor_lists([u.lora for u in updates], client_ids=ids)  # consistency
+        require_common_rank(lists, f"method {self.name!r} (elementwise averaging)", client_ids=ids)
         layers = lora_layer_names(updates[0].lora)
+        own = client_scalings(updates)
+        ratios = None if own is None else client_scaling_ratios(own, scaling, layers, ids)
 
-        def merged(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        def merged(
+            key: str, tensors: list[torch.Tensor], factor: list[float] | None = None
+        ) -> torch.Tensor:
             fishers = []
             for u, t in zip(updates, tensors, strict=True):
                 f = u.extras["fisher"].get(key)
@@ -66,14 +88,23 @@ class FisherAggregator(Aggregator):
                         f"or not of shape {tuple(t.shape)}"
                     )
                 fishers.append(f.to(t.device))
+            if factor is not None:  # fold c_m into theta_m, F_m / c_m^2 (same parameterisation)
+                for m, c in enumerate(factor):
+                    if c == 0.0:
+                        raise ClientUpdateError(
+                            f"client {updates[m].client_id!r}: LoRA scaling 0 for {key}"
+                        )
+                    if c != 1.0:
+                        tensors[m], fishers[m] = tensors[m] * c, fishers[m] / (c * c)
             return fisher_average(tensors, fishers, floor=self.floor)
 
         lora = {}
-        for layer in layers:
+        for l, layer in enumerate(layers):
             a_key, b_key = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+            factor = None if ratios is None else [float(c) for c in ratios[:, l]]
             lora[layer] = LoraDelta(
                 scaling=scaling_for(scaling, layer),
-                B=merged(b_key, [u.lora[b_key] for u in updates]),
+                B=merged(b_key, [u.lora[b_key] for u in updates], factor),
                 A=merged(a_key, [u.lora[a_key] for u in updates]),
             )
         weight = merged("head.weight", [u.head_weight for u in updates])

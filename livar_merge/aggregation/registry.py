@@ -2,10 +2,11 @@
 
 A :class:`MethodSpec` names a method's factory (``"module:attr"``, imported on first use, or a
 callable), the options it declares (for the built-ins: names of ``FedConfig`` fields, whose
-defaults are the one source of the methods' defaults), the client statistics it ``needs`` and
-whether it reads a G_SHAP table. A run's method, options, table and paired methods are so
-checked before torch, data or a model is loaded, and :func:`make_aggregator` refuses an option
-its method does not declare instead of dropping it.
+defaults are the one source of the methods' defaults), the client statistics it ``needs``,
+whether it reads a G_SHAP table and whether it merges clients of different LoRA ranks
+(``mixed_ranks``; :meth:`MethodSpec.check_client_ranks`). A run's method, options, table and
+paired methods are so checked before torch, data or a model is loaded, and
+:func:`make_aggregator` refuses an option its method does not declare instead of dropping it.
 
 User methods register with the decorator::
 
@@ -36,7 +37,9 @@ KNOWN_NEEDS = frozenset({"omega", "sigma", "gram", "fisher", "prototypes", "mome
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered method: ``factory(**options) -> Aggregator``, the option names it takes,
-    the statistics it needs from clients and whether it reads a G_SHAP table (``table``)."""
+    the statistics it needs from clients, whether it reads a G_SHAP table (``table``) and
+    whether it can merge clients whose LoRA ranks differ on a layer (``mixed_ranks``: with its
+    ``lora_merge`` option ``product`` or ``svd``; ``factors`` never can)."""
 
     name: str
     factory: str | Factory
@@ -44,6 +47,7 @@ class MethodSpec:
     needs: frozenset[str] = frozenset()
     uses_table: bool = False
     description: str = ""
+    mixed_ranks: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.needs) - KNOWN_NEEDS)
@@ -70,6 +74,33 @@ class MethodSpec:
             raise MethodOptionError(
                 f"aggregation method {self.name!r} does not take option(s) "
                 f"{', '.join(unknown)}; it takes: {', '.join(self.options) or 'no options'}"
+            )
+
+    def check_client_ranks(
+        self, ranks: Iterable[int], *, lora_merge: str | None = None, rank: int | None = None
+    ) -> None:
+        """Before training: :class:`MethodOptionError` when the clients' LoRA ``ranks`` differ
+        and this method cannot merge them: ``mixed_ranks`` is False, or its ``lora_merge``
+        option is ``factors``, or ``svd`` without the server's ``rank`` (the target).
+        ``lora_merge`` is ignored for methods that take no such option."""
+        distinct = sorted(set(ranks))
+        if len(distinct) <= 1:
+            return
+        where = f"aggregation method {self.name!r}"
+        if not self.mixed_ranks:
+            raise MethodOptionError(
+                f"{where} needs one LoRA rank for all clients; got ranks {distinct}"
+            )
+        merge = lora_merge if "lora_merge" in self.options else None
+        if merge == "factors":
+            raise MethodOptionError(
+                f"{where} with lora_merge 'factors' needs one LoRA rank for all clients; got "
+                f"ranks {distinct} (use lora_merge 'product' or 'svd')"
+            )
+        if merge == "svd" and rank is None:
+            raise MethodOptionError(
+                f"{where} with lora_merge 'svd' and client ranks {distinct} needs the target "
+                "rank (the server's LoRA rank)"
             )
 
     def select(self, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,11 +134,13 @@ def register_method(
     needs: Iterable[str] = (),
     uses_table: bool | None = None,
     description: str = "",
+    mixed_ranks: bool = False,
 ) -> Callable[[Factory], Factory]:
     """Decorator registering ``factory(**options) -> Aggregator`` under ``name``.
 
     ``options`` defaults to the factory's keyword parameters and must be among them;
-    ``uses_table`` defaults to whether ``"table"`` is one of them. To take part in
+    ``uses_table`` defaults to whether ``"table"`` is one of them; ``mixed_ranks`` (default
+    False) declares that the method merges clients of different LoRA ranks. To take part in
     ``livar-fed`` runs, options must be ``FedConfig`` fields (checked when a run is configured).
     """
 
@@ -124,7 +157,11 @@ def register_method(
             )
         doc = (inspect.getdoc(factory) or "").split("\n")[0]
         table = "table" in declared if uses_table is None else uses_table
-        _add(MethodSpec(name, factory, declared, frozenset(needs), table, description or doc))
+        _add(
+            MethodSpec(
+                name, factory, declared, frozenset(needs), table, description or doc, mixed_ranks
+            )
+        )
         return factory
 
     return decorator
@@ -182,6 +219,10 @@ DESCRIPTIONS = {
     "ccvr": "FedAvg, then CCVR's head calibration on virtual features",
     "livar+ccvr": "LIVAR, then CCVR's head calibration on virtual features",
 }
+# Built-ins that merge LoRA factors elementwise, so need one rank for all clients; the others
+# merge products (Eq. 3, RegMean's dense deltas) and take mixed ranks with lora_merge
+# 'product' or 'svd'.
+SINGLE_RANK_METHODS = frozenset({"fisher"})
 
 for _name, (_factory, _options, _needs) in BUILTIN_METHODS.items():
     _add(
@@ -192,5 +233,6 @@ for _name, (_factory, _options, _needs) in BUILTIN_METHODS.items():
             frozenset(_needs.split()),
             uses_table="omega" in _needs.split(),  # G_SHAP alpha is a function of the omegas
             description=DESCRIPTIONS[_name],
+            mixed_ranks=_name not in SINGLE_RANK_METHODS,
         )
     )

@@ -20,7 +20,12 @@ from typing import Any
 
 import torch
 
-from livar_merge.aggregation.common import client_head_biases, unweighted_result
+from livar_merge.aggregation.common import (
+    client_head_biases,
+    client_scaling_list,
+    client_scalings,
+    unweighted_result,
+)
 from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
@@ -29,7 +34,14 @@ from livar_merge.aggregation.types import (
     Scaling,
 )
 from livar_merge.errors import ClientUpdateError, MethodOptionError
-from livar_merge.lora import LoraDelta, MergeMode, client_factor_lists, scaling_for
+from livar_merge.lora import (
+    LoraDelta,
+    MergeMode,
+    client_factor_lists,
+    discarded_energy,
+    scaling_for,
+    svd_target_rank,
+)
 
 
 def shrink_gram(gram: torch.Tensor, shrinkage: float) -> torch.Tensor:
@@ -59,19 +71,23 @@ def regmean_delta(
     factors_a: Sequence[torch.Tensor],
     grams: Sequence[torch.Tensor],
     *,
-    scaling: float,
+    scaling: float | Sequence[float],
     shrinkage: float = 0.5,
 ) -> torch.Tensor:
-    """RegMean's merged dense delta ``[d, k]`` from client factors ``B_m [d, r]``, ``A_m [r, k]``
-    and input Grams ``G_m [k, k]``: ``(sum_m s B_m (A_m G~_m)) (sum_m G~_m)^-1``, never forming
-    a client's ``d x k`` delta before the product with its Gram."""
+    """RegMean's merged dense delta ``[d, k]`` from client factors ``B_m [d, r_m]``,
+    ``A_m [r_m, k]`` (ranks may differ) and input Grams ``G_m [k, k]``:
+    ``(sum_m s_m B_m (A_m G~_m)) (sum_m G~_m)^-1``, never forming a client's ``d x k`` delta
+    before the product with its Gram. ``scaling``: one ``s`` for all clients or ``[s_m]``."""
     if not (len(factors_b) == len(factors_a) == len(grams)) or not grams:
         raise ClientUpdateError("RegMean needs one (B, A, Gram) triple per client")
+    scalings = [float(scaling)] * len(grams) if isinstance(scaling, int | float) else scaling
+    if len(scalings) != len(grams):
+        raise ClientUpdateError(f"RegMean got {len(scalings)} scalings for {len(grams)} clients")
     total = None
     gram_sum = None
-    for b, a, g in zip(factors_b, factors_a, grams, strict=True):
+    for b, a, g, s in zip(factors_b, factors_a, grams, scalings, strict=True):
         g_shrunk = shrink_gram(g.double(), shrinkage)
-        term = scaling * b.double() @ (a.double() @ g_shrunk)
+        term = s * b.double() @ (a.double() @ g_shrunk)
         total = term if total is None else total + term
         gram_sum = g_shrunk if gram_sum is None else gram_sum + g_shrunk
     assert total is not None and gram_sum is not None
@@ -99,16 +115,24 @@ def regmean_head(
 
 
 def refactorise(dense: torch.Tensor, scaling: float, rank: int) -> LoraDelta:
-    """Rank-``rank`` factors of ``dense / scaling`` by truncated SVD (balanced)."""
+    """Rank-``rank`` factors of ``dense / scaling`` ``[d, k]`` by truncated SVD (balanced), with
+    the discarded fraction of the squared Frobenius norm as ``discarded_energy``."""
     u, s, vh = torch.linalg.svd(dense.double() / scaling, full_matrices=False)
     root = s[:rank].sqrt()
     return LoraDelta(
-        scaling=scaling, B=(u[:, :rank] * root).float(), A=(root[:, None] * vh[:rank]).float()
+        scaling=scaling,
+        B=(u[:, :rank] * root).float(),
+        A=(root[:, None] * vh[:rank]).float(),
+        discarded_energy=discarded_energy(s, rank),
     )
 
 
 class RegMeanAggregator(Aggregator):
-    """RegMean on the dense LoRA deltas (``product`` or ``svd``) and the head."""
+    """RegMean on the dense LoRA deltas (``product`` or ``svd``) and the head.
+
+    Works on each client's dense delta ``s_m B_m A_m``, so clients' ranks and scalings
+    (``ClientUpdate.scaling``) may differ; ``svd`` then needs the target ``rank``.
+    """
 
     name = "regmean"
     needs = frozenset({"gram"})
@@ -125,7 +149,12 @@ class RegMeanAggregator(Aggregator):
         return {"method": self.name, "lora_merge": self.lora_merge, "shrinkage": self.shrinkage}
 
     def merge(
-        self, updates: Sequence[ClientUpdate], *, previous_head: PreviousHead, scaling: Scaling
+        self,
+        updates: Sequence[ClientUpdate],
+        *,
+        previous_head: PreviousHead,
+        scaling: Scaling,
+        rank: int | None = None,
     ) -> AggregationResult:
         ids = [u.client_id for u in updates]
         lists = client_factor_lists([u.lora for u in updates], client_ids=ids)
@@ -139,10 +168,18 @@ class RegMeanAggregator(Aggregator):
                         f"client {u.client_id!r}: Gram of layer {layer} missing or not [{k}, {k}]"
                     )
             s = scaling_for(scaling, layer)
-            dense = regmean_delta(factors_b, factors_a, grams, scaling=s, shrinkage=self.shrinkage)
-            lora[layer] = (
-                refactorise(dense, s, factors_b[0].shape[1])
+            own = s if client_scalings(updates) is None else client_scaling_list(updates, s, layer)
+            target = (
+                svd_target_rank(layer, [int(f.shape[1]) for f in factors_b], rank, ids)
                 if self.lora_merge == "svd"
+                else None
+            )
+            dense = regmean_delta(
+                factors_b, factors_a, grams, scaling=own, shrinkage=self.shrinkage
+            )
+            lora[layer] = (
+                refactorise(dense, s, target)
+                if target is not None
                 else LoraDelta(scaling=s, dense=dense.float())
             )
         biases = client_head_biases(updates)

@@ -24,9 +24,16 @@ Scaling = float | Mapping[str, float]
 class ClientUpdate:
     """What one client sends after local training.
 
-    Shapes: ``lora`` peft LoRA state (``<layer>.lora_A.weight`` ``[r, k]``, ``lora_B`` ``[d, r]``);
+    Shapes: ``lora`` peft LoRA state (``<layer>.lora_A.weight`` ``[r, k]``, ``lora_B`` ``[d, r]``;
+    the rank ``r`` may differ from other clients' for methods whose spec has ``mixed_ranks``);
     ``head_weight [C, D]``, ``head_bias [C]``; ``omega_a``/``omega_b`` ``[L]`` in the order of
     ``layer_names``; ``class_sigma``, ``class_present``, ``class_counts`` ``[C]``.
+
+    ``scaling``: this client's own peft LoRA scaling (``lora_alpha / r``; one number or
+    ``{layer: scaling}``), or None (default) when it is the server's. When set, it overrides
+    the ``scaling`` given to :meth:`Aggregator.aggregate` for this client: the merge folds it
+    into the client's factors, ``B <- (scaling / server scaling) B``, and the merged
+    ``LoraDelta`` keeps the server's scaling (see :mod:`livar_merge.lora`).
     """
 
     client_id: str
@@ -41,6 +48,7 @@ class ClientUpdate:
     class_present: np.ndarray | None = None
     class_counts: np.ndarray | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    scaling: float | Mapping[str, float] | None = None
 
     def nbytes(self, *, extras_only: bool = False) -> int:
         """Bytes of the tensors and arrays this update carries (what a client uploads), or of
@@ -71,10 +79,16 @@ def payload_nbytes(value: Any) -> int:
     return 0
 
 
+#: ``AggregationResult.details`` key of ``{layer: fraction}``, set by ``svd`` merges: the fraction
+#: of each layer's exact merged delta's squared Frobenius norm (Eq. 3's product; RegMean's dense
+#: solution) that the truncation to the target rank dropped, ``sum_{i>r} S_i^2 / sum_i S_i^2``.
+SVD_ENERGY_KEY = "svd_discarded_energy"
+
+
 @dataclass
 class AggregationResult:
     """Merged LoRA ``{layer: LoraDelta}``, merged head, the LoRA weights ``[clients, layers]``
-    used, and method details (bins, cut points, ...) for logging."""
+    used, and method details (bins, cut points, ``svd_discarded_energy``, ...) for logging."""
 
     lora: dict[str, LoraDelta]
     head: MergedHead
@@ -170,16 +184,32 @@ class Aggregator:
         *,
         previous_head: PreviousHead = None,
         scaling: Scaling = 1.0,
+        rank: int | None = None,
     ) -> AggregationResult:
-        """The merged LoRA and head of ``updates`` (:func:`validate_updates` first)."""
+        """The merged LoRA and head of ``updates`` (:func:`validate_updates` first).
+
+        ``scaling``: the server's LoRA scaling (clients' own ``ClientUpdate.scaling`` override
+        it for them); ``rank``: the server's LoRA rank, the target of ``svd`` merges (default:
+        the clients' common rank; required when their ranks differ). ``rank`` is passed on to
+        :meth:`merge` only when given, so subclasses whose ``merge`` takes no ``rank`` still
+        work without it.
+        """
         validate_updates(updates, needs=self.needs)
-        return self.merge(updates, previous_head=previous_head, scaling=scaling)
+        if rank is None:
+            return self.merge(updates, previous_head=previous_head, scaling=scaling)
+        return self.merge(updates, previous_head=previous_head, scaling=scaling, rank=rank)
 
     def merge(
-        self, updates: Sequence[ClientUpdate], *, previous_head: PreviousHead, scaling: Scaling
+        self,
+        updates: Sequence[ClientUpdate],
+        *,
+        previous_head: PreviousHead,
+        scaling: Scaling,
+        rank: int | None = None,
     ) -> AggregationResult:
         """Combine validated ``updates`` (``previous_head``: the global head before the
-        round, for classes no client saw; ``scaling``: LoRA alpha / r)."""
+        round, for classes no client saw; ``scaling``: the server's LoRA alpha / r; ``rank``:
+        the target rank of ``svd`` merges)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

@@ -9,9 +9,13 @@ method          LoRA weights       head weights
 ``livar``       G_SHAP alpha       feature variance
 =============== ================== ========================
 
-LoRA: ``dW_l = sum_m w_ml s B_ml A_ml`` (Eq. 3, :func:`~livar_merge.lora.merge_lora`) with
+LoRA: ``dW_l = sum_m w_ml s_m B_ml A_ml`` (Eq. 3, :func:`~livar_merge.lora.merge_lora`) with
 ``w_ml`` the alpha of :func:`~livar_merge.coefficients.livar_coefficient_details` or
 ``n_m / sum n``; head row ``c``: ``sum_m v_mc W_mc`` (:func:`~livar_merge.heads.merge_heads`).
+``s_m`` is the server's scaling unless the client sent its own (``ClientUpdate.scaling``);
+clients' ranks may differ with ``lora_merge`` ``product`` or ``svd`` (alpha is one number per
+client and layer, whatever the rank). ``AggregationResult.lora_weights`` is ``w``, without the
+scaling ratios folded in.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from livar_merge.aggregation.common import client_head_biases
+from livar_merge.aggregation.common import client_head_biases, client_scalings, svd_details
 from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
@@ -125,8 +129,16 @@ class WeightedAggregator(Aggregator):
         return variance_class_weights(sigma, present, client_ids=[u.client_id for u in updates])
 
     def merge(
-        self, updates: Sequence[ClientUpdate], *, previous_head: PreviousHead, scaling: Scaling
+        self,
+        updates: Sequence[ClientUpdate],
+        *,
+        previous_head: PreviousHead,
+        scaling: Scaling,
+        rank: int | None = None,
     ) -> AggregationResult:
+        """Weighted merge; clients may differ in rank (``product``, ``svd`` with ``rank``) and
+        in scaling (``ClientUpdate.scaling``). ``svd`` adds ``details["svd_discarded_energy"]``
+        ``{layer: fraction}``."""
         ids = [u.client_id for u in updates]
         layers = lora_layer_names(updates[0].lora)
         weights, details = self.lora_weights(updates, layers)
@@ -135,9 +147,12 @@ class WeightedAggregator(Aggregator):
             weights,
             mode=self.lora_merge,
             scaling=scaling,
+            rank=rank,
             layer_names=layers,
             client_ids=ids,
+            client_scalings=client_scalings(updates),
         )
+        details.update(svd_details(lora))
         num_classes = updates[0].head_weight.shape[0]
         prev_w, prev_b = previous_head if previous_head is not None else (None, None)
         head = merge_heads(
