@@ -146,6 +146,15 @@ class FedConfig(ArchitectureOverrides):
     lora_alpha: float = option(
         16.0, "LoRA alpha (scaling alpha / r; 16/16 = 1 as the released code)", gt=0
     )
+    client_ranks: list[int] = option(
+        [],
+        "LoRA rank r_m of each client, one per client or cycled (4 8 16 with 10 clients: "
+        "4 8 16 4 8 16 ...; [] = every client uses lora_rank, which the global model keeps); "
+        "client m's peft scaling is lora_alpha / r_m. Mixed ranks need lora_merge 'product' "
+        "(exact, folded) or 'svd' (re-factorised to lora_rank; clients start from the global "
+        "product truncated or padded to r_m); 'factors' and method 'fisher' refuse them",
+        ge=1,
+    )
     lora_dropout: float = option(0.0, "LoRA dropout", ge=0, lt=1)
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate (LoRA and head)", gt=0)
@@ -253,6 +262,18 @@ class FedConfig(ArchitectureOverrides):
     def __post_init__(self) -> None:
         self.augment = legacy_augment(self.augment)
 
+    def client_rank(self, index: int) -> int:
+        """LoRA rank of client ``index``: ``client_ranks`` cycled, else ``lora_rank``."""
+        return cycled_rank(self.client_ranks, index, self.lora_rank)
+
+    def client_rank_list(self) -> list[int]:
+        """The LoRA rank of every client, in client order."""
+        return [self.client_rank(m) for m in range(self.num_clients)]
+
+    def mixed_ranks(self) -> bool:
+        """Whether some client's LoRA rank differs from the global model's ``lora_rank``."""
+        return any(rank != self.lora_rank for rank in self.client_rank_list())
+
     def participants_per_round(self) -> int | None:
         """``K``, the clients that train each round (None: all ``num_clients``)."""
         return clients_per_round(self.num_clients, self.clients_per_round, self.fraction_train)
@@ -275,6 +296,13 @@ class FedConfig(ArchitectureOverrides):
 
     def run_name(self) -> str:
         return f"{self.dataset}-{self.method}-b{self.beta:g}-s{self.seed}"
+
+
+def cycled_rank(ranks: Sequence[int], index: int, default: int) -> int:
+    """``ranks[index mod len(ranks)]`` (the ``client_ranks`` rule: one per client or cycled),
+    ``default`` when ``ranks`` is empty. Torch-free: both engines and every Flower node derive
+    a client's rank from the run's options alone."""
+    return int(ranks[index % len(ranks)]) if ranks else int(default)
 
 
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(FedConfig))
@@ -397,6 +425,7 @@ HASH_OMITS_DEFAULT: dict[str, Any] = {
     "paired": [],
     "protocol": "paper",
     "sigma_inputs": "normalised",
+    "client_ranks": [],
 }
 
 # what --protocol released sets (unless the file or command line gives the option itself);
@@ -465,6 +494,29 @@ def released_protocol(merged: dict[str, Any], given: dict[str, Any]) -> dict[str
     return values
 
 
+def check_client_ranks(config: FedConfig, specs: Sequence[MethodSpec]) -> None:
+    """``client_ranks`` against the run: at most one rank per client and, when some client's
+    rank differs from ``lora_rank``, every method (the run's and the paired ones) able to merge
+    those ranks into the global model of rank ``lora_rank``
+    (:meth:`~livar_merge.aggregation.registry.MethodSpec.check_client_ranks`: ``fisher`` and
+    ``lora_merge`` ``factors`` refuse; ``svd`` re-factorises to ``lora_rank``)."""
+    if len(config.client_ranks) > config.num_clients:
+        raise ConfigError(
+            f"option client_ranks gives {len(config.client_ranks)} ranks for "
+            f"{config.num_clients} clients (one per client, or fewer to cycle)"
+        )
+    if not config.mixed_ranks():
+        return
+    ranks = [*config.client_rank_list(), config.lora_rank]  # the global model's rank too
+    for spec in specs:
+        try:
+            spec.check_client_ranks(ranks, lora_merge=config.lora_merge, rank=config.lora_rank)
+        except ConfigError as err:
+            raise ConfigError(
+                f"option client_ranks: {err}; the global model has lora_rank {config.lora_rank}"
+            ) from err
+
+
 def validate_config(config: FedConfig) -> None:
     """Raise a :class:`ConfigError` (or ``TableError``) naming what is wrong: a value against
     its declaration (type, choices, bounds), the method, its options, the paired methods and,
@@ -481,6 +533,7 @@ def validate_config(config: FedConfig) -> None:
         *check_paired_methods(config.method, config.paired).values(),
     ]
     config.method_options(*(spec.name for spec in specs))  # declared options are fields
+    check_client_ranks(config, specs)
     if config.protocol == "released":
         if config.lora_merge != "factors":
             raise ConfigError("--protocol released needs lora_merge 'factors'")

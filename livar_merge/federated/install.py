@@ -4,6 +4,13 @@
 its frozen weight and the LoRA restarts (B = 0, Kaiming-uniform A from
 ``derive_seed(seed, round, "lora-restart")``). ``svd`` and ``factors``: the merged factors are
 loaded and clients continue from them. The head is copied in every mode.
+
+Mixed client ranks (``client_ranks``): a ``product`` merge of clients of ranks ``r_m`` has the
+stacked rank ``sum_m r_m``; it is folded dense as always. An ``svd`` merge has the global
+model's rank ``r`` unless the round's clients hold fewer components in all (``sum_m r_m < r``,
+a few low-rank participants): the missing components are then padded, ``B`` columns 0 and
+Kaiming-uniform ``A`` rows from ``derive_seed(seed, round, "lora-restart")``, so the product is
+the merge and the full rank can train.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from livar_merge.aggregation import AggregationResult
+from livar_merge.errors import GlobalStateError
 from livar_merge.federated.data import derive_seed
 from livar_merge.federated.model import ADAPTER, fold_into_base, restart_lora, set_head
 from livar_merge.lora import to_peft_state_dict
@@ -32,5 +40,23 @@ def install_result(
         restart_lora(model, list(result.lora), derive_seed(seed, round_index, "lora-restart"))
     else:
         params = dict(model.named_parameters())
-        for key, value in to_peft_state_dict(result.lora, adapter_name=ADAPTER).items():
-            params[key].copy_(value.to(params[key].dtype))
+        state = to_peft_state_dict(result.lora, adapter_name=ADAPTER)
+        short = sorted(
+            {k.split(".lora_")[0] for k, v in state.items() if v.shape != params[k].shape}
+        )
+        for key, value in state.items():
+            if value.numel() > params[key].numel():
+                raise GlobalStateError(
+                    f"merged LoRA {key} has shape {tuple(value.shape)}, more than the global "
+                    f"model's {tuple(params[key].shape)} (a merge above its rank)"
+                )
+        if short:  # svd of fewer components than the model's rank: pad (module docstring)
+            restart_lora(model, short, derive_seed(seed, round_index, "lora-restart"))
+        for key, value in state.items():
+            target = params[key]
+            if value.shape == target.shape:
+                target.copy_(value.to(target.dtype))
+            elif ".lora_B." in key:
+                target[:, : value.shape[1]] = value.to(target.dtype)
+            else:
+                target[: value.shape[0]] = value.to(target.dtype)

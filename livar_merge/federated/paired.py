@@ -83,13 +83,17 @@ class PairedEvaluation:
         previous_head: tuple[torch.Tensor, torch.Tensor | None],
         scaling: float | Mapping[str, float],
         evaluate: Evaluate,
+        rank: int | None = None,
     ) -> list[dict[str, Any]]:
         """One row per paired method. ``model`` is the pre-round global model (the one the
-        clients started from); it is copied, never modified."""
+        clients started from); it is copied, never modified. ``rank``: the global model's LoRA
+        rank, the svd target, when the clients' ranks differ from it (as the run's merge)."""
         rows = []
         for name, aggregator in self.aggregators.items():
             start = time.perf_counter()
-            result = aggregator.aggregate(updates, previous_head=previous_head, scaling=scaling)
+            result = aggregator.aggregate(
+                updates, previous_head=previous_head, scaling=scaling, rank=rank
+            )
             candidate = copy.deepcopy(model)
             install_result(
                 candidate,

@@ -6,12 +6,18 @@ One folder per run::
     provenance.json    package versions, git commit, table name/version/checksum, model weights
     partition.csv      clients x classes sample counts of the Dirichlet split
     metrics.csv/.json  per round: test top-1, test loss, train/aggregation/moments seconds
+                       (svd merges: svd_discarded_energy, the mean over layers)
     clients.csv        per round and client: samples, train loss/accuracy, steps, seconds, bytes
+                       (and lora_rank with --client-ranks)
     alpha.csv          per round, client and layer: omega_A, omega_B, bins, LoRA weight
     head_weights.csv   per round, client and class: head merge weight, sigma, count
     paired.csv         (--paired) per round and paired method: top-1, loss, difference to the
                        run's own method on the same client updates, its cost
     replies.csv        (Flower) one row per reply or silent node: accepted, reason
+    svd_energy.csv     (lora_merge svd) per round, layer and stage: the fraction of the exact
+                       merged product's energy the svd merge to lora_rank discarded (merge)
+                       and, with --client-ranks, what clients of a lower rank did not receive
+                       of the global product at the round's start (client-start)
     summary.json       final and best accuracy, wall time (written when every round is done)
     checkpoint/        global.safetensors (global model, server state) and state.json (rows,
                        client memories) after the last completed round, for --resume

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from livar_merge.aggregation.types import SVD_ENERGY_KEY
 from livar_merge.errors import RunFolderError
 from livar_merge.federated.paired import paired_summary
 from livar_merge.federated.peft_keys import global_tensors, load_global_tensors
+from livar_merge.federated.ranks import update_ranks
 from livar_merge.federated.results import (
     aggregation_rows,
     run_summary,
@@ -33,7 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
-TABLES = ("metrics", "clients", "alpha", "head_weights", "paired", "replies")
+TABLES = ("metrics", "clients", "alpha", "head_weights", "paired", "replies", "svd_energy")
+OPTIONAL_TABLES = ("paired", "replies", "svd_energy")  # written once they have rows
 # ClientUpdate.extras keys of a client's training report -> clients.csv columns
 REPORT_COLUMNS = {
     "train_loss": "train_loss",
@@ -57,21 +60,55 @@ class RunRows:
     head_weights: list[dict[str, Any]] = field(default_factory=list)
     paired: list[dict[str, Any]] = field(default_factory=list)
     replies: list[dict[str, Any]] = field(default_factory=list)
+    svd_energy: list[dict[str, Any]] = field(default_factory=list)
     memories: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def client_rows(record: RoundRecord) -> list[dict[str, Any]]:
-    """``clients.csv`` rows of a round, from the updates and their training reports."""
+def client_rows(record: RoundRecord, *, lora_rank: bool = False) -> list[dict[str, Any]]:
+    """``clients.csv`` rows of a round, from the updates and their training reports;
+    ``lora_rank``: a column with each client's LoRA rank (runs of mixed ranks)."""
     rows = []
     for update in record.updates:
         row: dict[str, Any] = {"round": record.round, "client": update.client_id}
         if "node_id" in update.extras:
             row["node_id"] = update.extras["node_id"]
         row["num_samples"] = update.num_samples
+        if lora_rank:
+            row["lora_rank"] = max(update_ranks(update.lora), default=None)
         for key, column in REPORT_COLUMNS.items():
             row[column] = update.extras.get(key)
         rows.append(row)
     return rows
+
+
+def svd_energy_rows(record: RoundRecord, rank: int) -> list[dict[str, Any]]:
+    """``svd_energy.csv`` rows of a round: per layer, the fraction of the exact merged
+    product's squared Frobenius norm the server's svd merge to ``rank`` discarded (``stage``
+    ``merge``) and, for clients of a lower rank that started from the global product
+    truncated to theirs, the fraction they did not receive (``client-start``)."""
+    rows = [
+        energy_row(record.round, "merge", rank, layer, fraction)
+        for layer, fraction in record.result.details.get(SVD_ENERGY_KEY, {}).items()
+    ]
+    for low, energies in sorted(record.start_energy.items()):
+        rows.extend(
+            energy_row(record.round, "client-start", low, layer, fraction)
+            for layer, fraction in energies.items()
+        )
+    return rows
+
+
+def energy_row(
+    round_index: int, stage: str, rank: int, layer: str, fraction: float
+) -> dict[str, Any]:
+    """One ``svd_energy.csv`` row."""
+    return {
+        "round": round_index,
+        "stage": stage,
+        "rank": rank,
+        "layer": layer,
+        "discarded_energy": float(fraction),
+    }
 
 
 def run_provenance(federation: Federation, server: FederatedServer) -> dict[str, Any]:
@@ -140,7 +177,9 @@ class RunFolder:
         """Append a finished round's rows."""
         alpha, heads = aggregation_rows(record.round, record.updates, record.result)
         self.rows.metrics.append(metrics_row)
-        self.rows.clients.extend(client_rows(record))
+        mixed = bool(getattr(self.config, "mixed_ranks", lambda: False)())
+        self.rows.clients.extend(client_rows(record, lora_rank=mixed))
+        self.rows.svd_energy.extend(svd_energy_rows(record, self.config.lora_rank))
         self.rows.alpha.extend(alpha)
         self.rows.head_weights.extend(heads)
         self.rows.paired.extend(paired_rows)
@@ -153,7 +192,7 @@ class RunFolder:
         write_json(self.out / "metrics.json", self.rows.metrics)
         for name in TABLES:
             rows = getattr(self.rows, name)
-            if rows or name not in ("paired", "replies"):
+            if rows or name not in OPTIONAL_TABLES:
                 write_csv(self.out / f"{name}.csv", rows)
 
     # ------------------------------------------------------------------- checkpoint

@@ -23,6 +23,7 @@ from livar_merge.federated.client import ClientMemory, train_client
 from livar_merge.federated.config import FedConfig
 from livar_merge.federated.federation import build_federation
 from livar_merge.federated.model import restore_parameters, snapshot_trainable
+from livar_merge.federated.ranks import RankModels
 from livar_merge.federated.run_folder import RunFolder, run_provenance
 from livar_merge.federated.server import FederatedServer
 
@@ -39,6 +40,8 @@ class FederatedRun:
         self.server = FederatedServer.from_config(
             self.model, config, evaluate=self.federation.evaluate
         )
+        # clients of another LoRA rank than lora_rank (client_ranks) train models of their own
+        self.rank_models = RankModels(config, self.federation.num_classes, self.federation.device)
 
     def _write_header(self) -> None:
         provenance = run_provenance(self.federation, self.server)
@@ -60,8 +63,9 @@ class FederatedRun:
         return moments, time.perf_counter() - start
 
     def run_round(self, round_index: int, progress: Any = None) -> dict[str, Any]:
-        """Train the round's participants from the global model, aggregate, evaluate; returns
-        the row."""
+        """Train the round's participants from the global model (clients of another LoRA rank:
+        a model of theirs started from it, :mod:`~livar_merge.federated.ranks`), aggregate,
+        evaluate; returns the row."""
         fed, rows = self.federation, self.folder.rows
         start = time.perf_counter()
         global_state = snapshot_trainable(self.model)
@@ -71,9 +75,13 @@ class FederatedRun:
         for client_id in participants:
             m = index[client_id]
             restore_parameters(self.model, global_state)
+            model, rank = self.model, self.config.client_rank(m)
+            if rank != self.config.lora_rank:  # its own rank, from the global model's state
+                model, start_state = self.rank_models.start(rank, self.model, round_index)
+                restore_parameters(model, start_state)
             memory = ClientMemory.from_record(rows.memories.get(client_id))
             update, report = train_client(
-                self.model,
+                model,
                 fed.train_source,
                 fed.parts[m],
                 client_id=client_id,
@@ -86,6 +94,8 @@ class FederatedRun:
                 prototypes=self.server.prototypes,
                 pretrained_base=fed.pretrained_base,
             )
+            if self.config.mixed_ranks():  # the merge folds each client's scaling in
+                update.scaling = self.rank_models.scaling(rank)
             memory_record = memory.to_record()
             if memory_record is not None:
                 rows.memories[client_id] = memory_record

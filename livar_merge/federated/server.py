@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from livar_merge.aggregation import AggregationResult, ClientUpdate, make_aggregator, method_spec
+from livar_merge.aggregation.types import SVD_ENERGY_KEY
 from livar_merge.errors import ConfigError
 from livar_merge.fedavg import fedavg_lora
 from livar_merge.federated.data import derive_seed
@@ -28,6 +29,7 @@ from livar_merge.federated.install import install_result
 from livar_merge.federated.model import frozen_weights, head_module, head_state
 from livar_merge.federated.paired import PairedEvaluation, paired_from_config, with_differences
 from livar_merge.federated.peft_keys import check_lora_targets
+from livar_merge.federated.ranks import model_rank, start_truncation_energy, update_ranks
 from livar_merge.federated.sampling import sample_participants
 from livar_merge.lora import peft_scalings
 from livar_merge.signals import find_lora_parameters
@@ -54,6 +56,9 @@ class RoundRecord:
     paired: list[dict[str, Any]] = field(default_factory=list)
     outcomes: list[dict[str, Any]] | None = None
     participants: list[str] = field(default_factory=list)  # sampled to train this round
+    # svd mode with clients of a rank below the global model's: {rank: {layer: fraction}} of
+    # the global product those clients did not receive at the round's start (ranks.py)
+    start_energy: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def server_options(config: Any) -> dict[str, Any]:
@@ -125,6 +130,7 @@ class FederatedServer:
         self.evaluate = evaluate
         self.scalings = peft_scalings(model)
         self.layer_names = tuple(find_lora_parameters(model))
+        self.rank = model_rank(model)  # the global model's LoRA rank (svd target)
         # clients also compute the paired methods' statistics, after local training
         self.needs = self.aggregator.needs | (paired.needs if paired else frozenset())
         # whether the method or a paired method reads the G_SHAP table
@@ -187,6 +193,13 @@ class FederatedServer:
         ``participants``: the clients sampled to train (default: those of ``updates``).
         """
         previous = self.previous_head()
+        ranks = sorted(set().union(*(update_ranks(u.lora) for u in updates)))
+        # the svd target only when a client's rank differs (methods without rank= still run)
+        rank = self.rank if ranks != [self.rank] else None
+        start_energy: dict[int, dict[str, float]] = {}
+        if self.lora_merge == "svd":  # what clients below the global rank started without
+            for low in (r for r in ranks if r < self.rank):
+                start_energy[low] = start_truncation_energy(self.model, low)
         paired_rows: list[dict[str, Any]] = []
         if self.paired is not None:  # on the pre-round global model, before it is replaced
             paired_rows = self.paired.evaluate_round(
@@ -196,9 +209,12 @@ class FederatedServer:
                 previous_head=previous,
                 scaling=self.scalings,
                 evaluate=self.evaluate,  # type: ignore[arg-type]
+                rank=rank,
             )
         start = time.perf_counter()
-        result = self.aggregator.aggregate(updates, previous_head=previous, scaling=self.scalings)
+        result = self.aggregator.aggregate(
+            updates, previous_head=previous, scaling=self.scalings, rank=rank
+        )
         install_result(
             self.model,
             result,
@@ -245,6 +261,7 @@ class FederatedServer:
             participants=list(
                 participants if participants is not None else [u.client_id for u in updates]
             ),
+            start_energy=start_energy,
         )
 
     def evaluated_model(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
@@ -272,6 +289,9 @@ class FederatedServer:
             ),
             "uncovered_classes": len(record.result.head.uncovered),
         }
+        energies = record.result.details.get(SVD_ENERGY_KEY)
+        if energies:  # svd merges: mean over layers of the discarded fraction (svd_energy.csv)
+            row["svd_discarded_energy"] = float(np.mean(list(energies.values())))
         if self.clients_per_round is not None:
             row["participants"] = " ".join(record.participants)
         if record.outcomes is not None:
