@@ -23,12 +23,15 @@ from livar_merge._options import (
     report_error,
 )
 from livar_merge.errors import LivarError
+from livar_merge.federated.ray_engine import EngineOptions, engine_options, import_ray
 
 EXAMPLES = """examples:
   livar-calibrate                                         # embedded default, ~5 min on 2 cores
   livar-calibrate --proxy tiny-imagenet --data-root DIR   # the paper's proxy, small model
   livar-calibrate --preset paper --data-root DIR          # paper set-up: ViT-B/16 in21k (GPU)
   livar-calibrate --out runs/calib --resume               # continue an interrupted run
+  livar-calibrate --engine ray                            # (beta, seed) runs as local Ray tasks
+  livar-calibrate --preset paper --engine ray --ray-address auto --ray-gpus-per-task 1
   livar-fed --preset cpu --table runs/calibration/<name>/table/<name>.v1.json
 """
 
@@ -60,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         "into this folder (default when given bare: artifacts/gshap)",
     )
     add_dataclass_options(parser.add_argument_group("calibration options"), CalibConfig)
+    add_dataclass_options(
+        parser.add_argument_group(
+            "engine options (how the (beta, seed) proxy runs are executed; same results)"
+        ),
+        EngineOptions,
+    )
     return parser
 
 
@@ -79,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = resolve(args)
+        engine = engine_options(args)
     except LivarError as err:
         parser.error(str(err))
     name = config.table_name or config.default_table_name()
@@ -89,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from livar_calib.pipeline import preflight, run_calibration
 
-    try:  # data and weights found before anything is written to --out
+    try:  # data, weights and the engine found before anything is written to --out
         preflight(config)
+        if engine.engine == "ray":
+            import_ray()
     except (LivarError, OSError) as err:
         return report_error("livar-calibrate", err, f" (nothing was written to {out})")
     try:
-        summary = run_calibration(config, out, publish_dir=args.publish)
+        summary = run_calibration(config, out, publish_dir=args.publish, engine=engine)
     except (LivarError, OSError) as err:
         return report_error("livar-calibrate", err)
     print(

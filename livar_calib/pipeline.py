@@ -37,6 +37,7 @@ from livar_calib.quality import reconstruction_report, summarise_report, verdict
 from livar_merge.errors import CalibrationError, MissingHeadsError, RunFolderError, TableError
 from livar_merge.federated import pretrained
 from livar_merge.federated.datasets import load_dataset
+from livar_merge.federated.ray_engine import EngineOptions
 from livar_merge.federated.results import provenance, write_json
 from livar_merge.tables import GShapTable, existing_versions, table_file_name
 
@@ -113,9 +114,16 @@ def preflight(config: CalibConfig) -> None:
 
 
 def run_calibration(
-    config: CalibConfig, root: Path, *, publish_dir: Path | None = None, log: Any = print
+    config: CalibConfig,
+    root: Path,
+    *,
+    publish_dir: Path | None = None,
+    log: Any = print,
+    engine: EngineOptions | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every stage; returns the summary written to ``summary.json``."""
+    """Run (or resume) every stage; returns the summary written to ``summary.json``. ``engine``
+    runs the proxy training's (beta, seed) runs serially (default) or as Ray tasks; the
+    results are the same either way."""
 
     root.mkdir(parents=True, exist_ok=True)
     _check_config(config, root, log)
@@ -123,7 +131,7 @@ def run_calibration(
     weights_record = weights_provenance(config.weights)  # hashes the cached file once
 
     start = time.perf_counter()
-    run_proxy_training(config, root)
+    run_proxy_training(config, root, engine)
     timings["proxy_training"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -21,6 +21,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from livar_merge.federated.model import (
     restore_parameters,
     snapshot_trainable,
 )
+from livar_merge.federated.ray_engine import EngineOptions, FolderTask, run_folder_tasks
 from livar_merge.federated.results import write_csv
 
 HEADS_FILE = "round_{round}_heads.safetensors"
@@ -243,20 +245,40 @@ class ProxyTrainer:
             yield r
 
 
-def run_proxy_training(config: CalibConfig, root: Path) -> list[Path]:
-    """Stage 1 for every (beta, seed): returns the folders. Completed rounds are skipped."""
+def train_proxy_run(config: CalibConfig, run: ProxyRun, folder: Path) -> Iterator[int]:
+    """The remaining rounds of one (beta, seed) in ``folder``; yields each completed round (a
+    task of the ray engine: :mod:`livar_merge.federated.ray_engine`)."""
+    yield from ProxyTrainer(config, run, folder).rounds()
+
+
+def run_proxy_training(
+    config: CalibConfig, root: Path, engine: EngineOptions | None = None
+) -> list[Path]:
+    """Stage 1 for every (beta, seed): returns the folders. Completed rounds are skipped. On
+    ``engine.engine == "ray"`` the unfinished runs are Ray tasks whose rounds are written into
+    the same folders as they finish (same files as the serial engine)."""
     runs = proxy_runs(config)
     folders = [root / "proxy" / run.run_id for run in runs]
     total = len(runs) * config.rounds
     done = sum(_completed(folder) for folder in folders)
+    remaining = [
+        (run, folder)
+        for run, folder in zip(runs, folders, strict=True)
+        if _completed(folder) < config.rounds
+    ]
     with tqdm(
         total=total, initial=done, disable=not config.progress, unit="round", desc="proxy training"
     ) as bar:
-        for run, folder in zip(runs, folders, strict=True):
-            if _completed(folder) >= config.rounds:
-                continue
-            for _ in ProxyTrainer(config, run, folder).rounds():
-                bar.update(1)
+        if engine is not None and engine.engine == "ray":
+            tasks = [
+                FolderTask(run.run_id, folder, partial(train_proxy_run, config, run))
+                for run, folder in remaining
+            ]
+            run_folder_tasks(tasks, engine, on_report=lambda task, _: bar.update(1))
+        else:
+            for run, folder in remaining:
+                for _ in train_proxy_run(config, run, folder):
+                    bar.update(1)
     return folders
 
 

@@ -96,3 +96,7 @@ class MissingHeadsError(CalibrationError):
 
 class ArtifactError(LivarError):
     """An artifact needed for a figure or table is missing or inconsistent."""
+
+class EngineUnavailableError(LivarError):
+    """An execution engine was asked for whose package is not installed (``--engine ray``
+    without ray)."""

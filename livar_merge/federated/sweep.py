@@ -15,6 +15,10 @@ aggregated from the run's own client updates and evaluated (``paired.csv`` of th
 ``paired.csv``/``paired.md`` then hold, per (method, paired method, beta), the difference
 ``method - paired method`` in top-1 points on the same updates: mean and 95 % Student-t interval
 over every (seed, round), and over seeds of the final round.
+
+``--engine ray`` runs the grid's unfinished runs as Ray tasks (``--ray-address``,
+``--ray-cpus-per-task``, ``--ray-gpus-per-task``: :mod:`livar_merge.federated.ray_engine`); each
+task's run folder comes back through Ray, so worker nodes need no shared filesystem.
 """
 
 from __future__ import annotations
@@ -24,15 +28,24 @@ import math
 import numbers
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from livar_merge.errors import LivarError
+from livar_merge._options import add_dataclass_options
+from livar_merge.errors import ConfigError, LivarError
 from livar_merge.federated.cli import run_with_engine
 from livar_merge.federated.config import resolve_config
+from livar_merge.federated.ray_engine import (
+    EngineOptions,
+    FolderTask,
+    engine_options,
+    import_ray,
+    run_folder_tasks,
+)
 from livar_merge.federated.results import read_run_config, read_run_summary, run_folders
 
 MISSING_CELL = "—"
@@ -47,11 +60,13 @@ def run_grid(
     seeds: Sequence[int],
     overrides: dict[str, Any],
     paired: Sequence[str] = (),
+    engine: EngineOptions | None = None,
 ) -> list[Path]:
     """Run every (method, beta, seed) not finished yet on the configured engine (in-process
-    runs resume where they stopped); returns the run folders."""
+    runs resume where they stopped); returns the run folders. With ``engine.engine == "ray"``
+    the unfinished runs are Ray tasks whose folders come back through Ray when they finish."""
 
-    folders = []
+    folders, todo = [], []
     for beta in betas:
         for seed in seeds:
             for method in methods:
@@ -61,17 +76,38 @@ def run_grid(
                 config = resolve_config(preset, None, options)
                 folder = root / config.run_name()
                 folders.append(folder)
-                if (folder / "summary.json").is_file():
-                    continue
-                start = time.perf_counter()
-                resume = (folder / "checkpoint" / "state.json").is_file()
-                summary = run_with_engine(config, folder, resume=resume)
-                print(
-                    f"{config.run_name()}: {summary['final_accuracy']:.4f} "
-                    f"({time.perf_counter() - start:.0f} s)",
-                    flush=True,
-                )
+                if not (folder / "summary.json").is_file():
+                    todo.append((config, folder))
+    if engine is not None and engine.engine == "ray":
+        flower = [config.run_name() for config, _ in todo if config.engine == "flower"]
+        if flower:
+            raise ConfigError(
+                f"--engine ray runs livar-fed in-process in each Ray task; {flower[0]} asks for "
+                "engine=flower (drop it from --set)"
+            )
+        tasks = [
+            FolderTask(config.run_name(), folder, partial(run_in_folder, config))
+            for config, folder in todo
+        ]
+        run_folder_tasks(tasks, engine, on_report=lambda task, report: _print_run(*report))
+        return folders
+    for config, folder in todo:
+        for report in run_in_folder(config, folder):
+            _print_run(*report)
     return folders
+
+
+def run_in_folder(config: Any, folder: Path) -> Iterator[tuple[str, float, float]]:
+    """One grid run in ``folder``, resumed from its checkpoint if it has one; yields
+    ``(run name, final accuracy, seconds)`` once finished (a task of the ray engine)."""
+    start = time.perf_counter()
+    resume = (folder / "checkpoint" / "state.json").is_file()
+    summary = run_with_engine(config, folder, resume=resume)
+    yield config.run_name(), summary["final_accuracy"], time.perf_counter() - start
+
+
+def _print_run(name: str, accuracy: float, seconds: float) -> None:
+    print(f"{name}: {accuracy:.4f} ({seconds:.0f} s)", flush=True)
 
 
 def collect_results(root: Path) -> list[dict[str, Any]]:
@@ -328,7 +364,18 @@ def main(argv: list[str] | None = None) -> int:
         help="livar-fed options for every run, e.g. dataset=fashion-mnist",
     )
     parser.add_argument("--dataset", default=None, help="shorthand for --set dataset=NAME")
+    add_dataclass_options(
+        parser.add_argument_group(
+            "engine options (how the grid's runs are executed; same results; livar-fed's own "
+            "engine is --set engine=...)"
+        ),
+        EngineOptions,
+    )
     args = parser.parse_args(argv)
+    try:
+        engine = engine_options(args)
+    except LivarError as err:
+        parser.error(str(err))
     overrides = dict(item.split("=", 1) for item in args.set)
     overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
     if args.dataset:
@@ -338,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if not args.table_only:
         try:
+            if engine.engine == "ray":
+                import_ray()
             run_grid(
                 args.root,
                 preset=args.preset,
@@ -346,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 seeds=args.seeds,
                 overrides=overrides,
                 paired=args.paired,
+                engine=engine,
             )
         except (LivarError, OSError) as err:
             print(f"livar-sweep: error: {err}", file=sys.stderr)
