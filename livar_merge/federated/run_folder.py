@@ -77,6 +77,8 @@ def client_rows(record: RoundRecord, *, lora_rank: bool = False) -> list[dict[st
             row["lora_rank"] = max(update_ranks(update.lora), default=None)
         for key, column in REPORT_COLUMNS.items():
             row[column] = update.extras.get(key)
+        if "download_bytes" in update.extras:  # Flower: payload of the node's train message
+            row["download_bytes"] = update.extras["download_bytes"]
         rows.append(row)
     return rows
 

@@ -31,7 +31,7 @@ from livar_merge.federated.paired import PairedEvaluation, paired_from_config, w
 from livar_merge.federated.peft_keys import check_lora_targets
 from livar_merge.federated.ranks import model_rank, start_truncation_energy, update_ranks
 from livar_merge.federated.sampling import sample_participants
-from livar_merge.lora import peft_scalings
+from livar_merge.lora import LoraDelta, peft_scalings
 from livar_merge.signals import find_lora_parameters
 from livar_merge.tables import GShapTable
 
@@ -138,6 +138,9 @@ class FederatedServer:
             paired is not None and any(method_spec(m).uses_table for m in paired.methods)
         )
         self.prototypes: torch.Tensor | None = None  # FedProto's global prototypes [C, D]
+        # the round and merged LoRA of the last install (product mode: folded into the
+        # frozen weights; the Flower transport sends it to nodes that hold the previous ones)
+        self.last_install: tuple[int, Mapping[str, LoraDelta]] | None = None
         if evaluated not in ("global", "sample-weighted-product"):
             raise ConfigError("evaluated must be 'global' or 'sample-weighted-product'")
         if evaluated != "global" and lora_merge != "factors":
@@ -222,6 +225,7 @@ class FederatedServer:
             seed=self.seed,
             round_index=round_index,
         )
+        self.last_install = (round_index, result.lora)
         if self.evaluated == "sample-weighted-product":
             merged = fedavg_lora(
                 [u.lora for u in updates],

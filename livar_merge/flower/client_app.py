@@ -23,9 +23,11 @@ from livar_merge.federated.client import ClientMemory, train_client
 from livar_merge.federated.config import FedConfig, resolve_config
 from livar_merge.federated.federation import Federation, build_federation, client_id
 from livar_merge.federated.peft_keys import frozen_checksum, load_global_tensors
+from livar_merge.flower.base_sync import sync_node_base
 from livar_merge.flower.messages import (
     ARRAYS,
     CONFIG,
+    INFO,
     PROTOCOL,
     PROTOTYPES,
     from_array_record,
@@ -109,10 +111,12 @@ def node_partition(context: Context, num_clients: int | None = None) -> int:
 
 def _prepare_node(
     content: RecordDict, context: Context
-) -> tuple[FedConfig, int, ClientRuntime, ConfigRecord]:
+) -> tuple[FedConfig, int, ClientRuntime, ConfigRecord, dict[str, int | str]]:
     """Shared start of a node's work: the run config of the message, the node's partition, its
-    (cached) runtime with the global model of the message loaded. Returns
-    ``(config, partition, runtime, config record)``."""
+    (cached) runtime with the global model of the message loaded (in ``product`` mode the
+    frozen weights from the message or from those the node kept plus the round updates,
+    :func:`~livar_merge.flower.base_sync.sync_node_base`). Returns ``(config, partition,
+    runtime, config record, the info a reply confirms about the frozen weights)``."""
     record = get_record(content, CONFIG, ConfigRecord)
     arrays = get_record(content, ARRAYS, ArrayRecord)
     if record is None or arrays is None:
@@ -132,7 +136,10 @@ def _prepare_node(
             f"{str(expected)[:19]}...): other weights file, architecture or seed"
         )
     load_global_tensors(runtime.federation.model, from_array_record(arrays))
-    return config, partition, runtime, record
+    base_info = None
+    if config.lora_merge == "product":
+        base_info = sync_node_base(runtime.federation.model, content, record, context.state)
+    return config, partition, runtime, record, base_info or {}
 
 
 def _config_int(record: ConfigRecord, key: str) -> int:
@@ -152,7 +159,7 @@ def _config_names(record: ConfigRecord, key: str) -> frozenset[str]:
 
 def train_on_node(content: RecordDict, context: Context) -> RecordDict:
     """One round on one node: load the global model, train the node's partition, reply."""
-    config, partition, runtime, record = _prepare_node(content, context)
+    config, partition, runtime, record, base_info = _prepare_node(content, context)
     fed = runtime.federation
     prototypes = None
     if PROTOTYPES in content:
@@ -177,21 +184,33 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
     )
     _save_memory(context.state, memory)
     update.extras.update(report.extras())
-    return pack_reply(
+    reply = pack_reply(
         update, partition_id=partition, table=runtime.table, config_hash=config.config_hash()
     )
+    _confirm(reply, base_info)
+    return reply
+
+
+def _confirm(reply: RecordDict, base_info: dict[str, int | str]) -> None:
+    """Add the frozen-weight version the node now holds to the reply's info."""
+    info = get_record(reply, INFO, ConfigRecord)
+    if info is not None:
+        for key, value in base_info.items():
+            info[key] = value
 
 
 def moments_on_node(content: RecordDict, context: Context) -> RecordDict:
     """CCVR's query on one node: class feature moments of its partition under the global
     model of the message."""
-    _, partition, runtime, record = _prepare_node(content, context)
+    _, partition, runtime, record, base_info = _prepare_node(content, context)
     moments = runtime.federation.client_moments(
         runtime.federation.model,
         partition,
         full_covariance=record.get("ccvr-covariance", "full") == "full",
     )
-    return pack_moments(moments, client_id=client_id(partition), partition_id=partition)
+    reply = pack_moments(moments, client_id=client_id(partition), partition_id=partition)
+    _confirm(reply, base_info)
+    return reply
 
 
 client_app = ClientApp()

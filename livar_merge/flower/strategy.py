@@ -36,10 +36,18 @@ from livar_merge.federated.peft_keys import (
 )
 from livar_merge.federated.sampling import client_order
 from livar_merge.federated.server import FederatedServer, RoundRecord
+from livar_merge.flower.base_sync import (
+    BASE_UPDATE,
+    base_checksum,
+    record_bytes,
+    tensor_bytes,
+    update_tensors,
+)
 from livar_merge.flower.messages import (
     ARRAYS,
     CONFIG,
     IDENTIFY,
+    INFO,
     PROTOCOL,
     PROTOTYPES,
     InvalidReplyError,
@@ -50,6 +58,7 @@ from livar_merge.flower.messages import (
     validate_moments,
     validate_reply,
 )
+from livar_merge.lora import LoraDelta
 
 log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
 SUPPORTED_NEEDS = frozenset({"omega", "sigma", "gram", "fisher", "prototypes", "moments"})
@@ -139,6 +148,14 @@ class LivarStrategy(Strategy):
         self.query_timeout = settings.round_timeout
         self.history: list[RoundRecord] = []
         self._current: ArrayRecord | None = None
+        # product mode: the version of the global frozen weights (rounds folded in), the
+        # update of each round (those of the history), the version each node confirmed
+        self.base_version = 0
+        self._round_updates: dict[int, Mapping[str, LoraDelta]] = {}
+        self.node_versions: dict[int, int] = {}
+        self._base_checksum: tuple[int, str] | None = None
+        self._download_bytes: dict[int, int] = {}  # node -> payload bytes of its last message
+        self._registered_round: int | None = None
         self._messages: list[Message] = []
         self._sent_at = 0.0
         self._spec: ReplySpec | None = None
@@ -194,6 +211,10 @@ class LivarStrategy(Strategy):
         if arrays is not self._current:
             load_global_tensors(self.model, from_array_record(arrays))
             self._current = arrays
+            # another model: no node holds its frozen weights
+            self.base_version += 1
+            self._round_updates.clear()
+            self.node_versions.clear()
 
     def _wait_for_nodes(self, grid: Grid, server_round: int) -> list[int]:
         deadline = time.monotonic() + self.node_wait_timeout
@@ -247,9 +268,9 @@ class LivarStrategy(Strategy):
             config[f"table-{key}"] = value
         if self.frozen_checksum is not None:
             config["frozen-checksum"] = self.frozen_checksum
-        content = RecordDict({ARRAYS: arrays, CONFIG: config})
+        extra = {}
         if self.prototypes is not None:
-            content[PROTOTYPES] = to_array_record({PROTOTYPES: self.prototypes})
+            extra[PROTOTYPES] = to_array_record({PROTOTYPES: self.prototypes})
         self._grid, self._train_config = grid, config
         messages = [
             Message(
@@ -258,12 +279,107 @@ class LivarStrategy(Strategy):
                 dst_node_id=node,
                 group_id=str(server_round),
             )
-            for node in nodes
+            for node, content in self.model_contents(nodes, config, extra).items()
         ]
         self._messages = messages
         self._sent_at = time.perf_counter()
         log.info("round %d: sent the global model to %d nodes", server_round, len(nodes))
         return messages
+
+    # ------------------------------------------------------------------- model download
+    def model_contents(
+        self, nodes: Sequence[int], config: ConfigRecord, extra: Mapping[str, Any] | None = None
+    ) -> dict[int, RecordDict]:
+        """The content of each node's message: the global model and ``config`` (plus
+        ``extra`` records). In ``product`` mode a node that confirmed the frozen weights of an
+        earlier version gets LoRA, head and the round updates since then instead of the full
+        frozen weights, when they are smaller (:mod:`livar_merge.flower.base_sync`)."""
+        self._register_install()
+        arrays = self._current if self._current is not None else self.initial_arrays()
+        extra = dict(extra or {})
+        if self.server.lora_merge != "product":
+            content = RecordDict({ARRAYS: arrays, CONFIG: config, **extra})
+            return self._with_bytes(dict.fromkeys(nodes, content))
+        version, checksum = self.base_version, self.current_base_checksum()
+        keys = {k for k in arrays if not k.startswith("base/")}
+        base_bytes = sum(len(a.data) for k, a in arrays.items() if k not in keys)
+        base = {k: v for k, v in config.items() if k not in ("base-from", "base-to")}
+        base |= {"base-to": version, "base-checksum": checksum}
+        by_start: dict[int | None, RecordDict] = {}
+        out: dict[int, RecordDict] = {}
+        for node in nodes:
+            start = self.node_versions.get(node)
+            if start is not None and any(
+                r not in self._round_updates for r in range(start + 1, version + 1)
+            ):
+                start = None
+            if start not in by_start and start is not None:
+                tensors = update_tensors(
+                    {r: self._round_updates[r] for r in range(start + 1, version + 1)}
+                )
+                if tensor_bytes(tensors) < base_bytes:
+                    light = ArrayRecord({k: arrays[k] for k in arrays if k in keys})
+                    by_start[start] = RecordDict(
+                        {
+                            ARRAYS: light,
+                            BASE_UPDATE: to_array_record(tensors),
+                            CONFIG: ConfigRecord({**base, "base-from": start}),
+                            **extra,
+                        }
+                    )
+                else:  # the updates are larger than the weights: the weights
+                    by_start[start] = self._full_content(arrays, base, extra, by_start)
+            if start is None and None not in by_start:
+                by_start[None] = self._full_content(arrays, base, extra, by_start)
+            out[node] = by_start[start]
+        return self._with_bytes(out)
+
+    def _register_install(self) -> None:
+        """In ``product`` mode, a round the server installed since the last call is one more
+        version of the frozen weights, reached by that round's merged update."""
+        installed = self.server.last_install
+        if self.server.lora_merge != "product" or installed is None:
+            return
+        if installed[0] != self._registered_round:
+            self._registered_round = installed[0]
+            self.base_version += 1
+            self._round_updates[self.base_version] = installed[1]
+
+    @staticmethod
+    def _full_content(
+        arrays: ArrayRecord,
+        config: Mapping[str, Any],
+        extra: Mapping[str, Any],
+        built: Mapping[int | None, RecordDict],
+    ) -> RecordDict:
+        if None in built:
+            return built[None]
+        return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(dict(config)), **extra})
+
+    def _with_bytes(self, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
+        for node, content in contents.items():
+            self._download_bytes[node] = record_bytes(content)
+        return contents
+
+    def current_base_checksum(self) -> str:
+        """SHA-256 of the server's frozen LoRA-layer weights (cached per version)."""
+        if self._base_checksum is None or self._base_checksum[0] != self.base_version:
+            self._base_checksum = (self.base_version, base_checksum(self.model))
+        return self._base_checksum[1]
+
+    def _confirm_base(self, node: int, content: RecordDict) -> None:
+        """Record the frozen-weight version a reply confirms (forget the node otherwise)."""
+        info = content.get(INFO) if content is not None else None
+        version = info.get("base-version") if isinstance(info, ConfigRecord) else None
+        checksum = info.get("base-checksum") if isinstance(info, ConfigRecord) else None
+        if (
+            self.server.lora_merge == "product"
+            and version == self.base_version
+            and checksum == self.current_base_checksum()
+        ):
+            self.node_versions[node] = self.base_version
+        else:
+            self.node_versions.pop(node, None)
 
     def _sampled_nodes(
         self, server_round: int, nodes: list[int], grid: Grid, config: ConfigRecord
@@ -338,7 +454,9 @@ class LivarStrategy(Strategy):
             answered.add(msg.metadata.reply_to_message_id)
             node = _sender(sent, msg)
             row: dict[str, Any] = {"round": server_round, "node_id": node, "client": None}
+            row["download_bytes"] = self._download_bytes.get(node)
             if msg.has_error():
+                self.node_versions.pop(node, None)
                 self._drop(
                     outcomes,
                     f"reply from node {node}: error reply (code {msg.error.code}): "
@@ -346,26 +464,31 @@ class LivarStrategy(Strategy):
                     **row,
                 )
                 continue
+            self._confirm_base(node, msg.content)
             try:
                 update = validate_reply(msg.content, spec, node_id=node)
             except InvalidReplyError as err:
                 self._drop(outcomes, str(err), **row)
                 continue
+            update.extras["download_bytes"] = self._download_bytes.get(node)
             valid.append((update, node))
             self.node_clients[node] = update.client_id
         for message_id, node in sent.items():
             if message_id not in answered:
+                self.node_versions.pop(node, None)
                 self._drop(
                     outcomes,
                     f"node {node}: no reply within the round timeout",
                     round=server_round,
                     node_id=node,
                     client=None,
+                    download_bytes=self._download_bytes.get(node),
                 )
         valid.sort(key=lambda item: (client_order(item[0].client_id), item[1]))
         updates: list[ClientUpdate] = []
         for update, node in valid:
             row = {"round": server_round, "node_id": node, "client": update.client_id}
+            row["download_bytes"] = update.extras.get("download_bytes")
             if updates and updates[-1].client_id == update.client_id:
                 first = updates[-1].extras.get("node_id")
                 self._drop(
@@ -408,6 +531,7 @@ class LivarStrategy(Strategy):
             outcomes=outcomes,
             participants=self._participants,
         )
+        self._register_install()
         outcomes.sort(key=lambda o: (not o["accepted"], str(o["client"]), o["node_id"]))
         self._current = self.global_arrays()
         self.history.append(record)
@@ -429,7 +553,7 @@ class LivarStrategy(Strategy):
         # the round's train config (run options, protocol, checksum, ...) plus the covariance kind
         covariance = "full" if full_covariance else "diag"
         config = ConfigRecord({**dict(self._train_config or {}), "ccvr-covariance": covariance})
-        content = RecordDict({ARRAYS: self.global_arrays(), CONFIG: config})
+        self._current = self.global_arrays()
         messages = [
             Message(
                 content=content,
@@ -437,7 +561,7 @@ class LivarStrategy(Strategy):
                 dst_node_id=node,
                 group_id=f"{server_round}-moments",
             )
-            for node in nodes
+            for node, content in self.model_contents(nodes, config).items()
         ]
         replies = list(self._grid.send_and_receive(messages, timeout=self.query_timeout))
         sent = _destinations(messages)
@@ -447,9 +571,11 @@ class LivarStrategy(Strategy):
             node = _sender(sent, msg)
             row = {"round": server_round, "node_id": node, "client": None}
             if msg.has_error():
+                self.node_versions.pop(node, None)
                 reason = f"moments reply from node {node}: error reply: {msg.error.reason}"
                 self._drop(outcomes, reason, **row)
                 continue
+            self._confirm_base(node, msg.content)
             try:
                 client, moments = validate_moments(
                     msg.content,
@@ -462,6 +588,10 @@ class LivarStrategy(Strategy):
                 self._drop(outcomes, str(err), **row)
                 continue
             valid.append((client, node, moments))
+        answered = {msg.metadata.reply_to_message_id for msg in replies}
+        for message_id, node in sent.items():
+            if message_id not in answered:  # its frozen weights are unknown now
+                self.node_versions.pop(node, None)
         valid.sort(key=lambda item: (client_order(item[0]), item[1]))
         unique = [v for i, v in enumerate(valid) if i == 0 or v[0] != valid[i - 1][0]]
         if len(unique) < self.min_replies:

@@ -1,0 +1,219 @@
+"""Product mode's download (livar_merge.flower.base_sync): round updates instead of the full
+frozen weights for nodes that hold the previous ones, folded bit for bit as the server folds,
+the full weights for nodes that lost them, did not confirm or would need more than the weights,
+and the bytes each node receives."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a running task's identity
+
+from flwr.app import ConfigRecord, Error, RecordDict  # noqa: E402
+
+from livar_merge.errors import NodeConfigError  # noqa: E402
+from livar_merge.federated.peft_keys import load_global_tensors  # noqa: E402
+from livar_merge.federated.server import FederatedServer  # noqa: E402
+from livar_merge.flower.base_sync import (  # noqa: E402
+    BASE_UPDATE,
+    base_checksum,
+    base_parameters,
+    fold_updates,
+    parse_update,
+    sync_node_base,
+    update_tensors,
+    wire_delta,
+)
+from livar_merge.flower.messages import ARRAYS, CONFIG, INFO, from_array_record  # noqa: E402
+from livar_merge.flower.strategy import FlowerSettings, LivarStrategy  # noqa: E402
+from livar_merge.lora import LoraDelta  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    NUM_CLASSES,
+    FakeGrid,
+    tiny_peft_vit,
+)
+from tests.helpers import fake_flower_update as fake_update  # noqa: E402
+
+NODES = [31, 7, 52]
+
+
+def test_wire_delta_sends_the_smaller_form_and_folds_as_the_server():
+    g = torch.Generator().manual_seed(0)
+    low = LoraDelta(
+        scaling=0.5, B=torch.randn(40, 3, generator=g), A=torch.randn(3, 30, generator=g)
+    )
+    high = LoraDelta(
+        scaling=0.5, B=torch.randn(8, 6, generator=g), A=torch.randn(6, 8, generator=g)
+    )
+    dense = LoraDelta(scaling=1.0, dense=torch.randn(8, 8, generator=g))
+    assert set(wire_delta(low)) == {"B", "A", "scaling"}  # 210 < 1200 values
+    assert set(wire_delta(high)) == {"dense"}  # 96 >= 64 values
+    assert set(wire_delta(dense)) == {"dense"}
+    parsed = parse_update(update_tensors({3: {"l": low}, 4: {"l": high}}))
+    assert sorted(parsed) == [3, 4]
+    assert torch.equal(parsed[3]["l"].to_dense(), low.to_dense())  # bit for bit
+    assert torch.equal(parsed[4]["l"].to_dense(), high.to_dense())
+
+
+def test_parse_update_refuses_malformed_updates():
+    with pytest.raises(NodeConfigError, match="not <round>/<layer>/<part>"):
+        parse_update({"layer/B": torch.zeros(2, 1)})
+    with pytest.raises(NodeConfigError, match=r"parts \['A', 'B'\]"):
+        parse_update({"1/l/B": torch.zeros(2, 1), "1/l/A": torch.zeros(1, 2)})
+    with pytest.raises(NodeConfigError, match="NaN/Inf"):
+        parse_update({"1/l/dense": torch.tensor([[float("nan")]])})
+
+
+class Node:
+    """A simulated node: its own model copy and context.state, answering as our ClientApp."""
+
+    def __init__(self, model, client: str, seed: int, confirms: bool = True) -> None:
+        self.model, self.client, self.seed, self.confirms = model, client, seed, confirms
+        self.state = RecordDict()
+        self.received: list[RecordDict] = []
+
+    def answer(self, content: RecordDict):
+        self.received.append(content)
+        config = content[CONFIG]
+        load_global_tensors(self.model, from_array_record(content[ARRAYS]))
+        try:
+            info = sync_node_base(self.model, content, config, self.state)
+        except NodeConfigError as err:
+            return Error(code=1, reason=str(err))
+        from tests.helpers import packed
+
+        reply = packed(
+            fake_update(self.model, self.client, self.seed + int(config["server-round"]))
+        )
+        if self.confirms:
+            for key, value in (info or {}).items():
+                reply[INFO][key] = value
+        return reply
+
+
+def federation(confirms=(True, True, True)):
+    model = tiny_peft_vit(rank=4, alpha=4.0, num_classes=NUM_CLASSES, seed=0)
+    nodes = {
+        n: Node(copy.deepcopy(model), f"client_{m}", 10 * m, confirms[m])
+        for m, n in enumerate(NODES)
+    }
+    server = FederatedServer(model, seed=42, method="livar", lora_merge="product")
+    strategy = LivarStrategy(server, settings=FlowerSettings(min_replies=1))
+    grid = FakeGrid(NODES, lambda node, message: nodes[node].answer(message.content))
+    return strategy, nodes, grid
+
+
+def run_round(strategy, grid, r, nodes_subset=None):
+    if nodes_subset is not None:
+        grid.nodes = nodes_subset
+    config = ConfigRecord({"server-round": r})
+    arrays = strategy._current if strategy._current is not None else strategy.initial_arrays()
+    messages = list(strategy.configure_train(r, arrays, config, grid))
+    replies = grid.send_and_receive(messages)
+    strategy.aggregate_train(r, replies)
+    return messages
+
+
+def test_nodes_receive_round_updates_and_hold_the_servers_weights_bit_for_bit():
+    strategy, nodes, grid = federation()
+    full_bytes = None
+    for r in (1, 2, 3):
+        messages = run_round(strategy, grid, r)
+        for message in messages:
+            content = message.content
+            has_base = any(k.startswith("base/") for k in content[ARRAYS])
+            assert has_base == (r == 1), (r, message.metadata.dst_node_id)
+            assert (BASE_UPDATE in content) == (r > 1)
+        rows = {o["node_id"]: o for o in strategy.history[-1].outcomes}
+        if r == 1:
+            full_bytes = rows[NODES[0]]["download_bytes"]
+        else:
+            assert all(row["download_bytes"] < full_bytes for row in rows.values())
+    # each node trained round 3 on version 2 (two installs); folding the third install, as
+    # the server did, gives the server's weights bit for bit
+    expected = base_parameters(strategy.model)
+    for node in nodes.values():
+        fold_updates(node.model, {3: strategy._round_updates[3]})
+        got = base_parameters(node.model)
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert strategy.node_versions == dict.fromkeys(NODES, 2)  # confirmed with round 3's reply
+
+
+def test_a_node_that_lost_its_weights_is_dropped_once_then_sent_them_in_full():
+    strategy, nodes, grid = federation()
+    run_round(strategy, grid, 1)
+    nodes[7].state = RecordDict()  # the node restarted and lost its state
+    run_round(strategy, grid, 2)
+    dropped = [o for o in strategy.history[-1].outcomes if not o["accepted"]]
+    assert [o["node_id"] for o in dropped] == [7]
+    assert "holds none" in dropped[0]["reason"]
+    messages = {m.metadata.dst_node_id: m.content for m in run_round(strategy, grid, 3)}
+    assert any(k.startswith("base/") for k in messages[7][ARRAYS])  # full weights, once
+    assert BASE_UPDATE in messages[31] and BASE_UPDATE in messages[52]
+    assert all(o["accepted"] for o in strategy.history[-1].outcomes)
+
+
+def test_a_node_that_does_not_confirm_always_receives_the_full_weights():
+    strategy, _nodes, grid = federation(confirms=(True, False, True))
+    for r in (1, 2):
+        messages = {m.metadata.dst_node_id: m.content for m in run_round(strategy, grid, r)}
+    assert any(k.startswith("base/") for k in messages[7][ARRAYS])
+    assert BASE_UPDATE in messages[31]
+
+
+def test_a_node_that_sat_out_receives_the_updates_it_missed_or_the_weights():
+    strategy, _nodes, grid = federation()
+    run_round(strategy, grid, 1)  # every node confirms version 0
+    run_round(strategy, grid, 2, nodes_subset=[31, 52])  # node 7 sits out round 2
+    grid.nodes = NODES
+    messages = {m.metadata.dst_node_id: m.content for m in run_round(strategy, grid, 3)}
+    assert int(messages[31][CONFIG]["base-from"]) == 1  # held version 1: one update
+    assert {k.split("/")[0] for k in messages[31][BASE_UPDATE]} == {"2"}
+    missed = update_tensors({v: strategy._round_updates[v] for v in (1, 2)})
+    missed_bytes = sum(t.numel() * t.element_size() for t in missed.values())
+    base = sum(p.numel() * p.element_size() for p in base_parameters(strategy.model).values())
+    if missed_bytes < base:  # versions 1 and 2, folded in order
+        assert int(messages[7][CONFIG]["base-from"]) == 0
+        assert {k.split("/")[0] for k in messages[7][BASE_UPDATE]} == {"1", "2"}
+    else:
+        assert BASE_UPDATE not in messages[7]
+        assert any(k.startswith("base/") for k in messages[7][ARRAYS])
+    assert all(o["accepted"] for o in strategy.history[-1].outcomes)
+
+
+def test_updates_larger_than_the_weights_are_replaced_by_the_weights():
+    strategy, _nodes, grid = federation()
+    run_round(strategy, grid, 1)
+    strategy.node_versions[7] = 0
+    # pretend node 7 holds version 0 while the server is at version 1 + many more rounds
+    for extra in range(2, 12):
+        strategy._round_updates[extra] = strategy._round_updates[1]
+    strategy.base_version = 11
+    strategy._registered_round = strategy.server.last_install[0]
+    content = strategy.model_contents([7], ConfigRecord({"server-round": 12}))[7]
+    assert BASE_UPDATE not in content and "base-from" not in content[CONFIG]
+    assert any(k.startswith("base/") for k in content[ARRAYS])
+
+
+def test_a_node_refuses_weights_that_differ_from_the_servers():
+    strategy, nodes, grid = federation()
+    run_round(strategy, grid, 1)
+    node = nodes[31]
+    content = strategy.model_contents([31], ConfigRecord({"server-round": 2}))[31]
+    tampered = RecordDict({ARRAYS: content[ARRAYS], CONFIG: content[CONFIG]})
+    tampered[BASE_UPDATE] = content[BASE_UPDATE]
+    key = next(iter(tampered[BASE_UPDATE]))
+    from livar_merge.flower.messages import to_array_record
+
+    tensors = from_array_record(tampered[BASE_UPDATE])
+    tensors[key] = tensors[key] + 1e-3
+    tampered[BASE_UPDATE] = to_array_record(tensors)
+    load_global_tensors(node.model, from_array_record(tampered[ARRAYS]))
+    with pytest.raises(NodeConfigError, match="differ from the server's"):
+        sync_node_base(node.model, tampered, tampered[CONFIG], node.state)
+    assert len(node.state) == 0  # forgotten: the server sends the full weights next time
+    assert base_checksum(strategy.model) == content[CONFIG]["base-checksum"]
