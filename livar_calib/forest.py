@@ -144,6 +144,9 @@ def fit_forest(
         n_jobs=n_jobs,
     )
     model.fit(x.loc[~is_test], y[~is_test])
+    # predictions sum the trees; with n_jobs > 1 in the order threads finish, which changes the
+    # last bits between runs (and the table's checksum): predict on one thread, in tree order
+    model.set_params(n_jobs=1)
     constant = float(y[~is_test].mean())
     pred = model.predict(x.loc[is_test]) if is_test.any() else np.empty(0)
     metrics = _metrics(y[is_test], pred, constant)
