@@ -100,3 +100,8 @@ class ArtifactError(LivarError):
 class EngineUnavailableError(LivarError):
     """An execution engine was asked for whose package is not installed (``--engine ray``
     without ray)."""
+
+
+class ExportError(LivarError):
+    """A run folder cannot be exported (no finished checkpoint or config, another livar's run)
+    or the export's output already exists."""

@@ -1,0 +1,230 @@
+"""livar-export end to end: tiny ``product`` and ``svd`` runs exported to both formats, each
+loaded in a fresh Python process that imports only torch, timm, peft and safetensors, its
+logits on the run's test images compared with the run's final global model (rebuilt with
+livar's own builder and checkpoint reader) and its top-1 with ``metrics.csv``.
+
+Tolerances: the timm export and every exact peft export (svd run: factors as trained, or
+re-factorised at ``--rank 8``; product run at ``--rank 32``, the full rank of the tiny ViT's
+layers) reproduce the logits to max abs difference < 1e-4 and the test accuracy exactly; the
+product run at its default rank 4 is lossy, its per-layer errors are recomputed here from the
+checkpoint and W0 with numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from livar_merge.federated.export import BASE_FILE, REPORT_FILE, export_run, main
+from livar_merge.federated.federation import build_federation
+from livar_merge.federated.run_folder import RunFolder
+from livar_merge.federated.runner import run_federated
+from tests.helpers import tiny
+
+TOLERANCE = 1e-4
+
+# the user's side: nothing of livar, only the ecosystem
+LOADER = textwrap.dedent(
+    """
+    import json, sys
+    import torch, timm, peft
+    from safetensors.torch import load_file, save_file
+
+    jobs = json.loads(sys.argv[1])
+    outputs = {}
+    for job in jobs:
+        data = load_file(job["inputs"])
+        meta = json.load(open(job["meta"]))
+        model = timm.create_model(meta["model"], pretrained=False,
+                                  num_classes=meta["num_classes"], **meta["create_kwargs"])
+        if job["format"] == "timm":
+            model.load_state_dict(load_file(job["path"]), strict=True)
+        else:
+            model.load_state_dict(load_file(job["path"] + "/base_model.safetensors"), strict=True)
+            model = peft.PeftModel.from_pretrained(model, job["path"])
+        model.eval()
+        with torch.no_grad():
+            logits = torch.cat([model(x) for x in data["x"].split(64)])
+        outputs[job["name"]] = logits.contiguous()
+        correct = int((logits.argmax(1) == data["y"]).sum())
+        outputs[job["name"] + "/accuracy"] = torch.tensor(correct / len(data["y"]),
+                                                         dtype=torch.float64)
+    assert not any(name.startswith("livar") for name in sys.modules), "livar was imported"
+    save_file(outputs, sys.argv[2])
+    """
+)
+
+
+def train(out: Path, lora_merge: str) -> dict:
+    config = tiny(rounds=2, lora_merge=lora_merge)
+    run_federated(config, out)
+    federation = build_federation(config)  # the run's own builder and checkpoint reader
+    RunFolder(out, config).load_checkpoint(federation.model)
+    model = federation.model.eval()
+    xs, ys = zip(*federation.test_source.batches(np.arange(federation.test_size), 64), strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    with torch.no_grad():
+        logits = torch.cat([model(batch) for batch in x.split(64)])
+    metrics = pd.read_csv(out / "metrics.csv")
+    return {
+        "folder": out,
+        "config": config,
+        "logits": logits,
+        "x": x,
+        "y": y,
+        "final_accuracy": float(metrics["test_accuracy"].iloc[-1]),
+        "checkpoint": load_file(str(out / "checkpoint" / "global.safetensors")),
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Both runs, their four exports and the fresh process's logits of each."""
+    root = tmp_path_factory.mktemp("export")
+    runs = {mode: train(root / f"run-{mode}", mode) for mode in ("product", "svd")}
+    exports = root / "exports"
+    jobs, records = [], {}
+    for mode, run in runs.items():
+        inputs = root / f"inputs-{mode}.safetensors"
+        save_file({"x": run["x"].contiguous(), "y": run["y"]}, str(inputs))
+        outs = {
+            f"{mode}-timm": ("timm", exports / f"{mode}.safetensors", None),
+            f"{mode}-peft": ("peft", exports / f"{mode}-peft", None),
+        }
+        if mode == "product":  # 32: the full rank of every layer, so the SVD keeps everything
+            outs["product-peft-r32"] = ("peft", exports / "product-peft-r32", 32)
+        else:  # another rank than the run's: the trained update re-factorised (rank <= 4)
+            outs["svd-peft-r8"] = ("peft", exports / "svd-peft-r8", 8)
+        for name, (fmt, path, rank) in outs.items():
+            records[name] = export_run(run["folder"], fmt, path, rank=rank, check_samples=0)
+            meta = path.with_suffix(".json") if fmt == "timm" else path / REPORT_FILE
+            jobs.append(
+                {
+                    "name": name,
+                    "format": fmt,
+                    "path": str(path),
+                    "meta": str(meta),
+                    "inputs": str(inputs),
+                }
+            )
+    result = root / "fresh.safetensors"
+    subprocess.run(
+        [sys.executable, "-c", LOADER, json.dumps(jobs), str(result)],
+        check=True,
+        timeout=600,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(root)},
+    )
+    return runs, records, load_file(str(result))
+
+
+@pytest.mark.parametrize(
+    "name", ["product-timm", "svd-timm", "svd-peft", "product-peft-r32", "svd-peft-r8"]
+)
+def test_exact_exports_reproduce_the_run_in_a_fresh_process(exported, name):
+    runs, records, fresh = exported
+    run = runs[name.split("-")[0]]
+    assert records[name]["exact"] is True
+    diff = float((fresh[name] - run["logits"]).abs().max())
+    assert diff < TOLERANCE, diff
+    assert float(fresh[f"{name}/accuracy"]) == pytest.approx(run["final_accuracy"], abs=1e-12)
+    check = records[name]["check"]
+    assert check["whole_test_set"] and check["passed"]
+    assert check["exported_top1"] == pytest.approx(run["final_accuracy"], abs=1e-12)
+
+
+def test_timm_sidecar_and_file(exported):
+    runs, records, _ = exported
+    for mode in ("product", "svd"):
+        record = records[f"{mode}-timm"]
+        config = runs[mode]["config"]
+        assert record["model"] == config.model and record["num_classes"] == 10
+        assert record["create_kwargs"] == {
+            "img_size": 16,
+            "patch_size": 8,
+            "embed_dim": 32,
+            "depth": 2,
+            "num_heads": 2,
+        }
+        assert record["run"]["config_hash"] == config.config_hash()
+        assert record["provenance"]["git"].keys() == {"commit", "dirty"}
+        file = runs[mode]["folder"].parent / "exports" / f"{mode}.safetensors"
+        import hashlib
+
+        assert record["sha256"] == "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()
+        assert json.loads(file.with_suffix(".json").read_text())["sha256"] == record["sha256"]
+        state = load_file(str(file))
+        assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"} <= set(state)
+        assert not any("lora" in key or "base_layer" in key for key in state)
+
+
+def test_peft_adapter_folder(exported):
+    runs, _, _ = exported
+    folder = runs["svd"]["folder"].parent / "exports" / "svd-peft"
+    names = {p.name for p in folder.iterdir()}
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        BASE_FILE,
+        "README.md",
+        REPORT_FILE,
+    } <= names
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (
+        config["r"] == 4 and config["lora_alpha"] == 4.0 and config["modules_to_save"] == ["head"]
+    )
+    adapter = load_file(str(folder / "adapter_model.safetensors"))
+    assert "base_model.model.head.weight" in adapter
+    checkpoint = runs["svd"]["checkpoint"]
+    # svd run: the adapter holds the trained factors themselves
+    for key, value in checkpoint.items():
+        if key.startswith("lora/"):
+            assert torch.equal(adapter[key.removeprefix("lora/")], value)
+    assert torch.equal(adapter["base_model.model.head.weight"], checkpoint["head/weight"])
+    assert "Exact: yes" in (folder / "README.md").read_text()
+
+
+def test_product_adapter_at_the_run_rank_is_lossy_and_says_so(exported):
+    runs, records, fresh = exported
+    run, record = runs["product"], records["product-peft"]
+    assert record["exact"] is False and record["rank"] == 4
+    folder = run["folder"].parent / "exports" / "product-peft"
+    w0 = load_file(str(folder / BASE_FILE))
+    checkpoint = run["checkpoint"]
+    scaling = run["config"].lora_alpha / run["config"].lora_rank
+    for layer in record["layers"]:  # the errors recomputed with numpy from the files
+        name = layer["layer"]
+        base = checkpoint[f"base/base_model.model.{name}.base_layer.weight"].double().numpy()
+        b = checkpoint[f"lora/base_model.model.{name}.lora_B.weight"].double().numpy()
+        a = checkpoint[f"lora/base_model.model.{name}.lora_A.weight"].double().numpy()
+        delta = base - w0[f"{name}.weight"].double().numpy() + scaling * b @ a
+        s = np.linalg.svd(delta, compute_uv=False)
+        expected = np.sqrt((s[4:] ** 2).sum() / (s**2).sum())
+        assert layer["relative_error"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+        assert 0.01 < layer["relative_error"] < 1
+        assert 4 < layer["update_rank"] <= 24  # at most 2 rounds x 3 clients x rank 4
+    diff = float((fresh["product-peft"] - run["logits"]).abs().max())
+    assert diff == pytest.approx(record["check"]["max_abs_logit_diff"], rel=1e-3, abs=1e-6)
+    assert diff > TOLERANCE  # the truncation is visible in the logits
+    assert "passed" not in record["check"]
+    assert "Exact: no" in (folder / "README.md").read_text()
+
+
+def test_cli_timm_export(exported, tmp_path, capsys):
+    runs, _, _ = exported
+    out = tmp_path / "cli.safetensors"
+    assert main([str(runs["svd"]["folder"]), "--to", "timm", str(out), "--check-samples", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "timm export" in printed and "exact: yes" in printed
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["check"]["samples"] == 8 and not sidecar["check"]["whole_test_set"]
+    assert main([str(runs["svd"]["folder"]), "--to", "timm", str(out)]) == 2  # exists now
+    assert "already exists" in capsys.readouterr().err
