@@ -153,16 +153,18 @@ class RankModels:
         return float(self.config.lora_alpha) / rank
 
     def start(
-        self, rank: int, global_model: torch.nn.Module, round_index: int
+        self, rank: int, global_model: torch.nn.Module, round_index: int, *, fresh: bool = False
     ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         """``(model, start state)`` of rank ``rank`` in round ``round_index``: the first call of
         a round copies the global model's non-LoRA state into the model and sets its LoRA
         start (:func:`start_lora`); restore the state (``restore_parameters``) before each
         client of that rank trains. Call it before the round's clients change ``global_model``
-        (or with ``global_model`` restored to the round's start)."""
+        (or with ``global_model`` restored to the round's start). ``fresh``: set the start
+        again even if this round's is cached (a Flower node, whose global model each message
+        brings)."""
         model = self.model(rank)
         cached = self._starts.get(rank)
-        if cached is None or cached[0] != round_index:
+        if fresh or cached is None or cached[0] != round_index:
             copy_non_lora_state(global_model, model)
             start_lora(
                 model,

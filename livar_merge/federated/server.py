@@ -172,6 +172,21 @@ class FederatedServer:
             available, self.clients_per_round, seed=self.seed, round_index=round_index
         )
 
+    @functools.cached_property
+    def accepts_mixed_ranks(self) -> bool:
+        """Whether client updates of LoRA ranks other than the global model's can be merged
+        into it: the method and the paired ones merge products (``MethodSpec.mixed_ranks``)
+        and ``lora_merge`` is not ``factors`` (Flower replies are checked against it)."""
+        names = [self.method, *(self.paired.methods if self.paired else [])]
+        try:
+            for name in names:
+                method_spec(name).check_client_ranks(
+                    [self.rank, self.rank + 1], lora_merge=self.lora_merge, rank=self.rank
+                )
+        except ConfigError:
+            return False
+        return True
+
     def previous_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Copies of the global head ``(weight [C, D], bias [C])`` before this round's merge."""
         return head_state(self.model)

@@ -6,7 +6,10 @@ which the node builds (once per configuration) the same federation as the server
 ``partition-id`` of its node config (``num-partitions``, when set, must equal ``num-clients``;
 ``data-root`` overrides the dataset folder on that node). The client memory (cumulative omega
 totals) lives in the node's ``context.state`` with the codec of
-:class:`~livar_merge.federated.client.ClientMemory`.
+:class:`~livar_merge.federated.client.ClientMemory`. With ``client_ranks`` the node trains at
+its client's rank (:meth:`~livar_merge.federated.config.FedConfig.client_rank`, from the run's
+options alone) a model of that rank started from the global model
+(:class:`~livar_merge.federated.ranks.RankModels`) and replies its ``lora-scaling``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from livar_merge.errors import NodeConfigError
 from livar_merge.federated.client import ClientMemory, train_client
 from livar_merge.federated.config import FedConfig, resolve_config
 from livar_merge.federated.federation import Federation, build_federation, client_id
+from livar_merge.federated.model import restore_parameters
 from livar_merge.federated.peft_keys import frozen_checksum, load_global_tensors
+from livar_merge.federated.ranks import RankModels
 from livar_merge.flower.base_sync import sync_node_base
 from livar_merge.flower.messages import (
     ARRAYS,
@@ -48,6 +53,7 @@ class ClientRuntime:
     federation: Federation
     table: dict[str, object]
     frozen: str
+    rank_models: RankModels  # the node's model when its client_ranks rank is not lora_rank
 
 
 _RUNTIMES: dict[tuple[str, str | None], ClientRuntime] = {}
@@ -73,6 +79,7 @@ def client_runtime(config: FedConfig, data_root: str | None = None) -> ClientRun
         federation=federation,
         table=GShapTable.load(config.table).identity(),
         frozen=frozen_checksum(federation.model, config.lora_merge),
+        rank_models=RankModels(config, federation.num_classes, federation.device),
     )
     _RUNTIMES[key] = runtime
     return runtime
@@ -168,15 +175,20 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
             raise NodeConfigError(f"message record {PROTOTYPES!r} is not an ArrayRecord")
         prototypes = from_array_record(arrays)[PROTOTYPES].to(fed.device)
     memory = _load_memory(context.state)
+    round_index = _config_int(record, "server-round")
+    model, rank = fed.model, config.client_rank(partition)  # the client_ranks rule
+    if rank != config.lora_rank:  # a model of its rank, started from the global one
+        model, start = runtime.rank_models.start(rank, fed.model, round_index, fresh=True)
+        restore_parameters(model, start)
     update, report = train_client(
-        fed.model,
+        model,
         fed.train_source,
         fed.parts[partition],
         client_id=client_id(partition),
         num_classes=fed.num_classes,
         settings=fed.settings,
         seed=config.seed,
-        round_index=_config_int(record, "server-round"),
+        round_index=round_index,
         needs=_config_names(record, "needs"),
         memory=memory,
         prototypes=prototypes,
@@ -184,6 +196,8 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
     )
     _save_memory(context.state, memory)
     update.extras.update(report.extras())
+    if config.mixed_ranks():  # the server folds the client's scaling into its factors
+        update.scaling = runtime.rank_models.scaling(rank)
     reply = pack_reply(
         update, partition_id=partition, table=runtime.table, config_hash=config.config_hash()
     )

@@ -31,7 +31,13 @@ A train reply is a RecordDict with three records:
                             ``train-seconds``, ``train-upload-bytes``, ...);
 ``info``    (ConfigRecord)  ``protocol``, ``client-id``, ``partition-id``, ``layer-names``,
                             ``config-hash`` and the G_SHAP table identity ``table-name``,
-                            ``table-version``, ``table-checksum``.
+                            ``table-version``, ``table-checksum``; ``lora-scaling`` (the
+                            client's own peft scaling ``lora_alpha / r_m``) when the update
+                            has one (``ClientUpdate.scaling``, runs with ``client_ranks``).
+
+With mixed client ranks (``ReplySpec.mixed_ranks``) a reply's LoRA factors may have another
+rank ``r_m`` than the global model's (``B [d, r_m]``, ``A [r_m, k]``, the global ``d`` and
+``k``); a reply of another rank must carry its ``lora-scaling``.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from livar_merge.errors import InvalidReplyError
 PROTOCOL = 1
 ARRAYS, METRICS, INFO, CONFIG = "arrays", "metrics", "info", "config"
 PROTOTYPES, MOMENTS = "prototypes", "moments"
+SCALING = "lora-scaling"  # info key of a client's own peft LoRA scaling (mixed ranks)
 MOMENT_KEYS = ("mean", "cov", "count")
 TABLE_KEYS = ("name", "version", "checksum")
 
@@ -80,6 +87,16 @@ def _int_value(value: object, what: str) -> int:
     if not isinstance(value, int | float | str | bytes):
         raise InvalidReplyError(f"{what} is a {type(value).__name__}, expected a number")
     return int(value)
+
+
+def _float_value(value: object, what: str) -> float:
+    """``float(value)`` of a record's scalar; :class:`InvalidReplyError` for a list."""
+    if not isinstance(value, int | float | str | bytes):
+        raise InvalidReplyError(f"{what} is a {type(value).__name__}, expected a number")
+    try:
+        return float(value)
+    except ValueError as err:
+        raise InvalidReplyError(f"{what} is {value!r}, expected a number") from err
 
 
 def _str_tuple(value: object, what: str) -> tuple[str, ...]:
@@ -159,6 +176,13 @@ def pack_reply(
             **{f"table-{k}": table[k] for k in TABLE_KEYS},
         }
     )
+    if update.scaling is not None:
+        if isinstance(update.scaling, Mapping):
+            raise InvalidReplyError(
+                f"client {update.client_id!r}: the Flower reply carries one LoRA scaling per "
+                "client (a number), not one per layer"
+            )
+        info[SCALING] = float(update.scaling)
     return RecordDict({ARRAYS: to_array_record(tensors), METRICS: metrics, INFO: info})
 
 
@@ -210,6 +234,8 @@ def unpack_reply(content: RecordDict) -> ClientUpdate:
         head_bias=tensors.get("head/bias"),
         layer_names=_str_tuple(info.get("layer-names", []), "info key 'layer-names'"),
     )
+    if SCALING in info:
+        update.scaling = _float_value(info[SCALING], f"info key {SCALING!r}")
     if "omega-a" in metrics:
         update.omega_a = np.asarray(metrics["omega-a"], dtype=np.float64)
         update.omega_b = np.asarray(metrics["omega-b"], dtype=np.float64)
@@ -245,6 +271,9 @@ class ReplySpec:
     needs: frozenset[str]
     table: Mapping[str, Any] | None = None
     config_hash: str | None = None
+    # the method merges clients of other LoRA ranks than the global model's (client_ranks):
+    # LoRA factors of any rank r_m pass with the global d and k and a lora-scaling
+    mixed_ranks: bool = False
 
     @classmethod
     def from_global(
@@ -255,8 +284,10 @@ class ReplySpec:
         needs: frozenset[str],
         table: Mapping[str, Any] | None = None,
         config_hash: str | None = None,
+        mixed_ranks: bool = False,
     ) -> ReplySpec:
-        """The spec of replies to the global model ``tensors`` (``base/`` keys excluded)."""
+        """The spec of replies to the global model ``tensors`` (``base/`` keys excluded);
+        ``mixed_ranks``: accept LoRA factors of other ranks (the method can merge them)."""
         arrays = {
             k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
             for k, v in tensors.items()
@@ -270,6 +301,7 @@ class ReplySpec:
             needs=frozenset(needs),
             table=dict(table) if table is not None else None,
             config_hash=config_hash,
+            mixed_ranks=mixed_ranks,
         )
 
 
@@ -363,12 +395,58 @@ def _check_arrays(who: str, arrays: ArrayRecord, spec: ReplySpec) -> None:
         raise _reject(who, f"unexpected array {extra[0]!r} ({len(extra)} unexpected in all)")
     for key, (shape, dtype) in spec.arrays.items():
         array = arrays[key]
-        if tuple(array.shape) != tuple(shape):
+        if spec.mixed_ranks and key.startswith("lora/"):
+            _check_lora_shape(who, key, tuple(array.shape), tuple(shape))
+        elif tuple(array.shape) != tuple(shape):
             raise _reject(
                 who, f"array {key!r} has shape {tuple(array.shape)}, expected {tuple(shape)}"
             )
         if array.dtype != dtype:
             raise _reject(who, f"array {key!r} has dtype {array.dtype}, expected {dtype}")
+
+
+def _check_lora_shape(
+    who: str, key: str, shape: tuple[int, ...], expected: tuple[int, ...]
+) -> None:
+    """A LoRA factor of any rank ``r >= 1`` with the global layer size: ``lora_B [d, r]``
+    keeps ``d``, ``lora_A [r, k]`` keeps ``k`` (mixed client ranks)."""
+    kept = 0 if ".lora_B." in key else 1  # the dimension that is not the rank
+    if len(shape) != 2 or shape[kept] != expected[kept] or shape[1 - kept] < 1:
+        form = "[d, r]" if kept == 0 else "[r, k]"
+        raise _reject(
+            who,
+            f"array {key!r} has shape {shape}, expected {form} with "
+            f"{'d' if kept == 0 else 'k'} = {expected[kept]} (the global model's "
+            f"{expected}; the rank may differ)",
+        )
+
+
+def _check_ranks(who: str, arrays: ArrayRecord, info: ConfigRecord, spec: ReplySpec) -> None:
+    """Mixed ranks: one rank for A and B of a layer; a rank other than the global model's
+    needs the client's ``lora-scaling`` (finite, positive)."""
+    ranks: dict[str, int] = {}
+    for key, array in arrays.items():
+        if key.startswith("lora/"):
+            layer, which = key[len("lora/") :].rsplit(".lora_", 1)
+            rank = int(array.shape[1] if which.startswith("B") else array.shape[0])
+            if ranks.setdefault(layer, rank) != rank:
+                raise _reject(
+                    who,
+                    f"layer {layer}: lora_A and lora_B have ranks {sorted({ranks[layer], rank})}"
+                    " (one rank r for both)",
+                )
+    own = set(ranks.values())
+    global_ranks = {int(shape[0]) for key, (shape, _) in spec.arrays.items() if ".lora_A." in key}
+    if own != global_ranks:
+        if SCALING not in info:
+            raise _reject(
+                who,
+                f"LoRA rank {sorted(own)} differs from the global model's {sorted(global_ranks)} "
+                f"but info key {SCALING!r} (the client's lora_alpha / r) is missing",
+            )
+        scaling = _float_value(info[SCALING], f"info key {SCALING!r}")
+        if not math.isfinite(scaling) or scaling <= 0:
+            raise _reject(who, f"info key {SCALING!r} is {scaling!r}, expected a positive number")
 
 
 def validate_reply(
@@ -379,7 +457,9 @@ def validate_reply(
     Raises :class:`InvalidReplyError` naming the node, client and key for: a missing record or
     key, a different protocol, option hash or G_SHAP table (name/version/checksum), arrays of
     the wrong shape or dtype, NaN/Inf in arrays or statistics, negative statistics, statistics
-    of the wrong length, layer names that differ from the server's, or no samples.
+    of the wrong length, layer names that differ from the server's, or no samples. With
+    ``spec.mixed_ranks`` LoRA factors of another rank pass when they keep the global ``d`` and
+    ``k``, A and B of a layer agree on the rank and the reply carries its ``lora-scaling``.
     """
     node = f"node {node_id}" if node_id is not None else "a node"
     who = f"reply from {node}"
@@ -390,6 +470,8 @@ def validate_reply(
         who = f"reply from {node} (client {info['client-id']!r})"
     _check_info(who, info, spec)
     _check_arrays(who, arrays, spec)
+    if spec.mixed_ranks:
+        _check_ranks(who, arrays, info, spec)
     num = metrics.get("num-examples")
     if not isinstance(num, int) or num <= 0:
         raise _reject(who, f"metrics key 'num-examples' is {num!r}, expected a positive int")

@@ -203,6 +203,7 @@ class LivarStrategy(Strategy):
                 needs=self.needs,
                 table=self.table_identity,
                 config_hash=self.config_hash,
+                mixed_ranks=self.server.accepts_mixed_ranks,
             )
         return self._spec
 

@@ -117,3 +117,34 @@ def test_resume_gives_the_same_result(tmp_path):
         )
     saved = json.loads((tmp_path / "whole" / "config.json").read_text())
     assert saved["config"]["client_ranks"] == RANKS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merge", ["product", "svd"])
+def test_flower_simulation_matches_the_inprocess_run(tmp_path, request, merge):
+    """Each ClientApp trains its partition at the rank of the cycling rule and replies its
+    scaling; the global model and accuracies equal the in-process run's."""
+    pytest.importorskip("flwr")
+    request.getfixturevalue("task_identity")  # messages need a running task's identity
+    from tests.helpers import assert_accuracies_match
+
+    args = ["--preset", "tiny", "--client-ranks", "2", "4", "8", "--lora-merge", merge]
+    assert main([*args, "--out", str(tmp_path / "inprocess")]) == 0
+    assert main([*args, "--engine", "flower", "--out", str(tmp_path / "flower")]) == 0
+    reference = json.loads((tmp_path / "inprocess" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert_accuracies_match(summary["accuracy_per_round"], reference["accuracy_per_round"], 200)
+    got, expected = load_checkpoint(tmp_path / "flower"), load_checkpoint(tmp_path / "inprocess")
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
+    replies = pd.read_csv(tmp_path / "flower" / "replies.csv")
+    assert replies["accepted"].all()
+    clients = pd.read_csv(tmp_path / "flower" / "clients.csv")
+    assert clients["lora_rank"].tolist() == RANKS * 2
+    if merge == "svd":
+        pd.testing.assert_frame_equal(
+            pd.read_csv(tmp_path / "flower" / "svd_energy.csv"),
+            pd.read_csv(tmp_path / "inprocess" / "svd_energy.csv"),
+            atol=1e-6,
+        )
