@@ -97,11 +97,12 @@ class MissingHeadsError(CalibrationError):
 class ArtifactError(LivarError):
     """An artifact needed for a figure or table is missing or inconsistent."""
 
-class EngineUnavailableError(LivarError):
-    """An execution engine was asked for whose package is not installed (``--engine ray``
-    without ray)."""
-
 
 class ExportError(LivarError):
     """A run folder cannot be exported (no finished checkpoint or config, another livar's run)
     or the export's output already exists."""
+
+
+class EngineUnavailableError(LivarError):
+    """An execution engine was asked for whose package is not installed (``--engine ray``
+    without ray)."""
