@@ -112,7 +112,7 @@ def check_run_folder(run_dir: str | Path, *, partial: bool = False) -> RunInputs
     no ``config.json``, no checkpoint, an unfinished run (unless ``partial``), options or a
     config hash this livar version does not reproduce."""
     from livar_merge.errors import RunReadError
-    from livar_merge.federated.results import CONFIG_FILE, SUMMARY_FILE
+    from livar_merge.federated.results import CONFIG_FILE, SUMMARY_FILE, read_run_document
 
     folder = Path(run_dir)
     if not folder.is_dir():
@@ -120,12 +120,7 @@ def check_run_folder(run_dir: str | Path, *, partial: bool = False) -> RunInputs
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ExportError(f"{folder} holds no run: {CONFIG_FILE} is missing")
-    try:
-        document = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise RunReadError(f"{config_path} is not valid JSON: {err}") from err
-    if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
-        raise RunReadError(f"{config_path} has no 'config' object")
+    document = read_run_document(folder)
     for name in ("global.safetensors", "state.json"):
         if not (folder / "checkpoint" / name).is_file():
             raise ExportError(

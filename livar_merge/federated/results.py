@@ -219,8 +219,9 @@ def run_folders(path: str | os.PathLike[str]) -> list[Path]:
     return [child for child in sorted(folder.iterdir()) if child.is_dir() and is_run_folder(child)]
 
 
-def read_run_config(folder: Path) -> dict[str, Any]:
-    """The resolved options of a run folder (``config.json``'s ``config``)."""
+def read_run_document(folder: Path) -> dict[str, Any]:
+    """A run folder's ``config.json`` (``config``: the resolved options, ``config_hash``),
+    or :class:`RunReadError` naming the file."""
     path = folder / CONFIG_FILE
     try:
         document = json.loads(path.read_text())
@@ -228,7 +229,12 @@ def read_run_config(folder: Path) -> dict[str, Any]:
         raise RunReadError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
         raise RunReadError(f"{path} has no 'config' object")
-    return dict(document["config"])
+    return document
+
+
+def read_run_config(folder: Path) -> dict[str, Any]:
+    """The resolved options of a run folder (``config.json``'s ``config``)."""
+    return dict(read_run_document(folder)["config"])
 
 
 def read_run_summary(folder: Path) -> dict[str, Any] | None:
