@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from livar_merge._options import cli_parser, report_error
-from livar_merge.errors import ExportError, LivarError
+from livar_merge._options import check_dataclass, cli_parser, coerce_option, report_error
+from livar_merge.errors import ExportError, LivarError, RunReadError
 
 if TYPE_CHECKING:
     import torch
@@ -91,7 +91,6 @@ class RunInputs:
 
 def fed_config(options: dict[str, Any], where: Path) -> FedConfig:
     """The FedConfig of a run's resolved options, each coerced and checked as declared."""
-    from livar_merge._options import check_dataclass, coerce_option
     from livar_merge.federated.config import FIELD_NAMES, FedConfig
 
     unknown = sorted(set(options) - FIELD_NAMES)
@@ -111,7 +110,6 @@ def check_run_folder(run_dir: str | Path, *, partial: bool = False) -> RunInputs
     """Refuse a folder that is no finished ``livar-fed`` run (before anything heavy is loaded):
     no ``config.json``, no checkpoint, an unfinished run (unless ``partial``), options or a
     config hash this livar version does not reproduce."""
-    from livar_merge.errors import RunReadError
     from livar_merge.federated.results import CONFIG_FILE, SUMMARY_FILE, read_run_document
 
     folder = Path(run_dir)

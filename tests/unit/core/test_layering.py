@@ -68,7 +68,10 @@ def test_merging_core_imports_no_runtime_or_application():
 
 
 def test_nothing_outside_the_flower_package_imports_flwr():
-    assert offenders([*CORE, *RUNTIME, *CALIB, *ANALYSIS], ("flwr", "ray")) == []
+    assert offenders([*CORE, *RUNTIME, *CALIB, *ANALYSIS], ("flwr",)) == []
+    # Ray has one home outside Flower: the Ray engine of livar-calibrate/livar-sweep (lazily)
+    allow = {"livar_merge/federated/ray_engine.py"}
+    assert offenders([*CORE, *RUNTIME, *CALIB, *ANALYSIS], ("ray",), allow) == []
 
 
 def test_runtime_imports_the_flower_package_only_from_the_cli():
