@@ -306,20 +306,22 @@ class LivarStrategy(Strategy):
         base_bytes = sum(len(a.data) for k, a in arrays.items() if k not in keys)
         base = {k: v for k, v in config.items() if k not in ("base-from", "base-to")}
         base |= {"base-to": version, "base-checksum": checksum}
-        by_start: dict[int | None, RecordDict] = {}
+        full = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(base), **extra})
+        light = ArrayRecord({k: arrays[k] for k in arrays if k in keys})
+        by_start: dict[int, RecordDict] = {}  # one message per version a node holds
         out: dict[int, RecordDict] = {}
         for node in nodes:
-            start = self.node_versions.get(node)
-            if start is not None and any(
-                r not in self._round_updates for r in range(start + 1, version + 1)
+            held = self.node_versions.get(node)
+            if held is None or any(
+                r not in self._round_updates for r in range(held + 1, version + 1)
             ):
-                start = None
-            if start not in by_start and start is not None:
-                tensors = update_tensors(
-                    {r: self._round_updates[r] for r in range(start + 1, version + 1)}
-                )
+                out[node] = full
+                continue
+            start, missed = held, range(held + 1, version + 1)
+            if start not in by_start:
+                tensors = update_tensors({r: self._round_updates[r] for r in missed})
+                by_start[start] = full  # the updates are not smaller than the weights
                 if tensor_bytes(tensors) < base_bytes:
-                    light = ArrayRecord({k: arrays[k] for k in arrays if k in keys})
                     by_start[start] = RecordDict(
                         {
                             ARRAYS: light,
@@ -328,10 +330,6 @@ class LivarStrategy(Strategy):
                             **extra,
                         }
                     )
-                else:  # the updates are larger than the weights: the weights
-                    by_start[start] = self._full_content(arrays, base, extra, by_start)
-            if start is None and None not in by_start:
-                by_start[None] = self._full_content(arrays, base, extra, by_start)
             out[node] = by_start[start]
         return self._with_bytes(out)
 
@@ -346,20 +344,13 @@ class LivarStrategy(Strategy):
             self.base_version += 1
             self._round_updates[self.base_version] = installed[1]
 
-    @staticmethod
-    def _full_content(
-        arrays: ArrayRecord,
-        config: Mapping[str, Any],
-        extra: Mapping[str, Any],
-        built: Mapping[int | None, RecordDict],
-    ) -> RecordDict:
-        if None in built:
-            return built[None]
-        return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(dict(config)), **extra})
-
     def _with_bytes(self, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
+        """Record each node's payload bytes (counted once per distinct message)."""
+        sizes: dict[int, int] = {}
         for node, content in contents.items():
-            self._download_bytes[node] = record_bytes(content)
+            if id(content) not in sizes:
+                sizes[id(content)] = record_bytes(content)
+            self._download_bytes[node] = sizes[id(content)]
         return contents
 
     def current_base_checksum(self) -> str:
