@@ -76,15 +76,25 @@ def test_a_node_that_fails_to_identify_is_left_out_of_the_draw(caplog):
 
 def test_a_client_served_by_two_nodes_is_sent_to_the_lowest_node():
     nodes = {**NODES, 3: "client_2"}  # node 3 serves client_2 as node 905 does
+    # a round whose draw holds client_2 (the case under test must occur, not be skipped)
+    drawn = [
+        r
+        for r in range(1, 21)
+        if "client_2" in sample_participants(NODES.values(), 4, seed=42, round_index=r)
+    ]
+    assert drawn, "client_2 is never drawn in rounds 1..20: the test would check nothing"
+    r = drawn[0]
+    expected = sample_participants(NODES.values(), 4, seed=42, round_index=r)
+    assert "client_2" in expected
     strategy = sampling_strategy(4)
     messages = strategy.configure_train(
-        1, strategy.initial_arrays(), ConfigRecord(), identity_grid(nodes)
+        r, strategy.initial_arrays(), ConfigRecord(), identity_grid(nodes)
     )
     destinations = train_destinations(messages)
-    expected = sample_participants(NODES.values(), 4, seed=42, round_index=1)
-    if "client_2" in expected:
-        assert 3 in destinations and 905 not in destinations
-    assert len(destinations) == 4
+    node_of = {c: n for n, c in NODES.items()} | {"client_2": 3}  # the lowest of 3 and 905
+    assert destinations == [node_of[c] for c in expected]
+    assert 3 in destinations and 905 not in destinations
+    assert strategy._participants == expected
 
 
 def test_min_replies_counts_among_the_sampled_nodes():
