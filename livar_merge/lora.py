@@ -28,8 +28,10 @@ Per-client scaling: by default every client's delta is ``s B_m A_m`` with the on
 scaling ``s``. When ``client_scalings`` gives client ``m``'s own peft scaling ``s_m``
 (``lora_alpha_m / r_m``), it is folded into the client's factors before merging,
 ``B_m <- (s_m / s) B_m``, so that the merged ``LoraDelta`` keeps the server's ``scaling = s``
-and ``s * B A`` (``to_dense``, or the factors of ``to_peft_state_dict`` loaded into the
-server's model of scaling ``s``) is ``sum_m w_m s_m B_m A_m``.
+and, for ``product``/``svd``, ``s * B A`` (``to_dense``, or the factors of ``to_peft_state_dict``
+loaded into the server's model of scaling ``s``) is ``sum_m w_m s_m B_m A_m``. ``factors``
+folds the ratio into B alone, ``B = sum_m w_m (s_m / s) B_m`` and ``A = sum_m w_m A_m`` (as
+Fisher averaging does), so that the ratio enters the merged product once, not squared.
 """
 
 from __future__ import annotations
@@ -261,8 +263,9 @@ def client_scaling_ratios(
     client_ids: Sequence[object] | None = None,
 ) -> npt.NDArray[np.float64]:
     """``s_ml / s_l`` as float64 ``[clients, layers]``: client ``m``'s own peft scaling over the
-    server's (1.0 where a client's entry is None). Multiplying a client's merge weight by it
-    folds its scaling into its factors, ``B_m <- (s_m / s) B_m``."""
+    server's (1.0 where a client's entry is None). Multiplying the weight of a client's B (of
+    its product ``B_m A_m``; never of both factors) by it folds its scaling into its factors,
+    ``B_m <- (s_m / s) B_m``."""
     ratios = np.ones((len(client_scalings), len(layers)))
     for l, layer in enumerate(layers):
         server = scaling_for(scaling, layer)
@@ -404,7 +407,8 @@ def merge_lora(
             layers of client 0 in its dict order).
         client_ids: names for error messages.
         client_scalings: per client, its own peft scaling (number, ``{layer: scaling}`` or None
-            for the server's); folded into its factors as ``B_m <- (s_m / s) B_m``.
+            for the server's); folded into its factors as ``B_m <- (s_m / s) B_m`` (in
+            ``factors`` mode into B only: A is averaged with the plain weights).
 
     Returns:
         ``{layer: LoraDelta}`` in layer order; ``svd`` deltas carry ``discarded_energy``.
@@ -419,12 +423,14 @@ def merge_lora(
     lists = client_factor_lists(client_states, client_ids=client_ids, layer_names=layer_names)
     layers = list(lists)
     w_all = _weight_matrix(weights, len(client_states), layers, client_ids)
+    # B's weights: w times the scaling ratios s_m / s; A's (factors mode only): w alone
+    w_b = w_all
     if client_scalings is not None:
         if len(client_scalings) != len(client_states):
             raise ClientUpdateError(
                 f"{len(client_scalings)} client scalings for {len(client_states)} clients"
             )
-        w_all = w_all * client_scaling_ratios(client_scalings, scaling, layers, client_ids)
+        w_b = w_all * client_scaling_ratios(client_scalings, scaling, layers, client_ids)
     if mode == "factors":
         require_common_rank(lists, "merge mode 'factors'", client_ids=client_ids)
     merged: dict[str, LoraDelta] = {}
@@ -433,10 +439,11 @@ def merge_lora(
         dtype = _compute_dtype(bs[0].dtype)
         if dtype != bs[0].dtype:
             bs, as_ = [b.to(dtype) for b in bs], [a.to(dtype) for a in as_]
-        w = torch.as_tensor(w_all[:, l], dtype=dtype, device=bs[0].device)
+        w = torch.as_tensor(w_b[:, l], dtype=dtype, device=bs[0].device)
         s = scaling_for(scaling, layer)
         if mode == "factors":
-            merged[layer] = LoraDelta(scaling=s, B=_weighted_sum(bs, w), A=_weighted_sum(as_, w))
+            w_a = torch.as_tensor(w_all[:, l], dtype=dtype, device=bs[0].device)
+            merged[layer] = LoraDelta(scaling=s, B=_weighted_sum(bs, w), A=_weighted_sum(as_, w_a))
             continue
         b, a = stacked_product_factors(bs, as_, w)
         if mode == "svd":
