@@ -149,6 +149,19 @@ def pretrained_backbone(
 
 
 @torch.no_grad()
+def trained_predictions(
+    model: torch.nn.Module, source: BatchSource, indices: np.ndarray, settings: TrainSettings
+) -> torch.Tensor:
+    """The classes ``[len(indices)]`` the trained model (LoRA and trained head on) predicts for
+    ``indices``, in order, on the normalised inputs it trains on (``model`` in eval mode)."""
+    predicted = [torch.empty(0, dtype=torch.long, device=source.device)]
+    with autocast_context(settings.precision, source.device):
+        for x, _ in source.batches(indices, settings.eval_batch_size):
+            predicted.append(forward_with_features(model, x)[1].float().argmax(1))
+    return torch.cat(predicted)
+
+
+@torch.no_grad()
 def collect_class_stats(
     model: torch.nn.Module,
     source: BatchSource,
@@ -160,18 +173,28 @@ def collect_class_stats(
     """sigma^(c) from a pass over the client's data after training, or, for ``pretrained``,
     under the pretrained backbone W0 with the LoRA and trained head disabled (the released
     code). ``pretrained_base``: W0 of the LoRA layers' frozen weights, needed once merges
-    have been folded into them (``lora_merge="product"``)."""
+    have been folded into them (``lora_merge="product"``).
+
+    ``pretrained`` with ``sigma_samples="correct"`` takes two passes: which samples are
+    correctly classified is decided by the trained model (:func:`trained_predictions`; W0's
+    head is peft's untrained initial one), the features are W0's."""
     stats = ClassFeatureStats(num_classes, only_correct=settings.sigma_samples == "correct")
     was_training = model.training
     model.eval()
     context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    predicted: torch.Tensor | None = None
     if settings.sigma_pass == "pretrained":
+        if stats.only_correct:
+            predicted = trained_predictions(model, source, indices, settings)
         context = pretrained_backbone(model, pretrained_base)
     normalise = settings.sigma_inputs != "raw"
+    done = 0
     with context, autocast_context(settings.precision, source.device):
         for x, y in source.batches(indices, settings.eval_batch_size, normalise=normalise):
             features, logits = forward_with_features(model, x)
-            stats.update(features.float(), y, logits.float())
+            judged = logits.float() if predicted is None else predicted[done : done + len(y)]
+            stats.update(features.float(), y, judged)
+            done += len(y)
     model.train(was_training)
     return stats
 

@@ -186,7 +186,8 @@ class FedConfig(ArchitectureOverrides):
         "final",
         "features for sigma: 'final' (a pass over local data after training, paper), "
         "'last-epoch' (during the last local epoch), 'pretrained' (the pretrained backbone W0 "
-        "without LoRA, in every merge mode, released code)",
+        "without LoRA, in every merge mode, released code; with sigma_samples 'correct' the "
+        "trained model picks the correctly classified samples in a first pass)",
     )
     sigma_inputs: Literal["normalised", "raw"] = option(
         "normalised",
