@@ -518,6 +518,24 @@ def check_client_ranks(config: FedConfig, specs: Sequence[MethodSpec]) -> None:
             ) from err
 
 
+def check_cumulative_omega(config: FedConfig) -> None:
+    """Refuse ``omega_cumulative`` with client sampling (K < M): a client's running omega
+    totals add up the rounds it was sampled in, so G_SHAP's quantiles would rank clients by
+    how often they were sampled. The paper resets omega every round; the released code trains
+    every client every round, where the totals span the same rounds for all."""
+    if not config.omega_cumulative or config.participants_per_round() is None:
+        return
+    raise ConfigError(
+        "option omega_cumulative (--omega-cumulative, set by --protocol released) with client "
+        "sampling (option clients_per_round/fraction_train, "
+        f"K={config.participants_per_round()} of {config.num_clients} clients): a client's "
+        "running omega totals would span the rounds it was sampled in, so G_SHAP would rank "
+        "clients by how often they were sampled; sample clients with per-round omega "
+        "(--no-omega-cumulative, the paper's), or keep cumulative omega with every client "
+        "every round (no --clients-per-round/--fraction-train, the released code's)"
+    )
+
+
 def validate_config(config: FedConfig) -> None:
     """Raise a :class:`ConfigError` (or ``TableError``) naming what is wrong: a value against
     its declaration (type, choices, bounds), the method, its options, the paired methods and,
@@ -529,6 +547,7 @@ def validate_config(config: FedConfig) -> None:
         config.participants_per_round()
     except ConfigError as err:
         raise ConfigError(f"option clients_per_round/fraction_train: {err}") from err
+    check_cumulative_omega(config)
     specs = [
         method_spec(config.method),
         *check_paired_methods(config.method, config.paired).values(),
