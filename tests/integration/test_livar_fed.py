@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from livar_merge.errors import ConfigError
 from livar_merge.federated.config import resolve_config
 from livar_merge.federated.run_folder import RunFolderError
 from livar_merge.federated.runner import run_federated
@@ -82,7 +83,7 @@ def test_refuses_to_mix_runs(finished_run):
     out, _ = finished_run
     with pytest.raises(RunFolderError, match="already holds a run; pass --resume"):
         run_federated(tiny(rounds=2), out)
-    with pytest.raises(ValueError, match="different configuration.*beta"):
+    with pytest.raises(RunFolderError, match="different configuration.*beta"):
         run_federated(tiny(rounds=2, beta=0.1), out, resume=True)
 
 
@@ -172,7 +173,7 @@ def test_ccvr_last_round_only_is_fedavg_then_a_calibrated_head(tmp_path):
     expected = load_file(str(tmp_path / "fedavg" / "checkpoint" / "global.safetensors"))
     for key, value in expected.items():
         assert torch.equal(got[key], value) != key.startswith("head/"), key
-    with pytest.raises(ValueError, match="ccvr_rounds must be one of"):
+    with pytest.raises(ConfigError, match="option ccvr_rounds must be one of.*'first'"):
         tiny(ccvr_rounds="first")
     # an option added later leaves the hash of older runs (at its default) unchanged
     body = {k: v for k, v in tiny().to_dict().items() if k != "ccvr_rounds"}

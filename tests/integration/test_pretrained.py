@@ -189,7 +189,9 @@ def test_wrong_model_or_overrides_are_refused(cache) -> None:
         create_backbone("vit_base_patch16_224", 10, weights=NAME)
     with pytest.raises(WeightsError, match="vit_small_patch14_reg4_dinov2"):
         create_backbone("vit_small_patch14_reg4_dinov2", 10, weights=NAME)
-    with pytest.raises(ValueError, match="architecture overrides"):
+    with pytest.raises(
+        WeightsError, match=r"architecture overrides \['depth'\] need weights='random'"
+    ):
         create_backbone(MODEL, 10, weights=NAME, overrides={"depth": 2})
     pretrained.check_model_name(NAME, MODEL + ".lvd142m")  # a tag is fine
 

@@ -6,6 +6,7 @@ import torch
 
 from livar_merge.aggregation import ClientUpdate, make_aggregator
 from livar_merge.aggregation.fedproto import pooled_prototypes
+from livar_merge.errors import ClientUpdateError
 
 
 def test_prototypes_and_their_loss(rng):
@@ -50,5 +51,5 @@ def test_fedproto_aggregator_sends_back_prototypes():
     result = make_aggregator("fedproto").aggregate(updates)
     np.testing.assert_allclose(result.details["prototypes"], 0.5)
     del updates[1].extras["proto_mean"]
-    with pytest.raises(ValueError, match="client 'c1' sent no 'proto_mean'"):
+    with pytest.raises(ClientUpdateError, match="client 'c1' sent no 'proto_mean'"):
         make_aggregator("fedproto").aggregate(updates)

@@ -15,7 +15,7 @@ from livar_merge.aggregation import (
     unregister_method,
 )
 from livar_merge.aggregation.registry import keyword_parameters
-from livar_merge.errors import MethodOptionError, RegistrationError
+from livar_merge.errors import MethodOptionError, RegistrationError, UnknownMethodError
 from livar_merge.federated.config import FedConfig, resolve_config
 from tests.helpers import make_updates
 
@@ -27,7 +27,9 @@ def test_registry_and_needs():
     assert make_aggregator("livar-alpha").needs == {"omega"}
     assert make_aggregator("livar-sigma").needs == {"sigma"}
     assert make_aggregator("livar").describe()["table"]["name"] == "paper-table-a"
-    with pytest.raises(ValueError, match="unknown aggregation method"):
+    with pytest.raises(
+        UnknownMethodError, match="unknown aggregation method 'fedmagic'; available"
+    ):
         make_aggregator("fedmagic")
 
 
@@ -62,7 +64,7 @@ def test_make_aggregator_refuses_options_a_method_does_not_take():
     message = str(err.value)
     assert "'fisher'" in message and "ccvr_lr, lora_merge" in message
     assert "it takes: fisher_floor" in message
-    with pytest.raises(ValueError, match="unknown aggregation method 'fedmagic'"):
+    with pytest.raises(UnknownMethodError, match="unknown aggregation method 'fedmagic'"):
         make_aggregator("fedmagic")
 
 

@@ -6,6 +6,7 @@ import torch
 
 from livar_merge.aggregation import make_aggregator
 from livar_merge.aggregation.regmean import regmean_delta, regmean_head, shrink_gram
+from livar_merge.errors import MethodOptionError
 
 
 def test_regmean_delta_solves_the_regression_on_the_clients_data(rng):
@@ -57,5 +58,5 @@ def test_regmean_head_with_bias(rng):
 
 
 def test_regmean_refuses_factors_mode():
-    with pytest.raises(ValueError, match="product' or 'svd"):
+    with pytest.raises(MethodOptionError, match="regmean merges dense deltas.*product' or 'svd"):
         make_aggregator("regmean", lora_merge="factors")

@@ -47,7 +47,7 @@ def test_accuracy_curves_mean_and_std_over_seeds(tmp_path: Path):
     ccvr = out.data["series"][(1.0, "ccvr")]
     assert ccvr["std"].isna().all() and list(ccvr["n"]) == [1, 1]  # one seed: no band
     assert (0.05, "livar-sigma") not in out.data["series"]  # unfinished, not given
-    with pytest.raises(ValueError, match="no accuracy curves"):
+    with pytest.raises(ArtifactError, match="no accuracy curves for dataset 'eurosat'"):
         plot_accuracy_curves(curves, "eurosat", tmp_path / "none")
 
 
@@ -90,7 +90,7 @@ def test_accuracy_vs_beta_and_costs(tmp_path: Path):
     stats = out.data["stats"].set_index("beta")
     assert stats.loc[0.5, "mean"] == pytest.approx(100 * np.mean([0.61, 0.65, 0.66]))
     assert stats.loc[0.05, "std"] == pytest.approx(100 * np.std([0.40, 0.46], ddof=1))
-    with pytest.raises(ValueError, match="cifar100"):
+    with pytest.raises(ArtifactError, match="no finished sweep runs for dataset 'cifar100'"):
         plot_accuracy_vs_beta(rows, "cifar100", tmp_path / "none")
 
     csv, md = write_costs([root], "fashion-mnist", tmp_path / "tables")

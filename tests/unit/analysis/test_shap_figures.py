@@ -16,6 +16,7 @@ from analysis.shap_figures import (
     table_bin_means,
 )
 from livar_calib.explain import binned_shap_curve
+from livar_merge.errors import ArtifactError
 from tests.helpers import (
     BINNED_A,
     BINNED_B,
@@ -75,7 +76,7 @@ def test_curve_agreement_identical_reversed_and_constant():
     assert curve_agreement(up, down)["spearman"] == pytest.approx(-1.0)
     constant = curve_agreement(up, flat)
     assert np.isnan(constant["spearman"]) and "constant" in constant["note"]
-    with pytest.raises(ValueError, match="different bins"):
+    with pytest.raises(ArtifactError, match="different bins"):
         curve_agreement(up, binned_shap_curve(q, q, bins=5))
 
 

@@ -14,6 +14,7 @@ from analysis.tables import (
     override_specs,
     write_table,
 )
+from livar_merge.errors import ArtifactError
 from livar_merge.federated.sweep import MISSING_CELL
 from tests.helpers import (
     write_sweep,
@@ -65,7 +66,9 @@ def test_table_spec_overrides():
     specs = override_specs(PAPER_TABLES, {"table4": ["fashion-mnist"]}, [0.5], 0.1)
     assert specs["table4"].datasets == ("fashion-mnist",) and specs["table4"].betas == (0.1,)
     assert specs["table1"].betas == (0.5,)
-    with pytest.raises(ValueError, match="exactly one dataset"):
+    with pytest.raises(
+        ArtifactError, match=r"table4 is laid out for exactly one dataset, got \['a', 'b'\]"
+    ):
         override_specs(PAPER_TABLES, {"table4": ["a", "b"]})
-    with pytest.raises(ValueError, match="unknown table"):
+    with pytest.raises(ArtifactError, match="unknown table 'table9'"):
         override_specs(PAPER_TABLES, {"table9": ["a"]})

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from livar_merge import ClientUpdateError, merge_lora, peft_scalings, to_peft_state_dict
+from livar_merge.errors import ConfigError
 from livar_merge.lora import lora_layer_names
 from tests.helpers import tiny_peft_vit
 
@@ -163,5 +164,5 @@ def test_mismatches_name_client_and_layer():
         merge_lora(random_states(3, 2, 0), np.ones((3, 2)))
     with pytest.raises(ClientUpdateError, match="merge weight of client 1, layer"):
         merge_lora(random_states(3, 2, 0), [1.0, np.inf, 1.0])
-    with pytest.raises(ValueError, match="unknown LoRA merge mode"):
+    with pytest.raises(ConfigError, match="unknown LoRA merge mode 'mean'"):
         merge_lora(random_states(3, 2, 0), [1, 1, 1], mode="mean")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from livar_merge import ClassFeatureStats, ImportanceTracker, find_lora_parameters
+from livar_merge.errors import ClientUpdateError, ConfigError
 from tests.helpers import tiny_peft_vit
 
 
@@ -190,9 +191,9 @@ def test_class_feature_stats_match_numpy(only_correct):
 
 def test_class_feature_stats_needs_predictions_and_valid_labels():
     stats = ClassFeatureStats(3)
-    with pytest.raises(ValueError, match="needs predictions"):
+    with pytest.raises(ConfigError, match="only_correct=True needs predictions"):
         stats.update(torch.zeros(2, 4), torch.zeros(2))
-    with pytest.raises(ValueError, match="labels outside"):
+    with pytest.raises(ClientUpdateError, match=r"labels outside \[0, 3\)"):
         ClassFeatureStats(3, only_correct=False).update(torch.zeros(2, 4), torch.tensor([0, 3]))
     empty = ClassFeatureStats(3).result()
     assert not empty.present.any() and empty.count.sum() == 0

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from livar_merge.aggregation import make_aggregator
+from livar_merge.errors import ConfigError
 from livar_merge.federated.data import derive_seed
 from livar_merge.federated.model import head_module
 from livar_merge.federated.peft_keys import (
@@ -101,7 +102,7 @@ def test_paired_rows_get_differences_and_leave_the_model_alone(model):
         ("fedavg", pytest.approx(0.1)),
         ("livar-alpha", pytest.approx(-0.1)),
     ]
-    with pytest.raises(ValueError, match="paired evaluation needs evaluate"):
+    with pytest.raises(ConfigError, match="paired evaluation needs evaluate"):
         FederatedServer(model, method="livar", seed=3, paired=paired)
 
 
@@ -128,7 +129,7 @@ def test_ccvr_decision_seed_and_moments(model):
     assert calls == [] and first.moments_seconds == 0.0  # ccvr_round=2: not after round 1
     second = server.aggregate_round(2, updates, query_moments=query)
     assert calls == [(["client_0", "client_1"], True)] and second.moments_seconds == 0.25
-    with pytest.raises(ValueError, match="needs query_moments"):
+    with pytest.raises(ConfigError, match="method 'ccvr' needs query_moments"):
         server.aggregate_round(2, updates)
 
 
@@ -189,7 +190,9 @@ def test_released_evaluated_model_is_w0_plus_the_sample_weighted_product(model):
     paper.aggregate_round(1, updates)
     with paper.evaluated_model() as evaluated:
         assert evaluated is paper.model and paper.evaluated_delta is None
-    with pytest.raises(Exception, match="needs lora_merge 'factors'"):
+    with pytest.raises(
+        ConfigError, match="sample-weighted evaluated model needs lora_merge 'factors'"
+    ):
         FederatedServer(model, method="livar", seed=0, evaluated="sample-weighted-product")
 
 

@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("flwr")
 pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a running task's identity
 
+from livar_merge.errors import RunConfigError  # noqa: E402
 from livar_merge.flower.server_app import config_from_run_config  # noqa: E402
 from livar_merge.flower.strategy import FlowerSettings  # noqa: E402
 
@@ -30,5 +31,5 @@ def test_run_config_to_livar_fed_options(tmp_path):
     assert settings.min_replies == 2 and settings.round_timeout == 60.0
     assert settings.resolved_min_replies(5) == 2
     assert FlowerSettings().resolved_min_replies(5) == 3  # default: a majority
-    with pytest.raises(ValueError, match="not-an-option"):
+    with pytest.raises(RunConfigError, match=r"run config keys \['not-an-option'\] are neither"):
         config_from_run_config({"not-an-option": 1})

@@ -232,8 +232,9 @@ def test_ccvr_fails_the_round_with_too_few_moment_replies(model):
 
 
 def test_strategy_rejects_needs_the_wire_format_does_not_carry():
+    from livar_merge.errors import ConfigError
     from livar_merge.flower.strategy import check_method
 
     check_method("regmean")  # every method of the registry runs over Flower
-    with pytest.raises(ValueError, match="needs \\['hessian'\\].*does not carry"):
+    with pytest.raises(ConfigError, match="method 'newton' needs \\['hessian'\\].*does not carry"):
         check_method("newton", {"omega", "hessian"})
