@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from livar_merge.errors import GlobalStateError
 from livar_merge.federated.data import derive_seed
 from livar_merge.federated.model import ADAPTER, restart_lora, snapshot_trainable
 from livar_merge.federated.peft_keys import is_lora_parameter
@@ -53,7 +54,7 @@ def model_rank(model: torch.nn.Module) -> int:
     """The LoRA rank of a peft model (of its first LoRA layer; livar builds one rank)."""
     factors = lora_factors(model)
     if not factors:
-        raise ValueError("model has no LoRA layer")
+        raise GlobalStateError(f"model has no LoRA layer of adapter {ADAPTER!r}")
     return int(next(iter(factors.values()))[1].shape[0])
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from livar_merge.errors import ConfigError
+from livar_merge.errors import ConfigError, GlobalStateError
 from livar_merge.federated.config import cycled_rank
 from livar_merge.federated.install import install_result
 from livar_merge.federated.ranks import (
@@ -67,6 +67,11 @@ def global_model():
             b.copy_(torch.randn(b.shape, generator=gen))
             a.copy_(torch.randn(a.shape, generator=gen))
     return model
+
+
+def test_model_rank_refuses_a_model_without_lora():
+    with pytest.raises(GlobalStateError, match="model has no LoRA layer of adapter 'default'"):
+        model_rank(torch.nn.Linear(3, 2))
 
 
 @pytest.mark.parametrize("rank", [2, 4, 8])
