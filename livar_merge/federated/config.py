@@ -118,8 +118,9 @@ class FedConfig(ArchitectureOverrides):
     )
     fraction_train: float | None = option(
         None,
-        "fraction C of the clients sampled each round, K = max(1, floor(C M)) (Flower's "
-        "fraction_train; instead of clients_per_round)",
+        "fraction C of the clients sampled each round, K = max(1, floor(C M)) computed exactly "
+        "with C as written (0.29 of 100 clients: 29) (Flower's fraction_train; instead of "
+        "clients_per_round)",
         gt=0,
         le=1,
     )

@@ -11,8 +11,10 @@ the same ones as ``livar-fed`` when every client is connected. Imports no torch.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,8 @@ def clients_per_round(
     num_clients: int, count: int | None = None, fraction: float | None = None
 ) -> int | None:
     """``K``: ``count``, else ``max(1, floor(fraction * num_clients))`` (Flower's rule, with
-    at least one client), else None (every client, every round)."""
+    at least one client, computed exactly: :func:`fraction_count`), else None (every client,
+    every round)."""
     if count is not None and fraction is not None:
         raise ConfigError("give clients_per_round or fraction_train, not both")
     if count is not None:
@@ -42,9 +45,16 @@ def clients_per_round(
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise ConfigError(f"fraction_train must be in (0, 1], got {fraction}")
-        k = max(1, int(fraction * num_clients))
+        k = fraction_count(fraction, num_clients)
         return None if k == num_clients else k
     return None
+
+
+def fraction_count(fraction: float, num_clients: int) -> int:
+    """``max(1, floor(C M))`` in exact rational arithmetic, ``C`` read as the decimal it is
+    written as (its shortest repr): 0.29 of 100 clients is 29, where the float product
+    ``0.29 * 100 = 28.999...`` truncates to 28."""
+    return max(1, math.floor(Fraction(repr(float(fraction))) * num_clients))
 
 
 def sample_participants(
