@@ -169,27 +169,84 @@ def test_quality_gap_downstream_and_verdict(calibrated):
     assert "vs FedAvg" in summary["downstream"]["verdict"]
 
 
-def test_round_starts_rebuild_the_proxy_training_state(calibrated):
-    """The downstream check rebuilds each round's start from the saved deltas and heads; after
-    the last round it must equal the trainer's saved state (float32 rounding)."""
+def _round_start_error(got: dict, trained: dict, w0: dict, names) -> tuple[float, float]:
+    """Max over ``names`` of ``|got - trained|`` and of ``|trained - W0|`` (float64): how far a
+    rebuilt round start is from the state the proxy training had, and how far that state has
+    moved from the seeded backbone (the signal the comparison must resolve)."""
+    error = max(float((got[n].double() - trained[n].double()).abs().max()) for n in names)
+    moved = max(float((trained[n].double() - w0[n].double()).abs().max()) for n in names)
+    return error, moved
+
+
+@pytest.mark.parametrize("next_start", ["joint", "fedavg"])
+def test_round_starts_rebuild_every_round_start_of_the_proxy_training(
+    tmp_path, monkeypatch, next_start
+):
+    """``round_starts`` rebuilds each proxy round's start (frozen weights of the LoRA layers and
+    head) from the saved factors and heads. Compared, round by round and for both
+    ``next_start`` rules, with the state the trainer itself held as each round began (recorded
+    during the training) and with its ``state.safetensors`` after the last round; the weights
+    of the other rule must be visibly farther off, so the comparison can tell them apart."""
+    import dataclasses
+
+    import torch
     from safetensors.torch import load_file
 
-    from livar_calib.config import CalibConfig
+    from livar_calib.config import CALIB_PRESETS, CalibConfig
     from livar_calib.downstream import round_starts
-    from livar_calib.proxy import proxy_runs
+    from livar_calib.proxy import ProxyTrainer, proxy_runs
     from livar_merge.federated.federation import build_federation
 
-    config = CalibConfig(**json.loads((calibrated / "config.json").read_text())["config"])
+    config = CalibConfig(**{**CALIB_PRESETS["tiny"], "next_start": next_start})
     run = proxy_runs(config)[0]
-    fed = build_federation(config, dataset=config.proxy, seed=run.seed, beta=run.beta)
-    folder = calibrated / "proxy" / run.run_id
-    starts = list(round_starts(config, folder, fed.model, config.rounds))
-    assert [s.round for s in starts] == [1, 2]
-    params = dict(fed.model.named_parameters())
-    state = load_file(str(folder / "state.safetensors"))
-    for name, value in state.items():
-        scale = float(value.abs().max()) + 1e-12
-        assert float((params[name].detach() - value).abs().max()) / scale < 1e-5, name
+    folder = tmp_path / run.run_id
+    trained: dict[int, dict] = {}  # round -> the trainer's state as the round began (copies)
+    real_round = ProxyTrainer.run_round
+
+    def recording_round(self, round_index):
+        trained[round_index] = {k: v.clone() for k, v in self._state_tensors().items()}
+        return real_round(self, round_index)
+
+    monkeypatch.setattr(ProxyTrainer, "run_round", recording_round)
+    assert list(ProxyTrainer(config, run, folder).rounds()) == [1, 2]
+    trained[3] = load_file(str(folder / "state.safetensors"))  # after the last round's fold
+    assert trained.keys() == {1, 2, 3}
+    names = sorted(trained[1])
+    weights = [n for n in names if ".base_layer.weight" in n]
+    heads = [n for n in names if "modules_to_save" in n]
+    assert weights and heads
+
+    def rebuilt_starts(rule: str):
+        fed = build_federation(config, dataset=config.proxy, seed=run.seed, beta=run.beta)
+        params = dict(fed.model.named_parameters())
+        w0 = {n: params[n].detach().clone() for n in names}
+        states = {}
+        chosen = dataclasses.replace(config, next_start=rule)
+        for start in round_starts(chosen, folder, fed.model, config.rounds):
+            state = {n: params[n].detach().clone() for n in names}
+            for n in weights:  # the start's own record of the frozen weights: the model's
+                layer = n.removesuffix(".base_layer.weight")
+                assert torch.equal(start.base[layer], state[n]), n
+            expected_n = [len(part) for part in fed.parts]
+            np.testing.assert_array_equal(start.n, expected_n)
+            states[start.round] = state
+        states[config.rounds + 1] = {n: params[n].detach().clone() for n in names}
+        return w0, states
+
+    w0, ours = rebuilt_starts(next_start)
+    _, theirs = rebuilt_starts("fedavg" if next_start == "joint" else "joint")
+    assert sorted(ours) == [1, 2, 3]
+    for n in names:  # round 1 starts from the seeded model, identically in both
+        assert torch.equal(trained[1][n], w0[n]) and torch.equal(ours[1][n], w0[n]), n
+    for r in (2, 3):
+        for group in (weights, heads):
+            error, moved = _round_start_error(ours[r], trained[r], w0, group)
+            other, _ = _round_start_error(theirs[r], trained[r], w0, group)
+            # float32 training fold vs the rebuild from float64 factors: rounding only
+            tolerance = 1e-5 * moved + 1e-6
+            assert moved > 100 * tolerance, (r, moved)  # the rounds changed the start
+            assert error <= tolerance, (next_start, r, error, tolerance)
+            assert other > 100 * tolerance, (next_start, r, other)  # the other rule differs
 
 
 def test_resume_with_another_discretisation_reruns_only_the_analysis(calibrated, tmp_path):
