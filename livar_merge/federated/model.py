@@ -156,7 +156,7 @@ def create_backbone(
     arch = {k: v for k, v in (overrides or {}).items() if v is not None}
     kwargs.update(arch)
     source: str | None = None
-    cached: CachedCheckpoint | None = None
+    hub: CachedCheckpoint | None = None  # a checkpoint of the Hugging Face cache
     provenance: dict[str, Any] | None = None
     if pretrained.is_source_name(weights):
         pretrained.check_compatible(weights, model_name, arch)
@@ -170,8 +170,8 @@ def create_backbone(
         source = str(path.resolve())
         description = f"file:{source}"
     elif weights in ("auto", "hf-cache"):
-        cached = _cached_weights_file(model_name)
-        if cached is None:
+        hub = _cached_weights_file(model_name)
+        if hub is None:
             message = (
                 f"no pretrained weights for {model_name} in the local Hugging Face cache "
                 f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); pass a file with --weights"
@@ -179,7 +179,7 @@ def create_backbone(
             if weights == "hf-cache":
                 raise FileNotFoundError(message)
             warnings.warn(message + "; using random initialisation", RuntimeWarning, stacklevel=2)
-        source = None if cached is None else cached.path
+        source = None if hub is None else hub.path
         description = f"hf-cache:{source}" if source else "random (no cached weights)"
     else:
         description = "random"
@@ -192,8 +192,8 @@ def create_backbone(
         if provenance is not None:
             provenance = dict(provenance)
             provenance["pos_embed"] = pretrained.apply_source_pos_embed(model, source)
-        elif cached is not None:
-            provenance = hf_cache_provenance(cached)
+        elif hub is not None:
+            provenance = hf_cache_provenance(hub)
     else:
         model = timm.create_model(model_name, pretrained=False, **kwargs)
     return Backbone(model, description, provenance)
