@@ -6,6 +6,13 @@ and the bytes each node receives."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +26,7 @@ from livar_merge.errors import NodeConfigError  # noqa: E402
 from livar_merge.federated.peft_keys import load_global_tensors  # noqa: E402
 from livar_merge.federated.server import FederatedServer  # noqa: E402
 from livar_merge.flower.base_sync import (  # noqa: E402
+    BASE_STATE,
     BASE_UPDATE,
     base_checksum,
     base_parameters,
@@ -28,7 +36,13 @@ from livar_merge.flower.base_sync import (  # noqa: E402
     update_tensors,
     wire_delta,
 )
-from livar_merge.flower.messages import ARRAYS, CONFIG, INFO, from_array_record  # noqa: E402
+from livar_merge.flower.messages import (  # noqa: E402
+    ARRAYS,
+    CONFIG,
+    INFO,
+    from_array_record,
+    to_array_record,
+)
 from livar_merge.flower.strategy import FlowerSettings, LivarStrategy  # noqa: E402
 from livar_merge.lora import LoraDelta  # noqa: E402
 from tests.helpers import (  # noqa: E402
@@ -143,6 +157,139 @@ def test_nodes_receive_round_updates_and_hold_the_servers_weights_bit_for_bit():
     assert strategy.node_versions == dict.fromkeys(NODES, 2)  # confirmed with round 3's reply
 
 
+ROOT = Path(__file__).resolve().parents[3]
+
+# The node's side in its own Python process: the message and the node's kept state arrive as
+# Flower's wire bytes (protobuf RecordDict), its model is built from the run's seed as a node
+# builds it, it syncs its frozen weights with its own arithmetic (one torch thread, not the
+# server's) and writes back what it ends with.
+NODE_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    torch.set_num_threads(1)
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+    from safetensors.torch import save_file
+    from livar_merge.errors import NodeConfigError
+    from livar_merge.federated.peft_keys import load_global_tensors
+    from livar_merge.flower.base_sync import base_parameters, sync_node_base
+    from livar_merge.flower.messages import ARRAYS, CONFIG, from_array_record
+    from tests.helpers import NUM_CLASSES, tiny_peft_vit
+
+    def read(path):
+        return recorddict_from_proto(ProtoRecordDict.FromString(open(path, "rb").read()))
+
+    results = {}
+    for job in json.loads(sys.argv[1]):
+        content, state = read(job["content"]), read(job["state"])
+        model = tiny_peft_vit(rank=4, alpha=4.0, num_classes=NUM_CLASSES, seed=0)
+        load_global_tensors(model, from_array_record(content[ARRAYS]))
+        try:
+            info, error = sync_node_base(model, content, content[CONFIG], state), None
+        except NodeConfigError as err:
+            info, error = None, str(err)
+        weights = {k: v.detach().contiguous() for k, v in base_parameters(model).items()}
+        save_file(weights, job["weights"])
+        results[job["name"]] = {"info": info, "error": error, "state": sorted(state.keys())}
+    json.dump(results, open(sys.argv[2], "w"))
+    """
+)
+
+
+def wire_bytes(record: RecordDict) -> bytes:
+    """``record`` as Flower sends it (protobuf)."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(record).SerializeToString()
+
+
+def sha256_of(tensors: dict[str, torch.Tensor]) -> str:
+    """A SHA-256 of names and bytes computed here, not by base_sync's checksum."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_a_node_in_its_own_process_folds_the_update_to_the_servers_weights(tmp_path):
+    """The download of round updates across a process boundary: a node in a separate Python
+    process, given the message and its kept weights as wire bytes, folds the update with its
+    own arithmetic and ends with the server's frozen weights (SHA-256 equal, bit for bit); the
+    same node holding weights one ulp off before the fold refuses them (checksum) and forgets
+    its state."""
+    from safetensors.torch import load_file
+
+    strategy, nodes, grid = federation()
+    run_round(strategy, grid, 1)
+    run_round(strategy, grid, 2)
+    node = nodes[31]
+    assert int(str(node.state["livar-base-info"]["version"])) == 1  # holds version 1
+    content = strategy.model_contents([31], ConfigRecord({"server-round": 3}))[31]
+    config = content[CONFIG]
+    assert int(config["base-from"]) == 1 and int(config["base-to"]) == 2
+    update = from_array_record(content[BASE_UPDATE])
+    # the node multiplies the factors itself: its own arithmetic, not a dense copy
+    assert any(k.endswith("/B") for k in update) and any(k.endswith("/A") for k in update)
+    server = {k: v.detach().clone() for k, v in base_parameters(strategy.model).items()}
+    kept = from_array_record(node.state[BASE_STATE])
+    assert sha256_of(kept) != sha256_of(server)  # the update changes the weights
+
+    # the node's kept weights with one value one ulp away, where the fold keeps the ulp: a
+    # value the update shrinks (a one-ulp nudge of a value the update outgrows can round away)
+    key = next(k for k in sorted(kept) if k.endswith(".base_layer.weight"))
+    layer = key.removeprefix("base/").removesuffix(".base_layer.weight")
+    step = strategy._round_updates[2][layer].to_dense().to(kept[key])
+    shrinks = (server[key].abs() < kept[key].abs() / 2) & (server[key].sign() == kept[key].sign())
+    index = int(torch.where(shrinks.view(-1), kept[key].abs().view(-1), 0.0).argmax())
+    nudged = {k: v.clone() for k, v in kept.items()}
+    flat = nudged[key].view(-1)
+    flat[index] = torch.nextafter(flat[index], torch.tensor(float("inf")))
+    assert not torch.equal(nudged[key], kept[key])
+    assert not torch.equal(nudged[key] + step, server[key])  # the precondition: it must refuse
+    off_by_one_ulp = RecordDict(dict(node.state.items()))
+    off_by_one_ulp[BASE_STATE] = to_array_record(nudged)
+
+    jobs = []
+    for name, state in (("held", node.state), ("one-ulp", off_by_one_ulp)):
+        (tmp_path / f"{name}.content").write_bytes(wire_bytes(content))
+        (tmp_path / f"{name}.state").write_bytes(wire_bytes(state))
+        jobs.append(
+            {
+                "name": name,
+                "content": str(tmp_path / f"{name}.content"),
+                "state": str(tmp_path / f"{name}.state"),
+                "weights": str(tmp_path / f"{name}.safetensors"),
+            }
+        )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [sys.executable, "-c", NODE_PROCESS, json.dumps(jobs), str(tmp_path / "out.json")],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    results = json.loads((tmp_path / "out.json").read_text())
+
+    held = results["held"]
+    assert held["error"] is None, held["error"]
+    folded = load_file(str(tmp_path / "held.safetensors"))
+    assert folded.keys() == server.keys()
+    assert sha256_of(folded) == sha256_of(server)  # bit for bit, by a hash of our own
+    assert all(torch.equal(folded[k], server[k]) for k in server)
+    assert held["info"] == {"base-version": 2, "base-checksum": config["base-checksum"]}
+    assert config["base-checksum"] == base_checksum(strategy.model)
+
+    refused = results["one-ulp"]
+    assert refused["info"] is None
+    assert refused["error"] is not None and "differ from the server's" in refused["error"]
+    assert refused["state"] == []  # forgotten: the server sends the full weights next time
+    nudged_fold = load_file(str(tmp_path / "one-ulp.safetensors"))
+    assert sha256_of(nudged_fold) != sha256_of(server)
+
+
 def test_a_node_that_lost_its_weights_is_dropped_once_then_sent_them_in_full():
     strategy, nodes, grid = federation()
     run_round(strategy, grid, 1)
@@ -176,12 +323,12 @@ def test_a_node_that_sat_out_receives_the_updates_it_missed_or_the_weights():
     missed = update_tensors({v: strategy._round_updates[v] for v in (1, 2)})
     missed_bytes = sum(t.numel() * t.element_size() for t in missed.values())
     base = sum(p.numel() * p.element_size() for p in base_parameters(strategy.model).values())
-    if missed_bytes < base:  # versions 1 and 2, folded in order
-        assert int(messages[7][CONFIG]["base-from"]) == 0
-        assert {k.split("/")[0] for k in messages[7][BASE_UPDATE]} == {"1", "2"}
-    else:
-        assert BASE_UPDATE not in messages[7]
-        assert any(k.startswith("base/") for k in messages[7][ARRAYS])
+    # the two missed updates are smaller than the weights here (the other case, updates larger
+    # than the weights: test_updates_larger_than_the_weights_are_replaced_by_the_weights)
+    assert missed_bytes < base, (missed_bytes, base)
+    assert int(messages[7][CONFIG]["base-from"]) == 0  # versions 1 and 2, folded in order
+    assert {k.split("/")[0] for k in messages[7][BASE_UPDATE]} == {"1", "2"}
+    assert not any(k.startswith("base/") for k in messages[7][ARRAYS])
     assert all(o["accepted"] for o in strategy.history[-1].outcomes)
 
 
