@@ -49,7 +49,8 @@ LOADER = textwrap.dedent(
         if job["format"] == "timm":
             model.load_state_dict(load_file(job["path"]), strict=True)
         else:
-            model.load_state_dict(load_file(job["path"] + "/base_model.safetensors"), strict=True)
+            base = job.get("base") or job["path"] + "/base_model.safetensors"
+            model.load_state_dict(load_file(base), strict=True)
             model = peft.PeftModel.from_pretrained(model, job["path"])
         model.eval()
         with torch.no_grad():
@@ -64,6 +65,39 @@ LOADER = textwrap.dedent(
 )
 
 
+def independent_w0(config) -> dict[str, torch.Tensor]:
+    """W0 built here from the run's recorded weights source (a seeded random initialisation:
+    the seed of livar's model-init rule) with timm alone, not by livar's builder or export."""
+    import timm
+
+    from livar_merge.federated.data import derive_seed
+
+    torch.manual_seed(derive_seed(config.seed, "model-init"))
+    model = timm.create_model(
+        config.model,
+        pretrained=False,
+        num_classes=10,
+        img_size=config.image_size,
+        **config.architecture_overrides(),
+    )
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def perturbed(w0: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """W0 with the frozen weights of every LoRA layer moved by 5 % of their scale: another base
+    under the same adapter (a wrong W0)."""
+    gen = torch.Generator().manual_seed(7)
+    out = dict(w0)
+    for key, value in w0.items():
+        if key.startswith("blocks.") and key.endswith(
+            ("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight")
+        ):
+            noise = torch.randn(value.shape, generator=gen)
+            out[key] = (value + 0.05 * float(value.std()) * noise).contiguous()
+    assert sum(not torch.equal(out[k], w0[k]) for k in w0) == 8  # 2 blocks x 4 layers
+    return out
+
+
 def train(out: Path, lora_merge: str) -> dict:
     config = tiny(rounds=2, lora_merge=lora_merge)
     run_federated(config, out)
@@ -75,6 +109,7 @@ def train(out: Path, lora_merge: str) -> dict:
     with torch.no_grad():
         logits = torch.cat([model(batch) for batch in x.split(64)])
     metrics = pd.read_csv(out / "metrics.csv")
+    assert json.loads((out / "provenance.json").read_text())["model_weights"] == "random"
     return {
         "folder": out,
         "config": config,
@@ -83,6 +118,7 @@ def train(out: Path, lora_merge: str) -> dict:
         "y": y,
         "final_accuracy": float(metrics["test_accuracy"].iloc[-1]),
         "checkpoint": load_file(str(out / "checkpoint" / "global.safetensors")),
+        "w0": independent_w0(config),
     }
 
 
@@ -96,6 +132,12 @@ def exported(tmp_path_factory):
     for mode, run in runs.items():
         inputs = root / f"inputs-{mode}.safetensors"
         save_file({"x": run["x"].contiguous(), "y": run["y"]}, str(inputs))
+        bases = {
+            "w0": root / f"w0-{mode}.safetensors",  # the independent W0
+            "perturbed": root / f"w0-perturbed-{mode}.safetensors",
+        }
+        save_file(run["w0"], str(bases["w0"]))
+        save_file(perturbed(run["w0"]), str(bases["perturbed"]))
         outs = {
             f"{mode}-timm": ("timm", exports / f"{mode}.safetensors", None),
             f"{mode}-peft": ("peft", exports / f"{mode}-peft", None),
@@ -107,15 +149,11 @@ def exported(tmp_path_factory):
         for name, (fmt, path, rank) in outs.items():
             records[name] = export_run(run["folder"], fmt, path, rank=rank, check_samples=0)
             meta = path.with_suffix(".json") if fmt == "timm" else path / REPORT_FILE
-            jobs.append(
-                {
-                    "name": name,
-                    "format": fmt,
-                    "path": str(path),
-                    "meta": str(meta),
-                    "inputs": str(inputs),
-                }
-            )
+            job = {"format": fmt, "path": str(path), "meta": str(meta), "inputs": str(inputs)}
+            jobs.append({**job, "name": name})
+            if fmt == "peft":  # the adapter on the independent W0, and on a wrong one
+                for which, base in bases.items():
+                    jobs.append({**job, "name": f"{name}@{which}", "base": str(base)})
     result = root / "fresh.safetensors"
     subprocess.run(
         [sys.executable, "-c", LOADER, json.dumps(jobs), str(result)],
@@ -139,6 +177,41 @@ def test_exact_exports_reproduce_the_run_in_a_fresh_process(exported, name):
     check = records[name]["check"]
     assert check["whole_test_set"] and check["passed"]
     assert check["exported_top1"] == pytest.approx(run["final_accuracy"], abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["svd-peft", "product-peft-r32", "svd-peft-r8"])
+def test_exact_adapters_on_an_independent_w0_reproduce_the_run(exported, name):
+    """The adapter loaded (fresh process) onto W0 built here from the run's weights source,
+    not the W0 file the export wrote, gives the run's final model's logits; onto a W0 whose
+    LoRA layers are 5 % off it does not: a wrong W0 in the export would be seen."""
+    runs, records, fresh = exported
+    run = runs[name.split("-")[0]]
+    assert records[name]["exact"] is True
+    right = float((fresh[f"{name}@w0"] - run["logits"]).abs().max())
+    assert right < TOLERANCE, right
+    assert float(fresh[f"{name}@w0/accuracy"]) == pytest.approx(run["final_accuracy"], abs=1e-12)
+    wrong = float((fresh[f"{name}@perturbed"] - run["logits"]).abs().max())
+    assert wrong > 100 * TOLERANCE, wrong  # far beyond the tolerance of the right W0
+
+
+def test_the_w0_written_beside_the_adapter_is_the_runs(exported):
+    """base_model.safetensors equals W0 rebuilt here with timm from the run's seed (every
+    tensor, the initial head included); livar's own seeded build of the run's model agrees with
+    that independent W0 outside the LoRA layers (a check of the independent construction)."""
+    runs, _, _ = exported
+    for mode, run in runs.items():
+        w0 = run["w0"]
+        folders = sorted((run["folder"].parent / "exports").glob(f"{mode}-peft*"))
+        assert len(folders) == 2, folders  # at the run's rank and at another
+        for folder in folders:
+            written = load_file(str(folder / BASE_FILE))
+            assert written.keys() == w0.keys(), folder.name
+            for key, value in w0.items():
+                assert torch.equal(written[key], value), (folder.name, key)
+        # the run's model as its builder seeds it: the same W0 outside the LoRA layers
+        seeded = build_federation(run["config"]).model.state_dict()
+        for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"):
+            assert torch.equal(seeded[f"base_model.model.{key}"], w0[key]), key
 
 
 def test_timm_sidecar_and_file(exported):
