@@ -89,6 +89,18 @@ class CalibConfig(ArchitectureOverrides):
     discretise: Literal["cell-mean", "interaction", "additive"] = option(
         "cell-mean", DISCRETISE_HELP
     )
+    min_cell_rows: int = option(
+        50,
+        "cells with fewer rows are shrunk towards the additive value: weight n/min_cell_rows on "
+        "the rule's cell value (0 rows: the additive value)",
+        ge=0,
+    )
+    cell_resamples: int = option(
+        200, "bootstrap resamples of training runs for the per-cell intervals (0: none)", ge=0
+    )
+    max_test: int | None = option(
+        1000, "stratified subsample of the proxy test set scored by the downstream check", ge=1
+    )
     downstream: bool = option(
         True,
         "score the merged model of each scheme (tables, FedAvg, oracle) on the proxy test set "
@@ -124,6 +136,9 @@ ANALYSIS_OPTIONS = frozenset(
         "holdout_fraction",
         "edges",
         "discretise",
+        "min_cell_rows",
+        "cell_resamples",
+        "max_test",
         "downstream",
         "table_name",
         "seed",
@@ -201,8 +216,8 @@ CALIB_PRESETS: dict[str, dict[str, Any]] = {
         "lora_alpha": 4.0,
         "num_clients": 3,
         "betas": [0.5],
-        "seeds": [0],
-        "rounds": 2,
+        "seeds": [0, 1],
+        "rounds": 1,
         "local_epochs": 1,
         "n_estimators": 20,
         "min_samples_leaf": 2,

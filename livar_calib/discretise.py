@@ -37,6 +37,13 @@ Common to all rules:
 * Empty bin (no rows): the mean SHAP of the nearest non-empty bin of the binned SHAP curve
   (:func:`livar_calib.explain.binned_shap_curve`, ``curve_bins`` equal-width bins) to the table
   bin's centre is used instead, and the substitution is reported.
+* Thin cells are shrunk (``min_cell_rows``, ``livar-calibrate --min-cell-rows``, default 50):
+  under ``interaction`` and ``cell-mean`` a cell with ``n`` rows takes
+  ``additive + min(1, n / min_cell_rows) * (rule value - additive)``, so a cell seen by a
+  handful of rows stays near the additive value and an empty cell is the additive value.
+  Rows per cell, the shrinkage weights and the unshrunk cells go into the report.
+* Per-cell intervals (:func:`cell_intervals`, ``--cell-resamples``): a percentile bootstrap
+  over whole calibration runs with the forest held fixed (:data:`CELL_INTERVAL_METHOD`).
 * Cells must be positive: values below ``floor`` are raised to it and reported. Default floor:
   ``max(0.01 * |base_value|, 1e-6)``.
 * ``edges_a="shap-curve"`` (or ``edges_b``): the edges are chosen from the binned SHAP curve of
@@ -51,7 +58,7 @@ import datetime as _dt
 import itertools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +96,15 @@ RULES = {
     "of cell (b, a); an empty cell takes the additive rule's value" + _COMMON,
 }
 DEFAULT_RULE = "cell-mean"
+SHRINKAGE_RULE = (
+    "cell = additive + min(1, n / min_cell_rows) * (rule value - additive), n the cell's rows"
+)
+CELL_INTERVAL_METHOD = (
+    "percentile bootstrap over the calibration runs (each resample draws whole (beta, seed) "
+    "runs with replacement and discretises their rows again with the same edges, floor and "
+    "shrinkage; the forest and its SHAP values are held fixed, so forest-refit variability "
+    "is not included)"
+)
 
 EdgeSpec = Sequence[float] | str
 
@@ -134,6 +150,12 @@ class Discretisation:
     counts: np.ndarray | None = None
     interaction: np.ndarray | None = None
     empty_cells: list[dict[str, Any]] = field(default_factory=list)
+    min_cell_rows: int = 0
+    shrinkage_weight: np.ndarray | None = None
+    unshrunk: np.ndarray | None = None
+    cell_low: np.ndarray | None = None
+    cell_high: np.ndarray | None = None
+    interval: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
         """JSON-serialisable summary (stored in the table's provenance)."""
@@ -142,6 +164,19 @@ class Discretisation:
             extra["rows_per_cell"] = self.counts.astype(int).tolist()
         if self.interaction is not None:
             extra["interaction_per_cell"] = self.interaction.tolist()
+        if self.shrinkage_weight is not None and self.unshrunk is not None:
+            extra["shrinkage"] = {
+                "min_cell_rows": self.min_cell_rows,
+                "rule": SHRINKAGE_RULE,
+                "weight_per_cell": self.shrinkage_weight.tolist(),
+                "unshrunk_cells": self.unshrunk.tolist(),
+            }
+        if self.cell_low is not None and self.cell_high is not None:
+            extra["cell_interval"] = {
+                **self.interval,
+                "low": self.cell_low.tolist(),
+                "high": self.cell_high.tolist(),
+            }
         return {
             "rule_name": self.rule,
             "rule": RULES[self.rule],
@@ -286,6 +321,7 @@ def discretise_shap(
     curve_bins: int = 20,
     floor: float | None = None,
     rule: str = DEFAULT_RULE,
+    min_cell_rows: int = 0,
 ) -> Discretisation:
     """Table cells from SHAP values (rules in the module docstring).
 
@@ -299,6 +335,9 @@ def discretise_shap(
         floor: minimum cell value; default ``max(0.01 * |base_value|, 1e-6)``.
         rule: ``"additive"``, ``"interaction"`` (needs ``shap_result.interactions``, from
             ``shap_analysis(..., interactions=True)``) or ``"cell-mean"``.
+        min_cell_rows: shrinkage of thin cells (``interaction``/``cell-mean``): a cell with
+            ``n`` rows takes ``additive + min(1, n / min_cell_rows) (rule value - additive)``
+            (0 rows: the additive value; ``0`` turns shrinkage off).
     """
     if rule not in RULES:
         raise CalibrationError(f"unknown discretisation rule {rule!r}; choose from {list(RULES)}")
@@ -349,16 +388,23 @@ def discretise_shap(
         ]
     c_a, n_a, empty_a = _bin_contributions(q_a, s_a, e_a, feature=feature_a, curve_bins=curve_bins)
     c_b, n_b, empty_b = _bin_contributions(q_b, s_b, e_b, feature=feature_b, curve_bins=curve_bins)
-    raw = base + constant + c_b[:, None] + c_a[None, :]
+    additive = base + constant + c_b[:, None] + c_a[None, :]
+    unshrunk = additive
     if interaction is not None:
-        raw = raw + interaction
+        unshrunk = additive + interaction
     elif rule == "cell-mean":
         means, missing = _cell_means(shap_result.prediction(), bin_b, bin_a, counts)
-        raw = np.where(missing, raw, means)
+        unshrunk = np.where(missing, additive, means)
         empty_cells = [
             {"b": int(b), "a": int(a), "filled_with": "additive"}
             for b, a in zip(*np.nonzero(missing), strict=True)
         ]
+    if min_cell_rows < 0:
+        raise CalibrationError(f"min_cell_rows must be >= 0, got {min_cell_rows}")
+    weight = np.ones(shape)
+    if rule != "additive" and min_cell_rows > 0:
+        weight = np.minimum(1.0, counts / float(min_cell_rows))
+    raw = additive + weight * (unshrunk - additive)
     if floor is None:
         floor = max(FLOOR_FRACTION * abs(base), FLOOR_MIN)
     if not floor > 0:
@@ -385,6 +431,9 @@ def discretise_shap(
         counts=counts,
         interaction=interaction,
         empty_cells=empty_cells,
+        min_cell_rows=int(min_cell_rows),
+        shrinkage_weight=weight,
+        unshrunk=unshrunk,
     )
 
 
@@ -408,6 +457,67 @@ def _interactions(shap_result: ShapResult, feature_a: str, feature_b: str) -> np
     return phi
 
 
+def _subset(shap_result: ShapResult, index: np.ndarray) -> ShapResult:
+    """The SHAP result of the rows ``index`` (repeats allowed), with fresh row labels."""
+    return replace(
+        shap_result,
+        values=shap_result.values.iloc[index].reset_index(drop=True),
+        data=shap_result.data.iloc[index].reset_index(drop=True),
+        interactions=None if shap_result.interactions is None else shap_result.interactions[index],
+    )
+
+
+def cell_intervals(
+    shap_result: ShapResult,
+    rows: pd.DataFrame,
+    result: Discretisation,
+    *,
+    runs: Sequence[Any],
+    resamples: int,
+    seed: int = 0,
+    level: float = 0.95,
+    **options: Any,
+) -> Discretisation:
+    """``result`` with per-cell ``level`` intervals (:data:`CELL_INTERVAL_METHOD`): whole runs
+    (``runs[i]`` the run of row ``i``) resampled with replacement ``resamples`` times, each
+    resample discretised with ``result``'s edges, floor, rule and ``min_cell_rows``.
+    ``options`` are the other :func:`discretise_shap` arguments used for ``result``."""
+    labels = np.asarray([str(r) for r in runs])
+    if len(labels) != len(rows):
+        raise CalibrationError(f"runs has {len(labels)} entries, rows {len(rows)}")
+    unique = np.unique(labels)
+    if resamples <= 0 or len(unique) < 2:
+        return result
+    members = [np.flatnonzero(labels == run) for run in unique]
+    rng = np.random.default_rng(seed)
+    draws = np.empty((resamples, *result.values.shape))
+    for k in range(resamples):
+        index = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
+        draws[k] = discretise_shap(
+            _subset(shap_result, index),
+            rows.iloc[index].reset_index(drop=True),
+            edges_a=result.edges_a,
+            edges_b=result.edges_b,
+            floor=result.floor,
+            rule=result.rule,
+            min_cell_rows=result.min_cell_rows,
+            **options,
+        ).values
+    tail = (1.0 - level) / 2.0 * 100.0
+    return replace(
+        result,
+        cell_low=np.percentile(draws, tail, axis=0),
+        cell_high=np.percentile(draws, 100.0 - tail, axis=0),
+        interval={
+            "level": level,
+            "resamples": resamples,
+            "runs": len(unique),
+            "seed": seed,
+            "method": CELL_INTERVAL_METHOD,
+        },
+    )
+
+
 def build_table(
     shap_result: ShapResult,
     rows: pd.DataFrame,
@@ -420,6 +530,9 @@ def build_table(
     provenance: dict[str, Any] | None = None,
     description: str = "",
     rule: str = DEFAULT_RULE,
+    runs: Sequence[Any] | None = None,
+    resamples: int = 0,
+    seed: int = 0,
     **options: Any,
 ) -> tuple[GShapTable, Path]:
     """Discretise SHAP values into a G_SHAP table and write ``<out_dir>/<name>.v<N>.json``.
@@ -428,11 +541,17 @@ def build_table(
     overwritten (:class:`livar_merge.errors.TableError`). ``options`` go to
     :func:`discretise_shap` (``feature_a``, ``n_bins_a``, ``curve_bins``, ``floor``, ...). The
     discretisation report (rule, edges, clipped cells, empty bins) is stored in the table's
-    ``provenance["discretisation"]``.
+    ``provenance["discretisation"]``; with ``runs`` (the run of each row) and ``resamples`` it
+    holds per-cell bootstrap intervals over runs too (:func:`cell_intervals`).
     """
     result = discretise_shap(
         shap_result, rows, edges_a=edges_a, edges_b=edges_b, rule=rule, **options
     )
+    if runs is not None:
+        extra = {k: v for k, v in options.items() if k != "min_cell_rows"}
+        result = cell_intervals(
+            shap_result, rows, result, runs=runs, resamples=resamples, seed=seed, **extra
+        )
     out = Path(out_dir)
     if version is None:
         version = max(existing_versions(out, name), default=0) + 1

@@ -6,9 +6,9 @@ client updates: the model at the round's start (the seeded backbone with the del
 ``sum_m w_m^l dW_m^l`` per layer with the scheme's weights ``w`` (a table's alpha, FedAvg's
 ``n_m / N``, the NNLS oracle's lambda), and the clients' FedAvg head (the tables weight the LoRA
 merge only: the proxy clients do not collect the class feature variance of LIVAR's head merge).
-The merged model is scored on the proxy's test set; ``difference`` is each scheme's accuracy
-minus FedAvg's on the same repeat, and the summary gives its mean with a bootstrap interval over
-repeats.
+The merged model is scored on the proxy's test set (``max_test`` images, stratified);
+``difference`` is each scheme's accuracy minus FedAvg's on the same repeat, and the summary
+gives its mean with a t interval over held-out runs (:mod:`livar_calib.intervals`).
 
 Needs the heads each proxy round saves (``round_<r>_heads.safetensors``); calibrations run
 before they were saved have none, and the check says so and is skipped.
@@ -27,8 +27,9 @@ from safetensors.torch import load_file
 
 from livar_calib.config import CalibConfig
 from livar_calib.deltas import RepeatDeltas, load_repeat
+from livar_calib.intervals import per_run, t_interval
 from livar_calib.proxy import HEADS_FILE, ProxyRun, proxy_runs
-from livar_calib.quality import FEDAVG, ORACLE, _matrix, bootstrap_interval, scheme_weights
+from livar_calib.quality import FEDAVG, ORACLE, _matrix, scheme_weights
 from livar_merge.errors import MissingHeadsError
 from livar_merge.fedavg import fedavg_head
 from livar_merge.federated.federation import build_federation
@@ -224,28 +225,23 @@ def _score_repeat(
     return records
 
 
-def summarise_downstream(
-    frame: pd.DataFrame, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
-) -> pd.DataFrame:
-    """Per scheme: mean accuracy, mean paired difference to FedAvg, its bootstrap interval over
-    repeats (``diff_low``/``diff_high``) and the number of repeats, best first."""
+def summarise_downstream(frame: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
+    """Per scheme: mean accuracy, mean paired difference to FedAvg, its t interval over
+    held-out runs (``diff_low``/``diff_high``: a run's rounds averaged first; NaN below
+    :data:`~livar_calib.intervals.MIN_HELDOUT_RUNS` runs), the repeats and runs, best first."""
     import pandas as pd
 
     per_repeat = frame.pivot(index="repeat_id", columns="scheme", values="difference")
-
-    def mean_difference(rows: pd.DataFrame) -> np.ndarray:
-        return rows.mean(axis=0).to_numpy()
-
-    low, high = bootstrap_interval(
-        per_repeat, mean_difference, resamples=resamples, seed=seed, level=level
-    )
+    runs = per_run(per_repeat)
+    mean, low, high = t_interval(runs.to_numpy(), level=level)
     summary = pd.DataFrame(
         {
             "test_accuracy": frame.groupby("scheme")["test_accuracy"].mean(),
-            "difference": per_repeat.mean(axis=0),
-            "diff_low": pd.Series(low, index=per_repeat.columns),
-            "diff_high": pd.Series(high, index=per_repeat.columns),
+            "difference": pd.Series(mean, index=runs.columns),
+            "diff_low": pd.Series(low, index=runs.columns),
+            "diff_high": pd.Series(high, index=runs.columns),
             "repeats": per_repeat.count(axis=0),
+            "runs": runs.count(axis=0),
         }
     )
     return summary.sort_values("test_accuracy", ascending=False, kind="stable")

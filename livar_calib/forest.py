@@ -3,19 +3,22 @@
 The forest predicts lambda_m^l (Eq. 4) from the quantile features ``q_a``, ``q_b`` (optionally
 also ``num_samples``, the paper's Appendix B check). Error figures are honest: whole repeats are
 held out, never individual rows, because rows of one repeat share the quantile pool and the
-joint model. Defaults keep exact SHAP affordable: ``min_samples_leaf=20`` makes TreeExplainer on
-5,000 rows take seconds instead of minutes (fully grown trees: ~230 s on 2 cores).
+joint model; by default whole (beta, seed) runs are held out, because the rounds of one run
+share its partition and trajectory (:mod:`livar_calib.intervals`). Defaults keep exact SHAP
+affordable: ``min_samples_leaf=20`` makes TreeExplainer on 5,000 rows take seconds instead of
+minutes (fully grown trees: ~230 s on 2 cores).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from livar_calib.features import check_rows
+from livar_calib.intervals import run_of, split_runs, t_interval
 from livar_merge.errors import CalibrationError
 
 if TYPE_CHECKING:
@@ -36,7 +39,9 @@ class ForestResult:
         train_repeats, test_repeats: repeat ids of each side (disjoint).
         metrics: ``r2``, ``mae`` of the forest and ``r2_constant``, ``mae_constant`` of the
             training-mean predictor on the held-out rows (NaN without held-out repeats), plus
-            ``n_train``, ``n_test`` row counts.
+            ``n_train``, ``n_test`` row counts, ``test_runs`` and the mean within-run R^2 of the
+            held-out runs with its t interval over runs (``r2_by_run``, ``r2_by_run_low``,
+            ``r2_by_run_high``; NaN below 3 runs).
     """
 
     model: RandomForestRegressor
@@ -52,25 +57,6 @@ class ForestResult:
         return self.model.predict(rows.loc[:, list(self.features)])
 
 
-def split_repeats(
-    repeat_ids: Sequence[Any], *, holdout_fraction: float, seed: int
-) -> tuple[list[str], list[str]]:
-    """Split distinct repeat ids into sorted (train, test) lists, drawn with ``seed``.
-
-    The test side gets ``round(holdout_fraction * n)`` repeats, clamped to ``1..n-1`` when
-    ``holdout_fraction > 0`` and there are at least 2 repeats.
-    """
-    unique = sorted({str(r) for r in repeat_ids})
-    if not 0.0 <= holdout_fraction < 1.0:
-        raise CalibrationError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-    n_test = round(holdout_fraction * len(unique))
-    if holdout_fraction > 0 and len(unique) >= 2:
-        n_test = min(max(n_test, 1), len(unique) - 1)
-    rng = np.random.default_rng(seed)
-    test = sorted(rng.permutation(unique)[:n_test].tolist())
-    return [r for r in unique if r not in set(test)], test
-
-
 def _metrics(y_true: np.ndarray, y_pred: np.ndarray, constant: float) -> dict[str, float]:
     from sklearn.metrics import mean_absolute_error, r2_score
 
@@ -83,6 +69,27 @@ def _metrics(y_true: np.ndarray, y_pred: np.ndarray, constant: float) -> dict[st
         "mae": float(mean_absolute_error(y_true, y_pred)),
         "r2_constant": float(r2_score(y_true, const)) if y_true.size > 1 else float("nan"),
         "mae_constant": float(mean_absolute_error(y_true, const)),
+    }
+
+
+def _r2_by_run(repeats: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """R^2 within each held-out run, their mean and its t interval over runs
+    (:func:`livar_calib.intervals.t_interval`): ``r2_by_run``, ``r2_by_run_low``/``_high``,
+    ``test_runs``."""
+    from sklearn.metrics import r2_score
+
+    runs = np.array([run_of(r) for r in repeats])
+    values = [
+        float(r2_score(y_true[runs == run], y_pred[runs == run]))
+        for run in sorted(set(runs.tolist()))
+        if (runs == run).sum() > 1
+    ]
+    mean, low, high = t_interval(np.asarray(values, dtype=np.float64).reshape(-1, 1))
+    return {
+        "r2_by_run": float(mean[0]),
+        "r2_by_run_low": float(low[0]),
+        "r2_by_run_high": float(high[0]),
+        "test_runs": float(len(values)),
     }
 
 
@@ -105,8 +112,10 @@ def fit_forest(
         rows: one row per (repeat, client, layer) with ``repeat_id``, the features and target.
         features: feature columns (default ``("q_a", "q_b")``; ``WITH_SAMPLES`` adds
             ``num_samples`` as in Appendix B).
-        holdout_repeats: repeat ids to hold out; ``None`` draws ``holdout_fraction`` of the
-            repeats with ``seed``; ``[]`` trains on everything (metrics are then NaN).
+        holdout_repeats: repeat ids to hold out; ``None`` holds out ``holdout_fraction``
+            of the *runs* with ``seed`` (every round of a held-out run:
+            :func:`~livar_calib.intervals.split_runs`); ``[]`` trains on everything (metrics
+            are then NaN).
         n_jobs: 1 or 2 (the development machines have 2 cores).
     """
     from sklearn.ensemble import RandomForestRegressor
@@ -124,7 +133,7 @@ def fit_forest(
         )
     repeat = table["repeat_id"].astype(str).to_numpy()
     if holdout_repeats is None:
-        train_ids, test_ids = split_repeats(repeat, holdout_fraction=holdout_fraction, seed=seed)
+        train_ids, test_ids, _ = split_runs(repeat, holdout_fraction=holdout_fraction, seed=seed)
     else:
         test_ids = sorted({str(r) for r in holdout_repeats})
         unknown = sorted(set(test_ids) - set(repeat))
@@ -151,6 +160,7 @@ def fit_forest(
     pred = model.predict(x.loc[is_test]) if is_test.any() else np.empty(0)
     metrics = _metrics(y[is_test], pred, constant)
     metrics.update(n_train=float((~is_test).sum()), n_test=float(is_test.sum()))
+    metrics.update(_r2_by_run(repeat[is_test], y[is_test], pred))
     return ForestResult(
         model=model,
         features=features,

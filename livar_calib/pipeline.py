@@ -22,6 +22,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
+import torch
 
 from livar_calib.config import ANALYSIS_OPTIONS, CalibConfig, training_hash
 from livar_calib.deltas import load_repeat
@@ -30,13 +31,22 @@ from livar_calib.downstream import downstream_report, summarise_downstream
 from livar_calib.explain import shap_analysis
 from livar_calib.features import add_quantile_features
 from livar_calib.figures import plot_shap_summary
-from livar_calib.forest import WITH_SAMPLES, fit_forest, split_repeats
+from livar_calib.forest import WITH_SAMPLES, fit_forest
+from livar_calib.intervals import (
+    MIN_HELDOUT_RUNS,
+    TOO_FEW,
+    UNIT,
+    interval_text,
+    run_of,
+    split_runs,
+)
 from livar_calib.nnls import nnls_repeat
-from livar_calib.proxy import proxy_runs, run_proxy_training
+from livar_calib.proxy import completed_rounds, proxy_runs, run_proxy_training
 from livar_calib.quality import reconstruction_report, summarise_report, verdict
 from livar_merge.errors import CalibrationError, MissingHeadsError, RunFolderError, TableError
 from livar_merge.federated import pretrained
 from livar_merge.federated.datasets import load_dataset
+from livar_merge.federated.machine import describe, machine_record
 from livar_merge.federated.ray_engine import EngineOptions
 from livar_merge.federated.results import provenance, write_json
 from livar_merge.tables import GShapTable, existing_versions, table_file_name
@@ -130,9 +140,12 @@ def run_calibration(
     timings: dict[str, float] = {}
     weights_record = weights_provenance(config.weights)  # hashes the cached file once
 
+    before = completed_rounds(config, root)
     start = time.perf_counter()
     run_proxy_training(config, root, engine)
     timings["proxy_training"] = time.perf_counter() - start
+    machine = machine_throughput(config, timings["proxy_training"], before, root)
+    log(f"machine: {describe(machine)}" + _training_rate(machine))
 
     start = time.perf_counter()
     rows = collect_rows(config, root)
@@ -144,9 +157,10 @@ def run_calibration(
     )
 
     start = time.perf_counter()
-    train_ids, test_ids = split_repeats(
+    train_ids, test_ids, test_runs = split_runs(
         rows["repeat_id"], holdout_fraction=config.holdout_fraction, seed=config.seed
     )
+    scored_ids, scope = (test_ids, "held-out") if test_ids else (train_ids, "in-sample")
     forest_options: _ForestOptions = {
         "seed": config.seed,
         "n_estimators": config.n_estimators,
@@ -165,8 +179,10 @@ def run_calibration(
     write_json(
         root / "forest.json",
         {
+            "resampling_unit": UNIT,
             "train_repeats": train_ids,
             "test_repeats": test_ids,
+            "test_runs": test_runs,
             "metrics": forests,
             "options": forest_options,
         },
@@ -174,8 +190,10 @@ def run_calibration(
     timings["forest"] = time.perf_counter() - start
     metrics = forest.metrics
     log(
-        f"forest: held-out R2 {metrics['r2']:.3f} (constant predictor "
-        f"{metrics['r2_constant']:.3f}), MAE {metrics['mae']:.4f}"
+        f"forest: held-out R2 {metrics['r2']:.3f} on {len(test_runs)} held-out runs (constant "
+        f"predictor {metrics['r2_constant']:.3f}), MAE {metrics['mae']:.4f}; within-run R2 "
+        f"{metrics['r2_by_run']:.3f}"
+        + interval_text(metrics["r2_by_run_low"], metrics["r2_by_run_high"], len(test_runs))
     )
 
     start = time.perf_counter()
@@ -229,14 +247,14 @@ def run_calibration(
 
     start = time.perf_counter()
     tables = {"calibrated": table, "paper-table-a": GShapTable.load("paper-table-a")}
-    report = reconstruction_report(load_repeats(config, root, test_ids or train_ids), rows, tables)
+    report = reconstruction_report(load_repeats(config, root, scored_ids), rows, tables)
     report.to_csv(root / "quality.csv", index=False)
     summary_report = summarise_report(report)
     summary_report.to_csv(root / "quality_summary.csv")
     timings["quality"] = time.perf_counter() - start
-    quality_verdict = verdict(report, "calibrated", ["paper-table-a"])
+    quality_verdict = _scoped(verdict(report, "calibrated", ["paper-table-a"]), scope)
     log(
-        "reconstruction error of the joint delta on held-out repeats (raw; scaled: after the "
+        f"reconstruction error of the joint delta on {scope} repeats (raw; scaled: after the "
         "best per-layer scale; gap_closed: share of the FedAvg-to-oracle gap in scaled error):\n"
         + summary_report.to_string()
         + "\n"
@@ -246,7 +264,7 @@ def run_calibration(
     downstream_summary = None
     if config.downstream:
         start = time.perf_counter()
-        downstream_summary = _downstream(config, root, rows, test_ids or train_ids, tables, log)
+        downstream_summary = _downstream(config, root, rows, scored_ids, tables, log, scope)
         timings["downstream"] = time.perf_counter() - start
 
     figures = root / "figures"
@@ -261,13 +279,18 @@ def run_calibration(
         "table_identity": table.identity(),
         "rows": len(rows),
         "repeats": int(rows["repeat_id"].nunique()),
+        "resampling_unit": UNIT,
+        "evaluation": scope,
+        "held_out_runs": test_runs,
         "held_out_repeats": test_ids,
+        "min_held_out_runs_for_an_interval": MIN_HELDOUT_RUNS,
         "forest_metrics": forests,
         "shap_trend_spearman": shap_info["trend_spearman"],
         "quality_summary": json.loads(summary_report.to_json(orient="index")),
         "quality_verdict": quality_verdict,
         "downstream": downstream_summary,
         "timings_seconds": timings,
+        "machine": machine,
     }
     write_json(root / "summary.json", summary)
     write_json(
@@ -283,6 +306,44 @@ def run_calibration(
         ),
     )
     return summary
+
+
+def machine_throughput(
+    config: CalibConfig, seconds: float, rounds_before: int, root: Path
+) -> dict[str, Any]:
+    """:func:`livar_merge.federated.machine.machine_record` for this calibration's backbone at
+    its image size (a probe on a seeded copy), plus the proxy training's own rate: the image
+    passes of the rounds trained in this invocation (``2 x training images x local epochs`` a
+    round: the M clients' partition and the joint model) over its wall time."""
+    from livar_merge.federated.federation import build_seeded_model, resolve_device
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    model, _ = build_seeded_model(config, 10, seed=0)
+    record = machine_record(model, image_size=config.image_size, device=device)
+    trained = completed_rounds(config, root) - rounds_before
+    if trained > 0:
+        partition = pd.read_csv(root / "proxy" / proxy_runs(config)[0].run_id / "partition.csv")
+        images = int(partition["total"].sum())  # the union: every client's samples once
+        passes = trained * 2 * images * config.local_epochs
+        record["proxy_training"] = {
+            "rounds": trained,
+            "image_passes": passes,
+            "seconds": round(seconds, 2),
+            "images_per_second": round(passes / seconds, 2),
+        }
+    return record
+
+
+def _training_rate(machine: dict[str, Any]) -> str:
+    proxy = machine.get("proxy_training")
+    if not proxy:
+        return ""
+    return (
+        f"; proxy training {proxy['image_passes']} image passes in {proxy['seconds']:.0f} s "
+        f"({proxy['images_per_second']} images/s)"
+    )
 
 
 def weights_provenance(weights: str) -> dict[str, Any] | None:
@@ -347,6 +408,7 @@ def _downstream(
     repeat_ids: list[str],
     tables: dict[str, GShapTable],
     log: Any,
+    scope: str = "held-out",
 ) -> dict[str, Any] | None:
     """The downstream check (:mod:`livar_calib.downstream`): ``downstream.csv``,
     ``downstream_summary.csv`` and the summary's entry; None when the proxy training saved
@@ -360,20 +422,28 @@ def _downstream(
     summary = summarise_downstream(frame)
     summary.to_csv(root / "downstream_summary.csv")
     table = summary.loc["calibrated"]
-    interval = (
-        ""
-        if np.isnan(table["diff_low"])
-        else f" (95% interval {table['diff_low']:+.4f} to {table['diff_high']:+.4f})"
+    interval = interval_text(
+        table["diff_low"], table["diff_high"], int(table["runs"]), scale="{:+.4f}"
     )
-    sentence = (
-        f"downstream on {int(table['repeats'])} held-out repeats (same client updates, FedAvg "
-        f"head): calibrated table top-1 {table['test_accuracy']:.4f}, "
+    sentence = _scoped(
+        f"downstream on {int(table['repeats'])} {scope} repeats of {int(table['runs'])} runs "
+        f"(same client updates, FedAvg head, {config.max_test or 'all'} test images): "
+        f"calibrated table top-1 {table['test_accuracy']:.4f}, "
         f"{table['difference']:+.4f} vs FedAvg{interval}; paper-table-a "
         f"{summary.loc['paper-table-a', 'difference']:+.4f}; joint model "
-        f"{summary.loc['joint', 'difference']:+.4f}"
+        f"{summary.loc['joint', 'difference']:+.4f}",
+        scope,
     )
     log("downstream accuracy of the merged models:\n" + summary.to_string() + "\n" + sentence)
     return {"summary": json.loads(summary.to_json(orient="index")), "verdict": sentence}
+
+
+def _scoped(text: str, scope: str) -> str:
+    """``text``, prefixed with a warning when the repeats scored were the training repeats
+    (a calibration with a single run has no held-out run)."""
+    if scope == "held-out":
+        return text
+    return f"in-sample (no held-out runs; {TOO_FEW}): {text}"
 
 
 def _table_for(
@@ -398,6 +468,10 @@ def _table_for(
         out_dir=table_dir,
         provenance=prov,
         rule=config.discretise,
+        min_cell_rows=config.min_cell_rows,
+        runs=[run_of(r) for r in rows["repeat_id"]],
+        resamples=config.cell_resamples,
+        seed=config.seed,
         **edges,
     )
 

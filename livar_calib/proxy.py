@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from livar_calib.config import CalibConfig
 from livar_calib.deltas import RepeatDeltas, save_repeat
+from livar_calib.intervals import repeat_id
 from livar_merge.aggregation import ClientUpdate
 from livar_merge.aggregation.common import client_head_biases
 from livar_merge.fedavg import fedavg_head, fedavg_lora
@@ -73,7 +74,7 @@ class ProxyRun:
         return f"b{self.beta:g}-s{self.seed}"
 
     def repeat_id(self, round_index: int) -> str:
-        return f"{self.run_id}-r{round_index}"
+        return repeat_id(self.run_id, round_index)
 
 
 def proxy_runs(config: CalibConfig) -> list[ProxyRun]:
@@ -280,6 +281,11 @@ def run_proxy_training(
                 for _ in train_proxy_run(config, run, folder):
                     bar.update(1)
     return folders
+
+
+def completed_rounds(config: CalibConfig, root: Path) -> int:
+    """Rounds saved so far over every (beta, seed) proxy run of ``root``."""
+    return sum(_completed(root / "proxy" / run.run_id) for run in proxy_runs(config))
 
 
 def _completed(folder: Path) -> int:

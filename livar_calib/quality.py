@@ -15,19 +15,20 @@ joint delta's scale (about M times a client's optimizer steps), so all of them s
 same raw error. Each row therefore also holds the error after the scheme's best non-negative
 per-layer scale, ``s* = max(0, w.h / w^T G w)`` (``scaled_error``: the direction quality), and
 :func:`summarise_report` gives ``gap_closed``: the fraction of the FedAvg-to-oracle gap in mean
-scaled error that a scheme closes (0: FedAvg, 1: the oracle), with a bootstrap interval over
-the repeats (a repeat and all its layers resampled together).
+scaled error that a scheme closes (0: FedAvg, 1: the oracle), with a t interval over held-out
+*runs* (a run's rounds and layers averaged first: :mod:`livar_calib.intervals`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from livar_calib.deltas import RepeatDeltas
 from livar_calib.features import check_rows
+from livar_calib.intervals import interval_text, per_run, t_interval, verdict_word
 from livar_calib.nnls import DEFAULT_RANK_RTOL, gram_objective, nnls_gram, normal_equations
 from livar_merge.coefficients import livar_coefficients
 from livar_merge.errors import CalibrationError
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 FEDAVG = "fedavg"
 ORACLE = "nnls-oracle"
-BOOTSTRAP_RESAMPLES = 2000
 
 
 def _matrix(rows: pd.DataFrame, column: str, deltas: RepeatDeltas) -> np.ndarray:
@@ -141,55 +141,35 @@ def reconstruction_report(
     return pd.DataFrame.from_records(records)
 
 
-def _per_repeat(report: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Mean of ``column`` per repeat and scheme ``[repeats, schemes]`` (NaN rows dropped)."""
+def _per_run(report: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Mean of ``column`` per run and scheme ``[runs, schemes]``: per repeat over its layers
+    (NaN rows dropped), then over the rounds of each run (:func:`livar_calib.intervals.per_run`)."""
     valid = report.loc[report[column].notna()]
-    return valid.pivot_table(index="repeat_id", columns="scheme", values=column, aggfunc="mean")
+    per_repeat = valid.pivot_table(
+        index="repeat_id", columns="scheme", values=column, aggfunc="mean"
+    )
+    return per_run(per_repeat)
+
+
+def _span(errors: pd.DataFrame) -> float:
+    """The FedAvg-to-oracle gap in mean error (NaN when not positive)."""
+    span = float(errors[FEDAVG].mean() - errors[ORACLE].mean())
+    return span if span > 0 else float("nan")
 
 
 def _gap(errors: pd.DataFrame) -> pd.Series:
     """Fraction of the FedAvg-to-oracle gap in mean error closed by each scheme."""
     means = errors.mean(axis=0)
-    span = means[FEDAVG] - means[ORACLE]
-    return (means[FEDAVG] - means) / span if span > 0 else means * np.nan
+    return (means[FEDAVG] - means) / _span(errors)
 
 
-def bootstrap_interval(
-    per_repeat: pd.DataFrame,
-    statistic: Any,
-    *,
-    resamples: int,
-    seed: int,
-    level: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile interval of ``statistic(per_repeat rows) -> [k]`` over repeats resampled
-    with replacement (the same resamples for every scheme: paired)."""
-    n = len(per_repeat)
-    if n < 2:
-        nan = np.full(len(statistic(per_repeat)), np.nan)
-        return nan, nan
-    rng = np.random.default_rng(seed)
-    draws = np.stack(
-        [
-            np.asarray(statistic(per_repeat.iloc[rng.integers(0, n, size=n)]), dtype=np.float64)
-            for _ in range(resamples)
-        ]
-    )
-    tail = (1.0 - level) / 2.0 * 100.0
-    return np.nanpercentile(draws, tail, axis=0), np.nanpercentile(draws, 100.0 - tail, axis=0)
-
-
-def summarise_report(
-    report: pd.DataFrame,
-    *,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = 0,
-    level: float = 0.95,
-) -> pd.DataFrame:
+def summarise_report(report: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     """Per scheme, best (lowest mean raw error) first: ``mean``, ``median``, ``count`` of the
     raw relative error, ``scaled_mean``/``scaled_median`` (after the best per-layer scale),
-    ``gap_closed`` (scaled; 0 FedAvg, 1 oracle) with its ``level`` bootstrap interval
-    ``gap_low``/``gap_high`` over repeats, and ``gap_closed_raw`` (the same on raw errors)."""
+    ``gap_closed`` (scaled; 0 FedAvg, 1 oracle) with the ``level`` t interval over runs
+    ``gap_low``/``gap_high`` of the per-run closed gap ``(e_fedavg - e_scheme) / span`` (the
+    span held at its estimate; NaN below :data:`~livar_calib.intervals.MIN_HELDOUT_RUNS`
+    runs), ``runs`` and ``gap_closed_raw`` (the same on raw errors)."""
     import pandas as pd
 
     check_rows(report, ("repeat_id", "scheme", "relative_error"), where="report")
@@ -197,57 +177,47 @@ def summarise_report(
     if "scaled_error" in report.columns and {FEDAVG, ORACLE} <= set(summary.index):
         scaled = report.groupby("scheme")["scaled_error"]
         summary["scaled_mean"], summary["scaled_median"] = scaled.mean(), scaled.median()
-        per_repeat = _per_repeat(report, "scaled_error")
-        summary["gap_closed"] = _gap(per_repeat)
-        low, high = bootstrap_interval(
-            per_repeat, _gap, resamples=resamples, seed=seed, level=level
-        )
-        summary["gap_low"] = pd.Series(low, index=per_repeat.columns)
-        summary["gap_high"] = pd.Series(high, index=per_repeat.columns)
-        summary["gap_closed_raw"] = _gap(_per_repeat(report, "relative_error"))
+        errors = _per_run(report, "scaled_error")
+        summary["gap_closed"] = _gap(errors)
+        closed = errors.rsub(errors[FEDAVG], axis=0) / _span(errors)
+        _, low, high = t_interval(closed.to_numpy(), level=level)
+        summary["gap_low"] = pd.Series(low, index=errors.columns)
+        summary["gap_high"] = pd.Series(high, index=errors.columns)
+        summary["runs"] = errors.notna().sum(axis=0)
+        summary["gap_closed_raw"] = _gap(_per_run(report, "relative_error"))
     return summary.sort_values("mean", kind="stable")
 
 
 def gap_difference(
-    report: pd.DataFrame,
-    scheme: str,
-    other: str,
-    *,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, float, float]:
-    """``gap_closed(scheme) - gap_closed(other)`` and its paired bootstrap interval."""
-    per_repeat = _per_repeat(report, "scaled_error")
-    for name in (scheme, other):
-        if name not in per_repeat.columns:
+    report: pd.DataFrame, scheme: str, other: str, *, level: float = 0.95
+) -> tuple[float, float, float, int]:
+    """``gap_closed(scheme) - gap_closed(other)``, its t interval over runs (the per-run
+    ``(e_other - e_scheme) / span``; NaN below the minimum number of runs) and the runs."""
+    return run_gap_difference(_per_run(report, "scaled_error"), scheme, other, level=level)
+
+
+def run_gap_difference(
+    errors: pd.DataFrame, scheme: str, other: str, *, level: float = 0.95
+) -> tuple[float, float, float, int]:
+    """:func:`gap_difference` from per-run mean scaled errors ``[runs, schemes]``."""
+    for name in (scheme, other, FEDAVG, ORACLE):
+        if name not in errors.columns:
             raise CalibrationError(f"the report has no scheme {name!r}")
-
-    def difference(rows: pd.DataFrame) -> np.ndarray:
-        gap = _gap(rows)
-        return np.array([gap[scheme] - gap[other]])
-
-    low, high = bootstrap_interval(
-        per_repeat, difference, resamples=resamples, seed=seed, level=level
-    )
-    return float(difference(per_repeat)[0]), float(low[0]), float(high[0])
+    per_run_diff = ((errors[other] - errors[scheme]) / _span(errors)).to_numpy()
+    mean, low, high = t_interval(per_run_diff, level=level)
+    return float(mean[0]), float(low[0]), float(high[0]), int(np.isfinite(per_run_diff).sum())
 
 
 def verdict(report: pd.DataFrame, table: str, others: Sequence[str]) -> str:
     """One sentence per comparison: whether ``table`` closes more of the FedAvg-to-oracle gap
-    (scaled error) than FedAvg and each of ``others``, by how much, and whether the 95 %
-    bootstrap interval over held-out repeats excludes 0."""
+    (scaled error) than FedAvg and each of ``others``, by how much, and whether the 95 % t
+    interval over held-out runs excludes 0; below the minimum number of held-out runs it says
+    :data:`~livar_calib.intervals.TOO_FEW` instead of a verdict."""
     parts = []
     for other in (FEDAVG, *others):
-        diff, low, high = gap_difference(report, table, other)
-        if np.isnan(low):
-            word = "cannot be told apart from (one held-out repeat: no interval)"
-        elif low > 0:
-            word = "beats"
-        elif high < 0:
-            word = "is worse than"
-        else:
-            word = "is within the noise of"
-        interval = "" if np.isnan(low) else f" (95% interval {low:+.3f} to {high:+.3f})"
-        parts.append(f"{table} {word} {other}: gap closed {diff:+.3f}{interval}")
+        diff, low, high, runs = gap_difference(report, table, other)
+        word = verdict_word(low, high)
+        parts.append(
+            f"{table} {word} {other}: gap closed {diff:+.3f}{interval_text(low, high, runs)}"
+        )
     return "; ".join(parts)

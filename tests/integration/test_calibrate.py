@@ -28,7 +28,7 @@ def test_run_folder_and_table(calibrated):
     assert table.provenance["config_hash"] == saved["config_hash"]
     assert "discretisation" in table.provenance
     rows = pd.read_csv(out / "rows.csv")
-    # 1 beta x 1 seed x 2 rounds = 2 repeats of 3 clients x 8 layers
+    # 1 beta x 2 seeds x 1 round = 2 repeats of 3 clients x 8 layers
     assert len(rows) == 2 * 3 * 8 and rows["repeat_id"].nunique() == 2
     assert {"omega_a", "omega_b", "num_samples", "lam", "q_a", "q_b"} <= set(rows.columns)
     assert (rows["lam"] >= 0).all() and rows["q_a"].between(0, 100).all()
@@ -73,14 +73,14 @@ def test_interrupted_run_resumes_to_the_same_table(calibrated, tmp_path, monkeyp
 
     def crashing(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 7:  # round 2 (4 trainees a round), after client_0 and client_1
+        if calls["n"] == 7:  # run b0.5-s1 (4 trainees a round), after client_0 and client_1
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(client_module, "train_client", crashing)
     with pytest.raises(KeyboardInterrupt):
         main(["--preset", "tiny", "--out", str(out)])
-    partial = out / "proxy/b0.5-s0/round_2_partial"
+    partial = out / "proxy/b0.5-s1/round_1_partial"
     assert sorted(p.name for p in partial.iterdir()) == [
         "client_0.safetensors",
         "client_1.safetensors",
@@ -141,7 +141,12 @@ def test_unknown_proxy_and_bad_weights_leave_the_folder_clean(tmp_path, capsys):
     args = ["--preset", "tiny", "--weights", "dinov2-s14-imgfocus", "--out", str(out)]
     assert main(args) == 2  # the tiny preset's vit_tiny model cannot take these weights
     assert "vit_small_patch14_dinov2" in capsys.readouterr().err and not out.exists()
-    assert main(["--preset", "tiny", "--out", str(out), "--resume", "--rounds", "1"]) == 0
+    assert main(["--preset", "tiny", "--out", str(out), "--resume", "--seeds", "0"]) == 0
+    # a single run: nothing can be held out, and the report says it scored in-sample
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluation"] == "in-sample" and summary["held_out_runs"] == []
+    assert summary["quality_verdict"].startswith("in-sample (no held-out runs")
+    assert summary["downstream"]["verdict"].startswith("in-sample (no held-out runs")
 
 
 def test_quality_gap_downstream_and_verdict(calibrated):
@@ -154,8 +159,19 @@ def test_quality_gap_downstream_and_verdict(calibrated):
     report = pd.read_csv(out / "quality.csv")
     assert (report["scaled_error"] <= report["relative_error"] + 1e-12).all()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["quality_verdict"].startswith("calibrated ")
-    assert "fedavg" in summary["quality_verdict"]
+    # 2 runs, 1 held out: whole runs are the unit, and one is too few for a verdict
+    assert summary["resampling_unit"] == "run" and summary["evaluation"] == "held-out"
+    assert len(summary["held_out_runs"]) == 1 and summary["min_held_out_runs_for_an_interval"] == 3
+    verdict = summary["quality_verdict"]
+    assert verdict.startswith("calibrated cannot be compared with (too few held-out runs")
+    assert "fedavg" in verdict and "beats" not in verdict and "worse" not in verdict
+    assert np.isnan(quality.loc["calibrated", "gap_low"])
+    assert "too few held-out runs for an interval" in summary["downstream"]["verdict"]
+    machine = summary["machine"]
+    assert machine["gflops_fp32"] > 0 and machine["train_images_per_second"] > 0
+    assert machine["proxy_training"]["image_passes"] == 2 * 2 * 300 * 1  # runs x 2 x images
+    forest = json.loads((out / "forest.json").read_text())
+    assert forest["test_runs"] == summary["held_out_runs"] and forest["resampling_unit"] == "run"
     downstream = pd.read_csv(out / "downstream.csv")
     assert set(downstream["scheme"]) == {
         "calibrated",
@@ -197,7 +213,7 @@ def test_round_starts_rebuild_every_round_start_of_the_proxy_training(
     from livar_calib.proxy import ProxyTrainer, proxy_runs
     from livar_merge.federated.federation import build_federation
 
-    config = CalibConfig(**{**CALIB_PRESETS["tiny"], "next_start": next_start})
+    config = CalibConfig(**{**CALIB_PRESETS["tiny"], "next_start": next_start, "rounds": 2})
     run = proxy_runs(config)[0]
     folder = tmp_path / run.run_id
     trained: dict[int, dict] = {}  # round -> the trainer's state as the round began (copies)

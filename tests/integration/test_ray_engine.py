@@ -26,10 +26,10 @@ from livar_merge.federated.sweep import main as sweep
 
 ray = pytest.importorskip("ray")
 
-CALIB = ["--preset", "tiny", "--betas", "0.5", "1.0"]
+CALIB = ["--preset", "tiny", "--betas", "0.5", "1.0", "--seeds", "0", "--rounds", "2"]
 SKIPPED = {"provenance.json"}  # versions, argv, git: the machine's, not the run's
 UNORDERED_SUFFIXES = {".skops", ".pdf"}  # zip / PDF timestamps differ between serial runs
-IGNORED_KEYS = {"timings_seconds", "checksum", "table", "published"}  # timings, paths
+IGNORED_KEYS = {"timings_seconds", "machine", "checksum", "table", "published"}  # timings, paths
 
 
 @pytest.fixture(scope="module")

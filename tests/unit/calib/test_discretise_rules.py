@@ -188,46 +188,98 @@ def test_best_scale_matches_a_dense_search(rng):
     assert best_scale(w, gram, -h) == 0.0  # pointing away: the best non-negative scale is 0
 
 
-def synthetic_report(rng, n_repeats=8, layers=4):
-    """A report where scheme 'good' sits 80 % and 'bad' 20 % of the way from FedAvg to the
-    oracle (plus noise)."""
+def synthetic_report(rng, n_runs=6, rounds=2, layers=4, run_sd=0.05):
+    """A report of ``n_runs`` runs of ``rounds`` rounds where scheme 'good' sits 80 % and 'bad'
+    20 % of the way from FedAvg to the oracle, each plus a run effect shared by the run's rounds
+    (sd ``run_sd`` of the gap) and round noise."""
     records = []
-    for r in range(n_repeats):
-        for layer in range(layers):
-            fed, oracle = 0.5 + rng.uniform(0, 0.1), 0.05 + rng.uniform(0, 0.01)
-            for scheme, share in ((FEDAVG, 0.0), (ORACLE, 1.0), ("good", 0.8), ("bad", 0.2)):
-                err = fed - share * (fed - oracle) + (0 if share in (0, 1) else rng.normal(0, 0.01))
-                records.append(
-                    {
-                        "repeat_id": f"r{r}",
-                        "layer": f"l{layer}",
-                        "scheme": scheme,
-                        "relative_error": err + 0.3,
-                        "scaled_error": err,
-                    }
-                )
+    for run in range(n_runs):
+        effect = {"good": rng.normal(0, run_sd), "bad": rng.normal(0, run_sd)}
+        for r in range(1, rounds + 1):
+            for layer in range(layers):
+                fed, oracle = 0.5 + rng.uniform(0, 0.1), 0.05 + rng.uniform(0, 0.01)
+                for scheme, share in ((FEDAVG, 0.0), (ORACLE, 1.0), ("good", 0.8), ("bad", 0.2)):
+                    if scheme in effect:
+                        share += effect[scheme] + rng.normal(0, 0.01)
+                    err = fed - share * (fed - oracle)
+                    records.append(
+                        {
+                            "repeat_id": f"b0.5-s{run}-r{r}",
+                            "layer": f"l{layer}",
+                            "scheme": scheme,
+                            "relative_error": err + 0.3,
+                            "scaled_error": err,
+                        }
+                    )
     return pd.DataFrame.from_records(records)
 
 
-def test_gap_closed_by_hand_and_bootstrap(rng):
+def per_run_by_loop(report, column="scaled_error"):
+    """``{run: {scheme: mean}}``: layers then rounds averaged, by explicit loops."""
+    out = {}
+    for run in sorted({rid.rsplit("-r", 1)[0] for rid in report["repeat_id"]}):
+        out[run] = {}
+        for scheme in sorted(set(report["scheme"])):
+            round_means = []
+            for rid in sorted(set(report["repeat_id"])):
+                if rid.rsplit("-r", 1)[0] != run:
+                    continue
+                sel = report[(report["repeat_id"] == rid) & (report["scheme"] == scheme)]
+                round_means.append(sel[column].mean())
+            out[run][scheme] = float(np.mean(round_means))
+    return out
+
+
+def test_gap_closed_and_t_interval_by_hand(rng):
+    """gap_closed, its interval and gap_difference against loops and scipy's t interval over
+    whole runs (not rounds)."""
+    from scipy import stats
+
     report = synthetic_report(rng)
-    summary = summarise_report(report, resamples=500)
-    means = report.groupby("scheme")["scaled_error"].mean()
-    expected = (means[FEDAVG] - means["good"]) / (means[FEDAVG] - means[ORACLE])
-    assert summary.loc["good", "gap_closed"] == pytest.approx(expected)
+    summary = summarise_report(report)
+    runs = per_run_by_loop(report)
+    fed = np.array([v[FEDAVG] for v in runs.values()])
+    oracle = np.array([v[ORACLE] for v in runs.values()])
+    good = np.array([v["good"] for v in runs.values()])
+    bad = np.array([v["bad"] for v in runs.values()])
+    span = fed.mean() - oracle.mean()
+    assert summary.loc["good", "gap_closed"] == pytest.approx((fed.mean() - good.mean()) / span)
     assert summary.loc[FEDAVG, "gap_closed"] == 0.0 and summary.loc[ORACLE, "gap_closed"] == 1.0
-    assert 0.75 < summary.loc["good", "gap_closed"] < 0.85
-    low, high = summary.loc["good", ["gap_low", "gap_high"]]
-    assert low <= summary.loc["good", "gap_closed"] <= high and high - low < 0.1
-    diff, d_low, _ = gap_difference(report, "good", "bad", resamples=500)
+    closed = (fed - good) / span
+    low, high = stats.t.interval(0.95, len(closed) - 1, closed.mean(), stats.sem(closed))
+    assert summary.loc["good", ["gap_low", "gap_high"]].tolist() == pytest.approx([low, high])
+    assert summary.loc["good", "runs"] == 6
+    diff, d_low, d_high, n = gap_difference(report, "good", "bad")
+    per_run_diff = (bad - good) / span
+    expected = stats.t.interval(0.95, 5, per_run_diff.mean(), stats.sem(per_run_diff))
+    assert (diff, d_low, d_high, n) == pytest.approx((per_run_diff.mean(), *expected, 6))
     assert diff == pytest.approx(
         summary.loc["good", "gap_closed"] - summary.loc["bad", "gap_closed"]
     )
-    assert d_low > 0.5
+
+
+def test_verdict_words_follow_the_interval(rng):
+    report = synthetic_report(rng, n_runs=8, run_sd=0.02)
     text = verdict(report, "good", ["bad"])
     assert text.startswith("good beats fedavg") and "good beats bad" in text
-    assert "is worse than" in verdict(report, "bad", ["good"])
-    # one repeat: no interval, and the verdict says so
-    single = report.loc[report["repeat_id"] == "r0"]
-    assert np.isnan(summarise_report(single).loc["good", "gap_low"])
-    assert "no interval" in verdict(single, "good", [])
+    assert "8 held-out runs" in text
+    assert "bad is worse than good" in verdict(report, "bad", ["good"])
+    # 'good' against itself relabelled: a zero true difference is within the noise
+    twin = report.loc[report["scheme"] == "good"].assign(scheme="twin")
+    twin["scaled_error"] += np.random.default_rng(1).normal(0, 0.002, len(twin))
+    both = pd.concat([report, twin], ignore_index=True)
+    assert "good is within the noise of twin" in verdict(both, "good", ["twin"])
+
+
+def test_too_few_held_out_runs_give_no_verdict(rng):
+    """Two runs of many rounds: plenty of repeats, but too few independent units."""
+    from livar_calib.intervals import MIN_HELDOUT_RUNS, TOO_FEW
+
+    report = synthetic_report(rng, n_runs=MIN_HELDOUT_RUNS - 1, rounds=6)
+    summary = summarise_report(report)
+    assert np.isnan(summary.loc["good", "gap_low"]) and np.isnan(summary.loc["good", "gap_high"])
+    text = verdict(report, "good", ["bad"])
+    assert TOO_FEW in text
+    assert "beats" not in text and "worse" not in text and "within the noise" not in text
+    enough = synthetic_report(rng, n_runs=MIN_HELDOUT_RUNS, rounds=1)
+    assert TOO_FEW not in verdict(enough, "good", ["bad"])
