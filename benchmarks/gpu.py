@@ -91,6 +91,7 @@ IDX = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "t10k": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+IDX_KINDS = ("images-idx3-ubyte", "labels-idx1-ubyte")
 SCHEMA = 1
 
 
@@ -211,9 +212,6 @@ def prepare_data(source: Path, folder: Path, train: int, test: int, seed: int) -
         }
     record["files"] = {p.name: sha256(p) for p in sorted(folder.iterdir())}
     return record
-
-
-IDX_KINDS = ("images-idx3-ubyte", "labels-idx1-ubyte")
 
 
 def prepare_weights(weights: str, path: Path) -> dict[str, Any]:
