@@ -48,6 +48,7 @@ def _draw_matrix(
     vmax: float,
     label: str,
     fmt: str = "{:.3g}",
+    notes: np.ndarray | None = None,
 ) -> None:
     mesh = ax.pcolormesh(
         x_edges, y_edges, matrix, cmap=cmap, vmin=vmin, vmax=vmax, edgecolors="white", linewidth=1.0
@@ -60,13 +61,16 @@ def _draw_matrix(
             value = matrix[b, a]
             shade = mesh.cmap((value - vmin) / span)
             dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.5
+            text = fmt.format(value)
+            if notes is not None:
+                text += "\n" + str(notes[b, a])
             ax.text(
                 x,
                 y,
-                fmt.format(value),
+                text,
                 ha="center",
                 va="center",
-                fontsize=8,
+                fontsize=8 if notes is None else 6.5,
                 color="white" if dark else "black",
             )
     ax.set_xticks(x_edges, [f"{e:g}" for e in x_edges])
@@ -79,8 +83,29 @@ def _draw_matrix(
     figure.colorbar(mesh, ax=ax, label=label, shrink=0.9)
 
 
+def cell_notes(table: GShapTable) -> np.ndarray | None:
+    """Per cell ``"[low, high]\nn=<rows>"`` from a calibrated table's provenance (rows per cell
+    and the bootstrap interval over runs, :func:`livar_calib.discretise.cell_intervals`);
+    None for a table without them (the paper's, the released code's)."""
+    report = table.provenance.get("discretisation") or {}
+    counts = report.get("rows_per_cell")
+    if counts is None:
+        return None
+    counts = np.asarray(counts)
+    interval = report.get("cell_interval")
+    notes = np.empty(counts.shape, dtype=object)
+    for b, a in np.ndindex(counts.shape):
+        text = f"n={int(counts[b, a])}"
+        if interval is not None:
+            low, high = interval["low"][b][a], interval["high"][b][a]
+            text = f"[{low:.3g}, {high:.3g}]\n" + text
+        notes[b, a] = text
+    return notes
+
+
 def _draw_table(ax: Any, figure: Any, table: GShapTable) -> tuple[np.ndarray, Any, Any]:
-    """One table's values on its quantile grid; returns ``(matrix, x_edges, y_edges)``."""
+    """One table's values on its quantile grid (with :func:`cell_notes` where the table has
+    them); returns ``(matrix, x_edges, y_edges)``."""
     matrix = np.array(table.values, dtype=np.float64)
     x_edges, y_edges = _grid(table)
     _draw_matrix(
@@ -93,6 +118,7 @@ def _draw_table(ax: Any, figure: Any, table: GShapTable) -> tuple[np.ndarray, An
         vmin=float(matrix.min()),
         vmax=float(matrix.max()),
         label="G_SHAP value",
+        notes=cell_notes(table),
     )
     return matrix, x_edges, y_edges
 
@@ -104,7 +130,8 @@ def plot_table_heatmap(
 
     ``data``: ``matrix`` (= ``table.values``, rows Q_B bins from low to high, columns Q_A bins),
     ``x_edges`` / ``y_edges`` (0, the table's percentile edges, 100), ``row_labels`` /
-    ``col_labels`` (``table.bin_labels``).
+    ``col_labels`` (``table.bin_labels``), ``notes`` (:func:`cell_notes`: each cell's rows and
+    its interval over runs, for a calibrated table; else None).
     """
     title = title or f"G_SHAP table {table_label(table)}: un-normalised α per quantile bin"
     with styled():
@@ -122,6 +149,7 @@ def plot_table_heatmap(
                 "y_edges": y_edges,
                 "row_labels": table.bin_labels("B"),
                 "col_labels": table.bin_labels("A"),
+                "notes": cell_notes(table),
             },
         )
 

@@ -92,7 +92,7 @@ class CalibConfig(ArchitectureOverrides):
     min_cell_rows: int = option(
         50,
         "cells with fewer rows are shrunk towards the additive value: weight n/min_cell_rows on "
-        "the rule's cell value (0 rows: the additive value)",
+        "the rule's cell value (0 rows: the additive value; 0: no shrinkage)",
         ge=0,
     )
     cell_resamples: int = option(

@@ -26,6 +26,21 @@ def test_table_heatmap_matrix_equals_table_values(tmp_path: Path):
     assert out.png.stat().st_size > 0 and out.pdf.stat().st_size > 0
 
 
+def test_calibrated_table_heatmap_shows_rows_and_intervals_per_cell(tmp_path: Path):
+    counts = [[320, 250, 900], [40, 150, 300], [7, 100, 813]]
+    low = [[0.05, 0.06, 0.07], [0.08, 0.09, 0.1], [0.11, 0.12, 0.13]]
+    high = [[0.15, 0.16, 0.17], [0.18, 0.19, 0.2], [0.21, 0.22, 0.33]]
+    provenance = {
+        "discretisation": {"rows_per_cell": counts, "cell_interval": {"low": low, "high": high}}
+    }
+    table = make_table("calibrated", 1, CAL_TABLE, provenance=provenance)
+    out = plot_table_heatmap(table, tmp_path / "heat")
+    assert out.data["notes"][2, 0] == "[0.11, 0.21]\nn=7"
+    assert out.data["notes"][0, 2] == "[0.07, 0.17]\nn=900"
+    paper = plot_table_heatmap(GShapTable.load("paper-table-a"), tmp_path / "p")
+    assert paper.data["notes"] is None
+
+
 def test_table_comparison_difference_panel(tmp_path: Path):
     left = make_table("left", 1, CAL_TABLE)
     right = GShapTable.load("paper-table-a")
