@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(CALIB_PRESETS),
         default="default",
-        help="default (embedded proxy: Fashion-MNIST, pretrained DINOv2 ViT-S/14), paper "
-        "(Tiny-ImageNet, ViT-B/16), random-init (the earlier digits / random-init control), tiny",
+        help="default (embedded proxy: Fashion-MNIST, pretrained DINOv2 ViT-S/14), standard "
+        "(the earlier default: 4x its training), paper (Tiny-ImageNet, ViT-B/16), random-init "
+        "(the earlier digits / random-init control), tiny",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="run folder (default runs/calibration/<table name>)"

@@ -31,7 +31,7 @@ from livar_calib.downstream import downstream_report, summarise_downstream
 from livar_calib.explain import shap_analysis
 from livar_calib.features import add_quantile_features
 from livar_calib.figures import plot_shap_summary
-from livar_calib.forest import WITH_SAMPLES, fit_forest
+from livar_calib.forest import WITH_SAMPLES, cross_validated_r2, fit_forest
 from livar_calib.intervals import (
     MIN_HELDOUT_RUNS,
     TOO_FEW,
@@ -170,6 +170,14 @@ def run_calibration(
     }
     forest = fit_forest(rows, **forest_options)
     _save_forest(forest, root / "forest.skops")
+    forest.metrics.update(
+        cross_validated_r2(
+            rows,
+            seed=config.seed,
+            n_estimators=config.n_estimators,
+            min_samples_leaf=config.min_samples_leaf,
+        )
+    )
     forests = {"q_a,q_b": forest.metrics}
     forest_samples = None
     if config.sample_feature:
@@ -194,6 +202,13 @@ def run_calibration(
         f"predictor {metrics['r2_constant']:.3f}), MAE {metrics['mae']:.4f}; within-run R2 "
         f"{metrics['r2_by_run']:.3f}"
         + interval_text(metrics["r2_by_run_low"], metrics["r2_by_run_high"], len(test_runs))
+        + f"; {metrics.get('cv_folds', 0):.0f}-fold cross-validated by runs: R2 "
+        f"{metrics['cv_r2']:.3f}, within-run {metrics['cv_r2_by_run']:.3f}"
+        + interval_text(
+            metrics["cv_r2_by_run_low"],
+            metrics["cv_r2_by_run_high"],
+            int(metrics.get("cv_runs", 0)),
+        ).replace("held-out runs", "runs")
     )
 
     start = time.perf_counter()
