@@ -387,3 +387,51 @@ def test_cell_intervals_resample_whole_runs(tmp_path):
         interval["runs"] == 6 and interval["resamples"] == 50 and "bootstrap" in interval["method"]
     )
     assert np.asarray(interval["low"]).shape == (3, 3)
+
+
+def _path_dependent_value(tree, x: np.ndarray, known: set[int]) -> float:
+    """E[tree(x) | x_known] under the trees' own cover (TreeSHAP's path-dependent expectation):
+    at a split on a known feature follow x, else average both children by their (bootstrap-
+    weighted) training samples."""
+
+    def walk(node: int) -> float:
+        left, right = tree.children_left[node], tree.children_right[node]
+        if left == -1:
+            return float(tree.value[node].ravel()[0])
+        feature = tree.feature[node]
+        if feature in known:
+            return walk(left if x[feature] <= tree.threshold[node] else right)
+        n_left = tree.weighted_n_node_samples[left]
+        n_right = tree.weighted_n_node_samples[right]
+        return (n_left * walk(left) + n_right * walk(right)) / (n_left + n_right)
+
+    return walk(0)
+
+
+def test_interaction_values_equal_brute_force_shapley_interactions():
+    """SHAP interaction values of a small two-feature forest against the Shapley interaction
+    index by brute force (v(S) by walking every tree; two players: Phi_ab = Phi_ba =
+    (v(ab) - v(a) - v(b) + v()) / 2, main effect phi_a - Phi_ab); the interaction rule's
+    cells then follow from these values (previous test)."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 100, (400, 2))
+    y = TABLE_A.values[
+        assign_bins(x[:, 1], np.asarray(TABLE_A.edges_b)),
+        assign_bins(x[:, 0], np.asarray(TABLE_A.edges_a)),
+    ] + rng.normal(0, 0.01, 400)
+    frame = pd.DataFrame(x, columns=["q_a", "q_b"])
+    forest = RandomForestRegressor(5, max_depth=4, random_state=0).fit(frame, y)
+    explained = shap_analysis(forest, frame.iloc[:40], interactions=True)
+    trees = [est.tree_ for est in forest.estimators_]
+    for i in range(40):
+        point = x[i]
+        v = {
+            key: np.mean([_path_dependent_value(t, point, set(key)) for t in trees])
+            for key in [(), (0,), (1,), (0, 1)]
+        }
+        pair = (v[(0, 1)] - v[(0,)] - v[(1,)] + v[()]) / 2
+        shapley_a = ((v[(0,)] - v[()]) + (v[(0, 1)] - v[(1,)])) / 2
+        shapley_b = ((v[(1,)] - v[()]) + (v[(0, 1)] - v[(0,)])) / 2
+        expected = np.array([[shapley_a - pair, pair], [pair, shapley_b - pair]])
+        np.testing.assert_allclose(explained.interactions[i], expected, atol=1e-9)
+        assert explained.base_value == pytest.approx(v[()], abs=1e-9)
