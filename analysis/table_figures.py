@@ -8,6 +8,7 @@ the grid lines are the table's quantile edges, labelled on the axes.
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -138,11 +139,11 @@ def plot_table_heatmap(
         figure, (ax,) = new_figure(width=4.8, height=3.8)
         matrix, x_edges, y_edges = _draw_table(ax, figure, table)
         base = "" if table.base_value is None else f", base value {table.base_value:g}"
-        ax.set_title(f"{table_label(table)}{base}")
+        ax.set_title(textwrap.fill(f"{table_label(table)}{base}", 48), fontsize=9)
         return finish(
             figure,
             path,
-            title,
+            textwrap.fill(title, 48),
             {
                 "matrix": matrix,
                 "x_edges": x_edges,

@@ -21,40 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save
 
 
-def cross_validated_r2(folder: Path, folds: int = 4, seed: int = 0) -> dict[str, float]:
-    """R^2 of the calibration forest (the run's options) on every run, each predicted by a
-    forest fitted on the other folds of whole runs (GroupKFold over runs): a steadier design
-    comparison than one split of 3 held-out runs. Pooled R^2 over all rows, and the mean
-    within-run R^2 with its t interval over runs."""
-    import numpy as np
+def cross_validated_r2(folder: Path) -> dict[str, float]:
+    """:func:`livar_calib.forest.cross_validated_r2` on the folder's rows with its options (folders
+    calibrated before the pipeline recorded it are scored here the same way)."""
     import pandas as pd
-    from sklearn.ensemble import RandomForestRegressor
-    from sklearn.metrics import r2_score
-    from sklearn.model_selection import GroupKFold
 
-    from livar_calib.intervals import run_of, t_interval
+    from livar_calib.forest import cross_validated_r2 as score
 
     config = json.loads((folder / "config.json").read_text())["config"]
-    rows = pd.read_csv(folder / "rows.csv")
-    runs = rows["repeat_id"].map(run_of).to_numpy()
-    x, y = rows[["q_a", "q_b"]].to_numpy(), rows["lam"].to_numpy()
-    pred = np.empty_like(y)
-    for train, test in GroupKFold(n_splits=folds).split(x, y, runs):
-        forest = RandomForestRegressor(
-            n_estimators=config["n_estimators"],
-            min_samples_leaf=config["min_samples_leaf"],
-            random_state=seed,
-            n_jobs=2,
-        ).fit(x[train], y[train])
-        pred[test] = forest.predict(x[test])
-    per_run = np.array([r2_score(y[runs == r], pred[runs == r]) for r in sorted(set(runs))])
-    mean, low, high = t_interval(per_run)
-    return {
-        "cv_r2": float(r2_score(y, pred)),
-        "cv_r2_by_run": float(mean[0]),
-        "cv_r2_by_run_low": float(low[0]),
-        "cv_r2_by_run_high": float(high[0]),
-    }
+    return score(
+        pd.read_csv(folder / "rows.csv"),
+        seed=config["seed"],
+        n_estimators=config["n_estimators"],
+        min_samples_leaf=config["min_samples_leaf"],
+    )
 
 
 def design_row(folder: Path) -> dict[str, Any]:
