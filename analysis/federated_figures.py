@@ -234,7 +234,7 @@ def plot_paired_vs_beta(
             low = part["ci_low"].to_numpy(dtype=float)
             high = part["ci_high"].to_numpy(dtype=float)
             error = np.vstack([np.nan_to_num(mean - low), np.nan_to_num(high - mean)])
-            label = f"{method_name(method)} (n={int(part['n_rounds'].min())})"
+            label = f"{method_name(method)} (runs={int(part['n_runs'].min())})"
             _beta_line(ax, part["beta"].to_numpy(dtype=float), mean, error, method, i, label)
         _beta_axis(ax, betas, f"top-1 minus {method_name(reference)} (points)")
         return finish(

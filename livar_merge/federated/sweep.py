@@ -13,8 +13,9 @@ medians over every round of every run, go to ``costs.csv`` and ``costs.md``.
 ``--paired fedavg ...`` gives every run these paired methods (less its own): each round they are
 aggregated from the run's own client updates and evaluated (``paired.csv`` of the run). The grid's
 ``paired.csv``/``paired.md`` then hold, per (method, paired method, beta), the difference
-``method - paired method`` in top-1 points on the same updates: mean and 95 % Student-t interval
-over every (seed, round), and over seeds of the final round.
+``method - paired method`` in top-1 points on the same updates: over every round, the mean with a
+95 % Student-t interval over runs (each seed's mean over its rounds: rounds of one run are not
+independent), and over seeds of the final round.
 
 ``--engine ray`` runs the grid's unfinished runs as Ray tasks (``--ray-address``,
 ``--ray-cpus-per-task``, ``--ray-gpus-per-task``: :mod:`livar_merge.federated.ray_engine`); each
@@ -240,15 +241,17 @@ def collect_paired(root: Path) -> list[dict[str, Any]]:
 
 
 def paired_table(rows: list[dict[str, Any]], *, scale: float = 100.0) -> pd.DataFrame:
-    """Per (method, paired, beta): ``method - paired`` in points, mean and 95 % interval over
-    all (seed, round) pairs, the same over seeds for the final round, and rounds won."""
+    """Per (method, paired, beta): ``method - paired`` in points over every round: the mean of
+    the runs' (seeds') mean gains with its 95 % t interval over runs (the rounds of a run share
+    its partition and trajectory, so the run is the independent unit), rounds won and lost;
+    and the same over seeds for the final round."""
     from livar_merge.federated.paired import mean_interval
 
     columns = ["method", "paired", "beta", "seed", "round", "gain"]
     frame = pd.DataFrame(rows, columns=columns)
     out = []
     for (method, paired, beta), group in frame.groupby(["method", "paired", "beta"], sort=True):
-        every = mean_interval(list(group["gain"] * scale))
+        every = mean_interval(list(group.groupby("seed")["gain"].mean() * scale))
         last = group[group["round"] == group["round"].max()]
         final = mean_interval(list(last["gain"] * scale))
         out.append(
@@ -256,7 +259,8 @@ def paired_table(rows: list[dict[str, Any]], *, scale: float = 100.0) -> pd.Data
                 "method": method,
                 "paired": paired,
                 "beta": beta,
-                "n_rounds": every["n"],
+                "n_rounds": len(group),
+                "n_runs": every["n"],
                 "mean": every["mean"],
                 "ci_low": every["low"],
                 "ci_high": every["high"],
@@ -282,14 +286,14 @@ def paired_markdown(table: pd.DataFrame) -> str:
         return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
     lines = [
-        "| method − paired | beta | every round: mean [95 % CI] (n) | won/lost | "
-        "final round: mean [95 % CI] (seeds) |",
+        "| method − paired | beta | every round: mean [95 % CI over runs] (rounds, runs) | "
+        "won/lost | final round: mean [95 % CI] (seeds) |",
         "|---|---|---|---|---|",
     ]
     for _, r in table.iterrows():
         lines.append(
             f"| {r['method']} − {r['paired']} | {r['beta']:g} | "
-            f"{cell(r['mean'], r['ci_low'], r['ci_high'])} ({r['n_rounds']}) | "
+            f"{cell(r['mean'], r['ci_low'], r['ci_high'])} ({r['n_rounds']}, {r['n_runs']}) | "
             f"{r['won']}/{r['lost']} | "
             f"{cell(r['final_mean'], r['final_ci_low'], r['final_ci_high'])} ({r['n_seeds']}) |"
         )

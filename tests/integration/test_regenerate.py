@@ -146,7 +146,7 @@ def test_smoke_on_a_real_tiny_calibration(tmp_path: Path):
 
 def test_paired_vs_beta_hand_computed_intervals(tmp_path: Path):
     """paired.csv rows (difference = fedavg - livar on livar's updates) -> livar - fedavg in
-    points with the t-interval over (seed, round); a sweep without paired rows is skipped."""
+    points with the t-interval over runs (seeds); a sweep without paired rows is skipped."""
     from scipy import stats
 
     from analysis.federated_figures import plot_paired_vs_beta
@@ -173,8 +173,8 @@ def test_paired_vs_beta_hand_computed_intervals(tmp_path: Path):
     out = plot_paired_vs_beta(collect_paired(root), "fashion-mnist", tmp_path / "paired")
     assert out.png.is_file() and out.data["methods"] == ["livar"]
     table = out.data["table"].set_index("beta")
-    x = 100 * np.array([g for seed in gains[0.05] for g in seed])
-    low, high = stats.t.interval(0.95, 3, loc=x.mean(), scale=stats.sem(x))
+    x = 100 * np.array([np.mean(seed) for seed in gains[0.05]])  # runs (seeds) are the unit
+    low, high = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
     assert table.loc[0.05, "mean"] == pytest.approx(x.mean())
     assert (table.loc[0.05, "ci_low"], table.loc[0.05, "ci_high"]) == pytest.approx((low, high))
     assert table.loc[0.05, "final_mean"] == pytest.approx(100 * np.mean([0.05, 0.04]))

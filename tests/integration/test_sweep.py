@@ -78,7 +78,8 @@ def test_sweep_runs_on_the_flower_engine_and_refuses_to_resume_it(tmp_path: Path
 
 def test_sweep_paired_table_against_a_brute_force_interval(tmp_path: Path):
     """--paired gives each run the listed methods less its own; paired.csv of the grid holds
-    method - paired in points with the t-interval over (seed, round), checked by hand."""
+    method - paired in points with the t-interval over runs (each seed's mean over its rounds),
+    checked by hand."""
     from scipy import stats
 
     args = ["--root", str(tmp_path), "--preset", "tiny", "--methods", "fedavg", "livar-sigma"]
@@ -86,13 +87,15 @@ def test_sweep_paired_table_against_a_brute_force_interval(tmp_path: Path):
     args += ["--set", "rounds=2", "num_clients=2", "max_train=120", "max_test=40"]
     assert main(args) == 0
     assert not (tmp_path / "synthetic-fedavg-b0.5-s0" / "paired.csv").exists()  # own method
-    gains = []
+    gains, run_means = [], []
     for seed in (0, 1):
         folder = tmp_path / f"synthetic-livar-sigma-b0.5-s{seed}"
         rows = pd.read_csv(folder / "paired.csv")
         assert list(rows["method"]) == ["fedavg", "fedavg"]
         own = pd.read_csv(folder / "metrics.csv")["test_accuracy"].to_numpy()
-        gains += list(100 * (own - rows["test_accuracy"].to_numpy()))
+        seed_gains = list(100 * (own - rows["test_accuracy"].to_numpy()))
+        gains += seed_gains
+        run_means.append(sum(seed_gains) / len(seed_gains))
     table = pd.read_csv(tmp_path / "paired.csv")
     assert len(table) == 1
     row = table.iloc[0]
@@ -102,8 +105,11 @@ def test_sweep_paired_table_against_a_brute_force_interval(tmp_path: Path):
         4,
         2,
     )
-    assert row["mean"] == pytest.approx(sum(gains) / 4)
-    if statistics.stdev(gains) > 0:
-        low, high = stats.t.interval(0.95, 3, loc=sum(gains) / 4, scale=statistics.stdev(gains) / 2)
+    assert row["mean"] == pytest.approx(sum(gains) / 4) and row["n_runs"] == 2
+    spread = statistics.stdev(run_means)
+    if spread > 0:
+        low, high = stats.t.interval(0.95, 1, loc=sum(run_means) / 2, scale=spread / 2**0.5)
         assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+    else:  # identical run means: a zero-width interval at the mean
+        assert row["ci_low"] == pytest.approx(row["mean"]) == pytest.approx(row["ci_high"])
     assert "livar-sigma − fedavg" in (tmp_path / "paired.md").read_text()
