@@ -208,13 +208,12 @@ def cross_validated_r2(
             n_estimators=n_estimators, min_samples_leaf=min_samples_leaf, random_state=seed
         )
         prediction[test] = model.fit(x[train], y[train]).predict(x[test])
-    per_run = np.array([r2_score(y[runs == r], prediction[runs == r]) for r in unique])
-    mean, low, high = t_interval(per_run)
+    by_run = _r2_by_run(rows["repeat_id"].to_numpy(), y, prediction)
     return {
         "cv_r2": float(r2_score(y, prediction)),
-        "cv_r2_by_run": float(mean[0]),
-        "cv_r2_by_run_low": float(low[0]),
-        "cv_r2_by_run_high": float(high[0]),
+        "cv_r2_by_run": by_run["r2_by_run"],
+        "cv_r2_by_run_low": by_run["r2_by_run_low"],
+        "cv_r2_by_run_high": by_run["r2_by_run_high"],
         "cv_folds": float(min(folds, len(unique))),
-        "cv_runs": float(len(unique)),
+        "cv_runs": by_run["test_runs"],
     }

@@ -156,3 +156,37 @@ def test_round_bootstrap_undercovers():
     low, high = np.percentile(draws.mean(axis=2), [2.5, 97.5], axis=1)
     coverage = np.mean((low <= TRUE_GAP_DIFFERENCE) & (high >= TRUE_GAP_DIFFERENCE))
     assert coverage < 0.85, coverage
+
+
+def test_cross_validated_r2_predicts_every_run_from_the_others():
+    """Against a loop: each run predicted by a forest fitted on runs of other folds only."""
+    from sklearn.ensemble import RandomForestRegressor
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import GroupKFold
+
+    from livar_calib.forest import cross_validated_r2
+
+    rng = np.random.default_rng(2)
+    frames = []
+    for s in range(8):
+        n = 30
+        q_a, q_b = rng.uniform(0, 100, n), rng.uniform(0, 100, n)
+        lam = 0.2 + 0.003 * q_b + rng.normal(0, 0.05, n) + rng.normal(0, 0.05)  # run effect
+        frames.append(
+            pd.DataFrame(
+                {"repeat_id": repeat_id(f"b1-s{s}", 1), "q_a": q_a, "q_b": q_b, "lam": lam}
+            )
+        )
+    rows = pd.concat(frames, ignore_index=True)
+    got = cross_validated_r2(rows, n_estimators=10, min_samples_leaf=5, folds=4)
+    runs = rows["repeat_id"].map(run_of).to_numpy()
+    x, y = rows[["q_a", "q_b"]].to_numpy(), rows["lam"].to_numpy()
+    prediction = np.full(len(y), np.nan)
+    for train, test in GroupKFold(n_splits=4).split(x, y, runs):
+        assert not set(runs[train]) & set(runs[test])
+        model = RandomForestRegressor(n_estimators=10, min_samples_leaf=5, random_state=0)
+        prediction[test] = model.fit(x[train], y[train]).predict(x[test])
+    assert got["cv_r2"] == pytest.approx(r2_score(y, prediction))
+    per_run = [r2_score(y[runs == r], prediction[runs == r]) for r in sorted(set(runs))]
+    assert got["cv_r2_by_run"] == pytest.approx(np.mean(per_run)) and got["cv_runs"] == 8
+    assert got["cv_r2_by_run_low"] < got["cv_r2_by_run"] < got["cv_r2_by_run_high"]
