@@ -78,3 +78,56 @@ def save(name: str, result: dict[str, Any], markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown + "\n")
     print(markdown)
+
+
+def sync(device: Any) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def statistics_steps_seconds(
+    model: Any,
+    params: list[Any],
+    x: Any,
+    y: Any,
+    *,
+    variant: str,
+    steps: int,
+    num_classes: int,
+    precision: str,
+    device: Any,
+) -> float:
+    """Wall seconds of ``steps`` AdamW training steps on the batch ``(x, y)``: ``bare``; with
+    ``ImportanceTracker`` attached to the optimizer (``omega``); or also
+    ``ClassFeatureStats.update`` on every step (``omega+sigma``), each statistic's one host copy
+    of a round included. Synchronised at both ends."""
+    import torch
+
+    from livar_merge.federated.client import autocast_context
+    from livar_merge.federated.model import forward_with_features
+    from livar_merge.signals import ClassFeatureStats, ImportanceTracker
+
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1)
+    tracker = ImportanceTracker(model).attach(optimizer) if variant != "bare" else None
+    stats = ClassFeatureStats(num_classes) if variant == "omega+sigma" else None
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        with autocast_context(precision, device):
+            features, logits = forward_with_features(model, x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if stats is not None:
+            stats.update(features.detach().float(), y, logits.detach().float())
+    if tracker is not None:
+        tracker.result()
+        tracker.detach()
+    if stats is not None:
+        stats.result()
+    sync(device)
+    return time.perf_counter() - start

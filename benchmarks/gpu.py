@@ -61,6 +61,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import statistics_steps_seconds  # noqa: E402
+
 CARRY = REPO / "benchmarks" / "gpu-carry"
 RESULTS = REPO / "benchmarks" / "results"
 WEIGHTS_FILE = "dinov2_s14_fp16.safetensors"
@@ -350,13 +354,6 @@ def fp32_weights(carried: Path, image_size: int, folder: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- run: throughput
-def sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_model(
     model_name: str,
     weights: str,
@@ -374,9 +371,7 @@ def measure_model(
     """Bare and LIVAR training steps of one model, timed in interleaved blocks of ``steps``."""
     import torch
 
-    from livar_merge.federated.client import autocast_context
-    from livar_merge.federated.model import build_model, forward_with_features
-    from livar_merge.signals import ClassFeatureStats, ImportanceTracker
+    from livar_merge.federated.model import build_model
 
     built = time.perf_counter()
     torch.manual_seed(0)
@@ -396,29 +391,19 @@ def measure_model(
     build_seconds = time.perf_counter() - built
 
     def block(variant: str, n: int) -> tuple[float, int | None]:
-        optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1)
-        tracker = ImportanceTracker(model).attach(optimizer) if variant != "bare" else None
-        stats = ClassFeatureStats(NUM_CLASSES) if variant == "omega+sigma" else None
-        sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        for _ in range(n):
-            with autocast_context(precision, device):
-                features, logits = forward_with_features(model, x)
-                loss = torch.nn.functional.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if stats is not None:
-                stats.update(features.detach().float(), y, logits.detach().float())
-        if tracker is not None:
-            tracker.result()  # the one host copy of a round, included
-            tracker.detach()
-        if stats is not None:
-            stats.result()
-        sync(device)
-        seconds = time.perf_counter() - start
+        seconds = statistics_steps_seconds(
+            model,
+            params,
+            x,
+            y,
+            variant=variant,
+            steps=n,
+            num_classes=NUM_CLASSES,
+            precision=precision,
+            device=device,
+        )
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         return seconds, peak
 

@@ -21,20 +21,20 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import statistics_steps_seconds, sync
+
 from livar_merge.federated.client import autocast_context
 from livar_merge.federated.config import resolve_config
 from livar_merge.federated.model import build_model, forward_with_features
-from livar_merge.signals import ClassFeatureStats, ImportanceTracker
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from livar_merge.signals import ClassFeatureStats
 
 
 def main() -> None:
@@ -70,27 +70,18 @@ def main() -> None:
     y = torch.randint(0, args.num_classes, (config.batch_size,), device=device)
 
     def block(variant: str) -> float:
-        optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1)
-        tracker = ImportanceTracker(model).attach(optimizer) if variant != "bare" else None
-        stats = ClassFeatureStats(args.num_classes) if variant == "omega+sigma" else None
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            with autocast_context(args.precision, device):
-                features, logits = forward_with_features(model, x)
-                loss = torch.nn.functional.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if stats is not None:
-                stats.update(features.detach().float(), y, logits.detach().float())
-        if tracker is not None:
-            tracker.result()  # the one host copy per round, included
-            tracker.detach()
-        if stats is not None:
-            stats.result()
-        sync(device)
-        return (time.perf_counter() - start) / args.steps
+        seconds = statistics_steps_seconds(
+            model,
+            params,
+            x,
+            y,
+            variant=variant,
+            steps=args.steps,
+            num_classes=args.num_classes,
+            precision=args.precision,
+            device=device,
+        )
+        return seconds / args.steps
 
     @torch.no_grad()
     def inference_block() -> float:
