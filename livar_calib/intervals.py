@@ -104,13 +104,13 @@ def t_interval(
     return mean, np.where(ok, mean - half, np.nan), np.where(ok, mean + half, np.nan)
 
 
-def interval_text(low: float, high: float, units: int, *, scale: str = "{:+.3f}") -> str:
-    """``" (95% t interval over N held-out runs a to b)"``, or the :data:`TOO_FEW` note."""
+def interval_text(
+    low: float, high: float, units: int, *, scale: str = "{:+.3f}", unit: str = "held-out runs"
+) -> str:
+    """``" (95% t interval over N <unit> a to b)"``, or the :data:`TOO_FEW` note."""
     if np.isnan(low) or np.isnan(high):
         return f" ({TOO_FEW}: {units} < {MIN_HELDOUT_RUNS})"
-    return (
-        f" (95% t interval over {units} held-out runs {scale.format(low)} to {scale.format(high)})"
-    )
+    return f" (95% t interval over {units} {unit} {scale.format(low)} to {scale.format(high)})"
 
 
 def verdict_word(low: float, high: float) -> str:

@@ -196,20 +196,7 @@ def run_calibration(
         },
     )
     timings["forest"] = time.perf_counter() - start
-    metrics = forest.metrics
-    log(
-        f"forest: held-out R2 {metrics['r2']:.3f} on {len(test_runs)} held-out runs (constant "
-        f"predictor {metrics['r2_constant']:.3f}), MAE {metrics['mae']:.4f}; within-run R2 "
-        f"{metrics['r2_by_run']:.3f}"
-        + interval_text(metrics["r2_by_run_low"], metrics["r2_by_run_high"], len(test_runs))
-        + f"; {metrics.get('cv_folds', 0):.0f}-fold cross-validated by runs: R2 "
-        f"{metrics['cv_r2']:.3f}, within-run {metrics['cv_r2_by_run']:.3f}"
-        + interval_text(
-            metrics["cv_r2_by_run_low"],
-            metrics["cv_r2_by_run_high"],
-            int(metrics.get("cv_runs", 0)),
-        ).replace("held-out runs", "runs")
-    )
+    log(_forest_line(forest.metrics, len(test_runs)))
 
     start = time.perf_counter()
     explained = shap_analysis(
@@ -451,6 +438,24 @@ def _downstream(
     )
     log("downstream accuracy of the merged models:\n" + summary.to_string() + "\n" + sentence)
     return {"summary": json.loads(summary.to_json(orient="index")), "verdict": sentence}
+
+
+def _forest_line(metrics: dict[str, float], held_out_runs: int) -> str:
+    """The forest's held-out and cross-validated R^2 in one line of the log."""
+    held_out = interval_text(metrics["r2_by_run_low"], metrics["r2_by_run_high"], held_out_runs)
+    cross = interval_text(
+        metrics["cv_r2_by_run_low"],
+        metrics["cv_r2_by_run_high"],
+        int(metrics.get("cv_runs", 0)),
+        unit="runs",
+    )
+    return (
+        f"forest: held-out R2 {metrics['r2']:.3f} on {held_out_runs} held-out runs (constant "
+        f"predictor {metrics['r2_constant']:.3f}), MAE {metrics['mae']:.4f}; within-run R2 "
+        f"{metrics['r2_by_run']:.3f}{held_out}; {metrics.get('cv_folds', 0):.0f}-fold "
+        f"cross-validated by runs: R2 {metrics['cv_r2']:.3f}, within-run "
+        f"{metrics['cv_r2_by_run']:.3f}{cross}"
+    )
 
 
 def _scoped(text: str, scope: str) -> str:
