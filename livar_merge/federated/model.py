@@ -8,6 +8,7 @@ state dict read by timm with ``torch.load(weights_only=True)``) or a named sourc
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -110,13 +111,21 @@ def _cached_weights_file(model_name: str) -> CachedCheckpoint | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def _checkpoint_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a checkpoint, hashed once per process for an unchanged file (every model
+    build reads the same cache blob: a federation builds one per run, client and rank)."""
+    from livar_merge.federated.pretrained import file_sha256
+
+    return file_sha256(path)
+
+
 def hf_cache_provenance(cached: CachedCheckpoint) -> dict[str, Any]:
     """What verifies W0 from the Hugging Face cache: hub id, file name, snapshot revision
     (the commit folder of ``snapshots/<revision>/``, None outside that layout), path and the
     file's sha256 (hex)."""
-    from livar_merge.federated.pretrained import file_sha256
-
     path = Path(cached.path)
+    stat = path.stat()
     in_snapshot = path.parent.parent.name == "snapshots"
     return {
         "source": "hf-cache",
@@ -124,7 +133,7 @@ def hf_cache_provenance(cached: CachedCheckpoint) -> dict[str, Any]:
         "filename": path.name,
         "revision": path.parent.name if in_snapshot else None,
         "path": str(path),
-        "sha256": file_sha256(path),
+        "sha256": _checkpoint_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns),
     }
 
 
