@@ -3,7 +3,10 @@
 Reads the ``summary.json`` and ``config.json`` of calibration run folders and prints, per design:
 runs x rounds, training images, local epochs, image size, batch, the proxy training's image
 passes and wall time with the machine's measured throughput beside it, the held-out R^2 (pooled
-and the mean within-run R^2 with its t interval over held-out runs) and the SHAP trends.
+and the mean within-run R^2 with its t interval over held-out runs), the 4-fold cross-validated
+R^2 by runs at the run's forest options and at ``min_samples_leaf=50``, the in-sample R^2 of a
+forest fitted on every run (an upper bound on what the two quantile features explain of this
+design's NNLS coefficients: no held-out R^2 can be expected above it) and the SHAP trends.
 Results go to ``benchmarks/results/calibration_design.{json,md}``.
 
     python benchmarks/calibration_design.py runs/design/d1 runs/design/d4 ...
@@ -21,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save
 
 
-def cross_validated_r2(folder: Path) -> dict[str, float]:
+def cross_validated_r2(folder: Path, min_samples_leaf: int | None = None) -> dict[str, float]:
     """:func:`livar_calib.forest.cross_validated_r2` on the folder's rows with its options (folders
     calibrated before the pipeline recorded it are scored here the same way)."""
     import pandas as pd
@@ -33,8 +36,26 @@ def cross_validated_r2(folder: Path) -> dict[str, float]:
         pd.read_csv(folder / "rows.csv"),
         seed=config["seed"],
         n_estimators=config["n_estimators"],
-        min_samples_leaf=config["min_samples_leaf"],
+        min_samples_leaf=min_samples_leaf or config["min_samples_leaf"],
     )
+
+
+def ceiling_r2(folder: Path) -> float:
+    """R^2 on its own rows of a forest fitted on every run of the folder (its forest options)."""
+    import pandas as pd
+    from sklearn.ensemble import RandomForestRegressor
+
+    from livar_calib.forest import DEFAULT_FEATURES
+
+    config = json.loads((folder / "config.json").read_text())["config"]
+    rows = pd.read_csv(folder / "rows.csv")
+    x, y = rows.loc[:, list(DEFAULT_FEATURES)], rows["lam"]
+    model = RandomForestRegressor(
+        n_estimators=config["n_estimators"],
+        min_samples_leaf=config["min_samples_leaf"],
+        random_state=config["seed"],
+    )
+    return float(model.fit(x, y).score(x, y))
 
 
 def design_row(folder: Path) -> dict[str, Any]:
@@ -53,7 +74,10 @@ def design_row(folder: Path) -> dict[str, Any]:
         "local_epochs": config["local_epochs"],
         "image_size": config["image_size"],
         "batch_size": config["batch_size"],
-        "image_passes": 2 * (config["max_train"] or 0) * config["local_epochs"] * runs
+        "image_passes": 2
+        * (config["max_train"] or 0)
+        * config["local_epochs"]
+        * runs
         * config["rounds"],
         "proxy_seconds": proxy.get("seconds"),
         "proxy_images_per_second": proxy.get("images_per_second"),
@@ -67,6 +91,8 @@ def design_row(folder: Path) -> dict[str, Any]:
         "shap_trend": summary["shap_trend_spearman"],
         "quality_verdict": summary["quality_verdict"],
         **cross_validated_r2(folder),
+        "cv_r2_leaf50": cross_validated_r2(folder, min_samples_leaf=50)["cv_r2"],
+        "in_sample_r2": ceiling_r2(folder),
     }
 
 
@@ -74,8 +100,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| design | runs x rounds | images | epochs | px | batch | image passes | proxy s "
         "(img/s) | GFLOP/s | held-out runs | R^2 | within-run R^2 [95% t] | 4-fold CV R^2 | CV "
-        "within-run R^2 [95% t] | SHAP q_a, q_b |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "within-run R^2 [95% t] | CV R^2, leaf 50 | in-sample R^2 (ceiling) | SHAP q_a, q_b |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         interval = (
@@ -95,6 +121,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {seconds} | {r['gflops_fp32']} | {r['held_out_runs']} | {r['r2']:.3f} | "
             f"{interval} | {r['cv_r2']:.3f} | {r['cv_r2_by_run']:.3f} "
             f"[{r['cv_r2_by_run_low']:.3f}, {r['cv_r2_by_run_high']:.3f}] | "
+            f"{r['cv_r2_leaf50']:.3f} | {r['in_sample_r2']:.3f} | "
             f"{trend['q_a']:+.2f}, {trend['q_b']:+.2f} |"
         )
     return "\n".join(lines)

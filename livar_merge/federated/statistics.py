@@ -4,7 +4,8 @@
   the head's ``[features, 1]`` inputs (RegMean), float64, over the local data after training.
 * ``"prototypes"``: per-class mean of the pre-logit features and counts (FedProto).
 * ``"fisher"``: diagonal empirical Fisher of the trainable parameters (Fisher averaging),
-  from per-sample gradients (``torch.func``).
+  from per-sample gradients of one batched backward pass (layer inputs x back-propagated
+  signals, as Opacus does).
 * ``"moments"``: per-class feature mean, covariance (full or diagonal) and count under a given
   (global) model (CCVR).
 """
@@ -104,11 +105,19 @@ def diagonal_fisher(
     *,
     max_samples: int = 256,
     seed: int = 0,
+    batch_size: int = 32,
 ) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher ``mean_i (d log p(y_i|x_i) / d theta)^2`` of the trainable
-    parameters over up to ``max_samples`` local samples (one backward pass per sample, in eval
-    mode; peft's LoRA forward is not vmap-able, so ``torch.func`` per-sample gradients are not
-    used).
+    parameters over up to ``max_samples`` local samples, in eval mode.
+
+    Per-sample gradients come from one batched backward pass: in eval mode a ViT treats the
+    samples of a batch independently, so the gradient of ``sum_i log p(y_i|x_i)`` with respect to
+    a Linear layer's output holds, in row ``i``, sample ``i``'s own back-propagated signal ``g_i``
+    ``[n, tokens, out]``; with the layer's input ``x_i`` ``[n, tokens, in]`` the per-sample
+    weight gradient is ``sum_t g_it x_it^T`` and the bias gradient ``sum_t g_it`` (as Opacus
+    computes them; peft's LoRA forward is not vmap-able, so ``torch.func`` is not used). Every
+    trainable parameter must belong to an ``nn.Linear`` (LoRA factors and the head); a model
+    with other trainable modules takes one backward pass per sample (:func:`_fisher_per_sample`).
 
     Keys: the parameter names of :func:`livar_merge.federated.client.lora_state` for LoRA
     factors and ``head.weight`` / ``head.bias`` for the head.
@@ -120,27 +129,104 @@ def diagonal_fisher(
         chosen = np.sort(rng.permutation(chosen)[:max_samples])
     was_training = model.training
     model.eval()
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    count = 0
-    for x, y in source.batches(chosen, 32):
-        log_probs = torch.log_softmax(model(x).float(), dim=-1)
-        picked = log_probs.gather(1, y[:, None])[:, 0]
-        for i in range(len(y)):
-            grads = torch.autograd.grad(picked[i], params, retain_graph=i < len(y) - 1)
-            for total, g in zip(sums, grads, strict=True):
-                total += g.double() ** 2
-        count += len(y)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    linears = _trainable_linears(model)
+    covered = {id(p) for m in linears for p in m.parameters(recurse=False) if p.requires_grad}
+    if covered == {id(p) for p in named.values()}:
+        sums, count = _fisher_by_hooks(model, linears, source, chosen, batch_size)
+    else:
+        sums, count = _fisher_per_sample(model, source, chosen, batch_size)
     model.train(was_training)
     head = head_module(model)
     head_names = {id(head.weight): "head.weight"}
     if head.bias is not None:
         head_names[id(head.bias)] = "head.bias"
-    out = {}
-    for name, param, total in zip(names, params, sums, strict=True):
-        out[head_names.get(id(param), lora_key(name))] = (total / max(count, 1)).cpu()
-    return out
+    return {
+        head_names.get(id(param), lora_key(name)): (sums[id(param)] / max(count, 1)).cpu()
+        for name, param in named.items()
+    }
+
+
+def _trainable_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The ``nn.Linear`` modules with a trainable weight or bias of their own."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+        and any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
+def _fisher_by_hooks(
+    model: torch.nn.Module,
+    linears: list[torch.nn.Linear],
+    source: BatchSource,
+    chosen: np.ndarray,
+    batch_size: int,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """Sums over samples of squared per-sample gradients (float64), keyed by ``id(param)``,
+    from one forward and one backward pass per batch (see :func:`diagonal_fisher`)."""
+    sums = {
+        id(p): torch.zeros_like(p, dtype=torch.float64)
+        for m in linears
+        for p in m.parameters(recurse=False)
+        if p.requires_grad
+    }
+    batch_grads: dict[int, torch.Tensor] = {}
+
+    def add(param: torch.Tensor | None, grad: torch.Tensor) -> None:
+        if param is None or not param.requires_grad:
+            return
+        # a layer called twice in one forward: its per-sample gradients add before squaring
+        previous = batch_grads.get(id(param))
+        batch_grads[id(param)] = grad if previous is None else previous + grad
+
+    def capture(module: torch.nn.Linear, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        x = args[0].detach().float()
+
+        def on_grad(g: torch.Tensor) -> None:
+            g = g.detach().float()
+            x3, g3 = x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+            add(module.weight, torch.einsum("nto,nti->noi", g3, x3))
+            add(module.bias, g3.sum(dim=1))
+
+        if output.requires_grad:
+            output.register_hook(on_grad)
+
+    handles = [m.register_forward_hook(capture) for m in linears]
+    params = [p for m in linears for p in m.parameters(recurse=False) if p.requires_grad]
+    count = 0
+    try:
+        for x, y in source.batches(chosen, batch_size):
+            batch_grads.clear()
+            log_probs = torch.log_softmax(model(x).float(), dim=-1)
+            picked = log_probs.gather(1, y[:, None])[:, 0]
+            torch.autograd.grad(picked.sum(), params, allow_unused=True)
+            for key, grad in batch_grads.items():
+                sums[key] += (grad.double() ** 2).sum(dim=0)
+            count += len(y)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums, count
+
+
+def _fisher_per_sample(
+    model: torch.nn.Module, source: BatchSource, chosen: np.ndarray, batch_size: int
+) -> tuple[dict[int, torch.Tensor], int]:
+    """As :func:`_fisher_by_hooks`, with one backward pass per sample (any trainable module)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in params}
+    count = 0
+    for x, y in source.batches(chosen, batch_size):
+        log_probs = torch.log_softmax(model(x).float(), dim=-1)
+        picked = log_probs.gather(1, y[:, None])[:, 0]
+        for i in range(len(y)):
+            grads = torch.autograd.grad(picked[i], params, retain_graph=i < len(y) - 1)
+            for param, g in zip(params, grads, strict=True):
+                sums[id(param)] += g.double() ** 2
+        count += len(y)
+    return sums, count
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 
 from livar_merge._options import add_dataclass_options
-from livar_merge.errors import ConfigError, LivarError
+from livar_merge.errors import ConfigError, LivarError, RunFolderError
 from livar_merge.federated.cli import run_with_engine
 from livar_merge.federated.config import resolve_config
 from livar_merge.federated.ray_engine import (
@@ -48,6 +48,7 @@ from livar_merge.federated.ray_engine import (
     run_folder_tasks,
 )
 from livar_merge.federated.results import read_run_config, read_run_summary, run_folders
+from livar_merge.federated.run_folder import RunFolder
 
 MISSING_CELL = "—"
 
@@ -77,7 +78,9 @@ def run_grid(
                 config = resolve_config(preset, None, options)
                 folder = root / config.run_name()
                 folders.append(folder)
-                if not (folder / "summary.json").is_file():
+                if (folder / "summary.json").is_file():
+                    check_finished_run(folder, config)
+                else:
                     todo.append((config, folder))
     if engine is not None and engine.engine == "ray":
         flower = [config.run_name() for config, _ in todo if config.engine == "flower"]
@@ -96,6 +99,18 @@ def run_grid(
         for report in run_in_folder(config, folder):
             _print_run(*report)
     return folders
+
+
+def check_finished_run(folder: Path, config: Any) -> None:
+    """Refuse a finished run in ``folder`` whose options differ from the grid's ``config``
+    (it would be skipped and counted as this grid's cell)."""
+    try:
+        RunFolder(folder, config).check(resume=True)
+    except RunFolderError as err:
+        raise RunFolderError(
+            f"{folder} holds a finished run of other options than this grid's (it would be "
+            f"counted as the grid's {config.run_name()}); move it or choose another --root. {err}"
+        ) from err
 
 
 def run_in_folder(config: Any, folder: Path) -> Iterator[tuple[str, float, float]]:

@@ -81,3 +81,42 @@ def test_cost_table_medians_over_all_rows(tmp_path: Path):
     assert table.loc["fedavg", label("aggregation_seconds")] == pytest.approx(5.0)
     assert pd.isna(table.loc["fedavg", label("moments_seconds")])
     assert table.loc["regmean", "runs"] == 0 and table.loc["regmean"].iloc[:-1].isna().all()
+
+
+def test_run_grid_refuses_a_finished_run_of_other_options(tmp_path: Path, monkeypatch):
+    """A finished run is skipped only when its stored options are the grid's own; one of other
+    options (here another local_epochs) is refused before any run starts, naming the folder."""
+    import json
+
+    from livar_merge.errors import RunFolderError
+    from livar_merge.federated import sweep
+    from livar_merge.federated.config import resolve_config
+    from livar_merge.federated.run_folder import write_run_header
+
+    started: list[str] = []
+    monkeypatch.setattr(sweep, "run_with_engine", lambda config, folder, resume: started.append(1))
+    grid = {"preset": "tiny", "methods": ["fedavg", "livar"], "betas": [0.5], "seeds": [0]}
+
+    def finish(method: str, **options) -> Path:
+        config = resolve_config("tiny", None, {"method": method, "beta": 0.5, "seed": 0, **options})
+        folder = tmp_path / config.run_name()
+        folder.mkdir()
+        write_run_header(folder, config, {})
+        (folder / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
+        return folder
+
+    finish("fedavg")
+    other = finish("livar", local_epochs=7)
+    with pytest.raises(RunFolderError, match="other options than this grid") as err:
+        sweep.run_grid(tmp_path, overrides={}, **grid)
+    assert str(other) in str(err.value) and "local_epochs" in str(err.value)
+    assert started == []
+
+    # the same run with the grid's options is skipped like the finished fedavg
+    (other / "summary.json").unlink()
+    (other / "config.json").unlink()
+    finish_again = resolve_config("tiny", None, {"method": "livar", "beta": 0.5, "seed": 0})
+    write_run_header(other, finish_again, {})
+    (other / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
+    folders = sweep.run_grid(tmp_path, overrides={}, **grid)
+    assert started == [] and len(folders) == 2
