@@ -7,14 +7,12 @@ Calibration run folder (``livar-calibrate``): ``rows.csv``, ``shap_values.csv`` 
 order), ``shap_values_samples.csv`` (with ``num_samples``), ``shap.json`` (base values),
 ``table/<name>.v<N>.json``, ``config.json``.
 
-Federated run folder (``livar-fed``): ``config.json`` (``{"config": {...}}``), ``metrics.csv``
-(``round, test_accuracy, ...``), ``alpha.csv`` (``round, client, layer, weight, ...``) and, once
-every round is done, ``summary.json``. A sweep root holds run folders.
+Federated run folders (``livar-fed``) are read by their one reader,
+:class:`livar_merge.federated.run_layout.RunReader` (its errors are :class:`ArtifactError` s).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from livar_calib.explain import ShapResult
+from livar_merge._io import read_csv, read_json_object
 from livar_merge.errors import ArtifactError, TableError
 from livar_merge.tables import GShapTable
 
@@ -32,23 +31,13 @@ from livar_merge.tables import GShapTable
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{what} has no {path.name}")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{path} is unreadable: {err}") from err
+    return read_json_object(path, ArtifactError)
 
 
 def _read_csv(path: Path, what: str, columns: tuple[str, ...] = ()) -> pd.DataFrame:
     if not path.is_file():
         raise ArtifactError(f"{what} has no {path.name}")
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise ArtifactError(f"{path} is unreadable: {err}") from err
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ArtifactError(f"{path} lacks column(s) {missing}")
-    return frame
+    return read_csv(path, columns, ArtifactError)
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,60 +138,6 @@ def load_table(name_or_path: str | os.PathLike[str]) -> GShapTable:
         return GShapTable.load(name_or_path)
     except TableError as err:
         raise ArtifactError(str(err)) from err
-
-
-@dataclass(frozen=True, eq=False)
-class FedRun:
-    """A ``livar-fed`` run folder."""
-
-    path: Path
-    config: dict[str, Any]
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> FedRun:
-        folder = Path(path)
-        document = _read_json(folder / "config.json", f"run folder {folder}")
-        return cls(folder, dict(document.get("config", {})))
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def dataset(self) -> str:
-        return str(self.config.get("dataset", "?"))
-
-    @property
-    def method(self) -> str:
-        return str(self.config.get("method", "?"))
-
-    @property
-    def beta(self) -> float:
-        return float(self.config.get("beta", float("nan")))
-
-    @property
-    def seed(self) -> int:
-        return int(self.config.get("seed", 0))
-
-    @property
-    def finished(self) -> bool:
-        """Every round done (``summary.json`` written)."""
-        return (self.path / "summary.json").is_file()
-
-    @cached_property
-    def metrics(self) -> pd.DataFrame:
-        """``metrics.csv``: one row per completed round."""
-        return _read_csv(self.path / "metrics.csv", f"run {self.path}", ("round", "test_accuracy"))
-
-    @cached_property
-    def alpha(self) -> pd.DataFrame:
-        """``alpha.csv``: the LoRA merge weight per round, client and layer."""
-        frame = _read_csv(
-            self.path / "alpha.csv", f"run {self.path}", ("round", "client", "layer", "weight")
-        )
-        if frame.empty:
-            raise ArtifactError(f"{self.path / 'alpha.csv'} is empty")
-        return frame
 
 
 def unique_paths(paths: list[Path]) -> list[Path]:

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.artifacts import FedRun
 from analysis.style import (
     SEQUENTIAL_CMAP,
     FigureOutput,
@@ -40,11 +39,12 @@ from analysis.style import (
     styled,
 )
 from livar_merge.errors import ArtifactError
+from livar_merge.federated.run_layout import RunReader
 
 CURVE_KEYS = ("dataset", "method", "beta")
 
 
-def accuracy_table(runs: Sequence[FedRun]) -> pd.DataFrame:
+def accuracy_table(runs: Sequence[RunReader]) -> pd.DataFrame:
     """Long form: one row per (run, round) with ``dataset, method, beta, seed, run, round,
     accuracy`` (percent)."""
     frames = []
@@ -67,7 +67,7 @@ def accuracy_table(runs: Sequence[FedRun]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
-def accuracy_curves(runs: Sequence[FedRun]) -> pd.DataFrame:
+def accuracy_curves(runs: Sequence[RunReader]) -> pd.DataFrame:
     """Per (dataset, method, beta, round): ``mean``, ``std`` (ddof=1, NaN for one seed), ``n``."""
     table = accuracy_table(runs)
     return (
@@ -174,7 +174,7 @@ def plot_accuracy_vs_beta(
     ``rows``: finished runs as :func:`analysis.tables.collect_sweeps` returns them. ``data``:
     ``stats`` (DataFrame ``method, beta, mean, std, n`` in percent), ``methods``, ``betas``.
     """
-    from livar_merge.federated.sweep import results_table
+    from livar_merge.federated.grid_results import results_table
 
     subset = [r for r in rows if r["dataset"] == dataset]
     if not subset:
@@ -209,11 +209,11 @@ def plot_paired_vs_beta(
 ) -> FigureOutput:
     """``method - reference`` on the same client updates against beta, with 95 % intervals.
 
-    ``rows``: :func:`livar_merge.federated.sweep.collect_paired` rows. ``data``: ``table``
-    (:func:`livar_merge.federated.sweep.paired_table` rows of ``reference``), ``methods``,
+    ``rows``: :func:`livar_merge.federated.grid_results.collect_paired` rows. ``data``: ``table``
+    (:func:`livar_merge.federated.grid_results.paired_table` rows of ``reference``), ``methods``,
     ``betas``.
     """
-    from livar_merge.federated.sweep import paired_table
+    from livar_merge.federated.grid_results import paired_table
 
     subset = [r for r in rows if r["dataset"] == dataset and r["paired"] == reference]
     if not subset:
@@ -279,7 +279,7 @@ def choose_rounds(
 
 
 def plot_alpha_heatmap(
-    run: FedRun,
+    run: RunReader,
     path: str | os.PathLike[str],
     *,
     rounds: Sequence[int] | str = "all",
@@ -293,7 +293,7 @@ def plot_alpha_heatmap(
     alpha = run.alpha
     chosen = choose_rounds(alpha["round"].unique(), rounds)
     if not chosen:
-        raise ArtifactError(f"none of the rounds {rounds} is in {run.path / 'alpha.csv'}")
+        raise ArtifactError(f"none of the rounds {rounds} is in {run.layout.table('alpha')}")
     matrices = {r: alpha_matrix(alpha, r) for r in chosen}
     vmax = max(float(np.nanmax(m.to_numpy())) for m in matrices.values())
     n_layers = max(m.shape[1] for m in matrices.values())

@@ -27,7 +27,6 @@ import pandas as pd
 from analysis.artifacts import (
     ArtifactError,
     CalibrationRun,
-    FedRun,
     load_table,
     unique_paths,
 )
@@ -52,8 +51,8 @@ from analysis.tables import (
     write_costs,
     write_table,
 )
-from livar_merge.federated.results import run_folders
-from livar_merge.federated.sweep import collect_paired, paired_markdown, paired_table
+from livar_merge.federated.grid_results import collect_paired, paired_markdown, paired_table
+from livar_merge.federated.run_layout import RunReader, run_folders
 
 # a posteriori datasets of the paper (Sec. 5.4, Appendix C): normalised name -> (file, label)
 PAPER_APOSTERIORI = {
@@ -372,7 +371,7 @@ class Regeneration:
         runs, unreadable = [], []
         for folder in folders:
             try:
-                runs.append(FedRun.open(folder))
+                runs.append(RunReader.open(folder))
             except ArtifactError as err:
                 unreadable.append(str(err))
         finished = [r for r in runs if r.finished]
@@ -389,7 +388,7 @@ class Regeneration:
         explicit_set = {p.resolve() for p in explicit}
         chosen = [r for r in runs if r.path.resolve() in explicit_set]
         covered = {(r.dataset, r.method, r.beta) for r in chosen}
-        first_seed: dict[tuple[str, str, float], FedRun] = {}
+        first_seed: dict[tuple[str, str, float], RunReader] = {}
         for run in sorted(runs, key=lambda r: r.seed):
             key = (run.dataset, run.method, run.beta)
             if key in covered or run.method not in LIVAR_WEIGHTED:
@@ -405,7 +404,7 @@ class Regeneration:
             )
         for run in chosen:
 
-            def alpha(run: FedRun = run) -> tuple[list[Path], str]:
+            def alpha(run: RunReader = run) -> tuple[list[Path], str]:
                 out = plot_alpha_heatmap(
                     run, self.figures / f"alpha-{run.name}", rounds=self.alpha_rounds
                 )
@@ -419,7 +418,7 @@ class Regeneration:
                 [run.path],
             )
 
-    def _accuracy(self, finished: list[FedRun], total: int) -> None:
+    def _accuracy(self, finished: list[RunReader], total: int) -> None:
         if not finished:
             self.catalogue.skipped(
                 "accuracy",

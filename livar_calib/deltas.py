@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from livar_merge._io import atomic_write
 from livar_merge.errors import CalibrationError
 
 FORMAT = "livar-repeat-deltas"
@@ -128,7 +129,7 @@ def validate_repeat(deltas: RepeatDeltas, *, where: str) -> None:
 
 
 def save_repeat(path: str | os.PathLike[str], deltas: RepeatDeltas) -> Path:
-    """Write ``deltas`` to ``path`` (safetensors), atomically: temporary file + ``os.replace``."""
+    """Write ``deltas`` to ``path`` (safetensors), atomically."""
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -148,15 +149,7 @@ def save_repeat(path: str | os.PathLike[str], deltas: RepeatDeltas) -> Path:
         "layers": json.dumps(list(deltas.layers)),
         "clients": json.dumps(list(deltas.clients)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _metadata_list(metadata: dict[str, str], key: str, where: str) -> list[str]:

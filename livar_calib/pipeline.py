@@ -43,12 +43,13 @@ from livar_calib.intervals import (
 from livar_calib.nnls import nnls_repeat
 from livar_calib.proxy import completed_rounds, proxy_runs, run_proxy_training
 from livar_calib.quality import reconstruction_report, summarise_report, verdict
+from livar_merge._io import write_csv, write_json
 from livar_merge.errors import CalibrationError, MissingHeadsError, RunFolderError, TableError
 from livar_merge.federated import pretrained
 from livar_merge.federated.datasets import load_dataset
 from livar_merge.federated.machine import describe, machine_record
 from livar_merge.federated.ray_engine import EngineOptions
-from livar_merge.federated.results import provenance, write_json
+from livar_merge.federated.results import provenance
 from livar_merge.tables import GShapTable, existing_versions, table_file_name
 
 
@@ -149,7 +150,7 @@ def run_calibration(
 
     start = time.perf_counter()
     rows = collect_rows(config, root)
-    rows.to_csv(root / "rows.csv", index=False)
+    write_csv(root / "rows.csv", rows)
     timings["nnls"] = time.perf_counter() - start
     log(
         f"NNLS: {rows['repeat_id'].nunique()} repeats, {len(rows)} rows; "
@@ -202,7 +203,7 @@ def run_calibration(
     explained = shap_analysis(
         forest, rows.loc[:, list(forest.features)], interactions=config.discretise == "interaction"
     )
-    explained.values.to_csv(root / "shap_values.csv", index=False)
+    write_csv(root / "shap_values.csv", explained.values)
     shap_info: dict[str, Any] = {
         "base_value": explained.base_value,
         "features": list(explained.feature_names),
@@ -210,7 +211,7 @@ def run_calibration(
     explained_samples = None
     if forest_samples is not None:
         explained_samples = shap_analysis(forest_samples, rows.loc[:, list(WITH_SAMPLES)])
-        explained_samples.values.to_csv(root / "shap_values_samples.csv", index=False)
+        write_csv(root / "shap_values_samples.csv", explained_samples.values)
         shap_info["base_value_samples"] = explained_samples.base_value
         shap_info["mean_abs_shap_samples"] = {
             k: float(v) for k, v in explained_samples.values.abs().mean().items()
@@ -250,9 +251,9 @@ def run_calibration(
     start = time.perf_counter()
     tables = {"calibrated": table, "paper-table-a": GShapTable.load("paper-table-a")}
     report = reconstruction_report(load_repeats(config, root, scored_ids), rows, tables)
-    report.to_csv(root / "quality.csv", index=False)
+    write_csv(root / "quality.csv", report)
     summary_report = summarise_report(report)
-    summary_report.to_csv(root / "quality_summary.csv")
+    write_csv(root / "quality_summary.csv", summary_report, index=True)
     timings["quality"] = time.perf_counter() - start
     quality_verdict = _scoped(verdict(report, "calibrated", ["paper-table-a"]), scope)
     log(
@@ -420,9 +421,9 @@ def _downstream(
     except MissingHeadsError as err:
         log(f"downstream check skipped: {err}")
         return None
-    frame.to_csv(root / "downstream.csv", index=False)
+    write_csv(root / "downstream.csv", frame)
     summary = summarise_downstream(frame)
-    summary.to_csv(root / "downstream_summary.csv")
+    write_csv(root / "downstream_summary.csv", summary, index=True)
     table = summary.loc["calibrated"]
     interval = interval_text(
         table["diff_low"], table["diff_high"], int(table["runs"]), scale="{:+.4f}"

@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from livar_calib.config import CalibConfig
 from livar_calib.deltas import RepeatDeltas, save_repeat
 from livar_calib.intervals import repeat_id
+from livar_merge._io import save_tensors, write_csv, write_text
 from livar_merge.aggregation import ClientUpdate
 from livar_merge.aggregation.common import client_head_biases
 from livar_merge.fedavg import fedavg_head, fedavg_lora
@@ -48,7 +49,6 @@ from livar_merge.federated.model import (
     snapshot_trainable,
 )
 from livar_merge.federated.ray_engine import EngineOptions, FolderTask, run_folder_tasks
-from livar_merge.federated.results import write_csv
 
 HEADS_FILE = "round_{round}_heads.safetensors"
 
@@ -88,7 +88,9 @@ class ProxyTrainer:
         self.config, self.run, self.folder = config, run, folder
         self.fed = build_federation(config, dataset=config.proxy, seed=run.seed, beta=run.beta)
         folder.mkdir(parents=True, exist_ok=True)
-        self.fed.partition_table.to_csv(folder / "partition.csv", index_label="client")
+        write_csv(
+            folder / "partition.csv", self.fed.partition_table, index=True, index_label="client"
+        )
         self.union = np.sort(np.concatenate(self.fed.parts))
 
     # ------------------------------------------------------------------ state
@@ -100,11 +102,8 @@ class ProxyTrainer:
         }
 
     def save_state(self, round_index: int) -> None:
-        tmp = self.folder / "state.safetensors.tmp"
-        save_file(self._state_tensors(), str(tmp))
-        tmp.replace(self.folder / "state.safetensors")
-        (self.folder / "state.json.tmp").write_text(json.dumps({"completed_rounds": round_index}))
-        (self.folder / "state.json.tmp").replace(self.folder / "state.json")
+        save_tensors(self.folder / "state.safetensors", self._state_tensors())
+        write_text(self.folder / "state.json", json.dumps({"completed_rounds": round_index}))
 
     def load_state(self) -> None:
         params = dict(self.fed.model.named_parameters())
@@ -237,9 +236,7 @@ class ProxyTrainer:
         for r in range(done + 1, self.config.rounds + 1):
             deltas, rows, heads = self.run_round(r)
             save_repeat(self.folder / f"round_{r}.safetensors", deltas)
-            tmp = self.folder / (HEADS_FILE.format(round=r) + ".tmp")
-            save_file(heads, str(tmp))
-            tmp.replace(self.folder / HEADS_FILE.format(round=r))
+            save_tensors(self.folder / HEADS_FILE.format(round=r), heads)
             write_csv(self.folder / f"round_{r}.csv", rows)
             self.save_state(r)
             shutil.rmtree(self.folder / f"round_{r}_partial", ignore_errors=True)
@@ -316,9 +313,7 @@ def save_update(path: Path, update: Any) -> None:
         "num_samples": str(update.num_samples),
         "layer_names": json.dumps(list(update.layer_names)),
     }
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_tensors(path, tensors, meta)
 
 
 def load_update(path: Path) -> Any:

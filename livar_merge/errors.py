@@ -82,8 +82,13 @@ class RunFolderError(LivarError):
     """A results folder holds another run, or its checkpoint cannot be resumed."""
 
 
-class RunReadError(LivarError):
-    """A run folder's file cannot be read back (malformed JSON or a missing field)."""
+class ArtifactError(LivarError):
+    """An artifact needed for a figure or table is missing or inconsistent."""
+
+
+class RunReadError(ArtifactError):
+    """A run folder's file cannot be read back (missing, malformed JSON or CSV, a missing
+    field or column, a layout version this livar does not read)."""
 
 
 class CalibrationError(LivarError):
@@ -92,10 +97,6 @@ class CalibrationError(LivarError):
 
 class MissingHeadsError(CalibrationError):
     """A calibration's proxy training saved no heads (it predates the downstream check)."""
-
-
-class ArtifactError(LivarError):
-    """An artifact needed for a figure or table is missing or inconsistent."""
 
 
 class ExportError(LivarError):

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from livar_merge import __version__
+from livar_merge._io import write_text
 from livar_merge.errors import TableError
 
 if TYPE_CHECKING:
@@ -234,11 +235,7 @@ class GShapTable:
             path = path / self.file_name
         if path.exists() and not overwrite:
             raise TableError(f"{path} exists; tables are immutable: bump the version instead")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_document(), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_text(path, json.dumps(self.to_document(), indent=2) + "\n")
 
     # ------------------------------------------------------------ accessors
     @property

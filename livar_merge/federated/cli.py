@@ -15,6 +15,7 @@ from livar_merge._options import add_dataclass_options, cli_parser, collect_over
 from livar_merge.aggregation.registry import available_methods, method_spec
 from livar_merge.errors import ConfigError, LivarError, RunFolderError
 from livar_merge.federated.config import PRESETS, FedConfig, load_config_file, resolve_config
+from livar_merge.federated.run_layout import RunLayout
 
 EXAMPLES = """examples:
   livar-fed --preset cpu --dataset digits --method livar --beta 0.05
@@ -81,7 +82,8 @@ def run_with_engine(
         return run_federated(config, out, resume=resume, stop_after=stop_after)
     if resume or stop_after is not None:
         raise ConfigError("resume and stop-after are not supported with engine flower")
-    if (out / "checkpoint").exists() and not (out / "summary.json").exists():
+    layout = RunLayout(out)
+    if layout.checkpoint.exists() and not layout.is_finished():
         raise RunFolderError(
             f"{out} holds an interrupted Flower run; Flower runs do not resume: "
             "delete the folder to run it again"

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
 import math
 import sys
 import time
@@ -43,8 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from livar_merge._io import file_sha256, save_tensors, write_json, write_text
 from livar_merge._options import check_dataclass, cli_parser, coerce_option, report_error
-from livar_merge.errors import ExportError, LivarError, RunReadError
+from livar_merge.errors import ExportError, LivarError
+from livar_merge.federated.run_layout import RunLayout, RunReader
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +86,7 @@ class RunInputs:
 
     @property
     def checkpoint(self) -> Path:
-        return self.folder / "checkpoint" / "global.safetensors"
+        return RunLayout(self.folder).global_tensors
 
 
 def fed_config(options: dict[str, Any], where: Path) -> FedConfig:
@@ -110,43 +110,34 @@ def check_run_folder(run_dir: str | Path, *, partial: bool = False) -> RunInputs
     """Refuse a folder that is no finished ``livar-fed`` run (before anything heavy is loaded):
     no ``config.json``, no checkpoint, an unfinished run (unless ``partial``), options or a
     config hash this livar version does not reproduce."""
-    from livar_merge.federated.results import CONFIG_FILE, SUMMARY_FILE, read_run_document
-
     folder = Path(run_dir)
     if not folder.is_dir():
         raise ExportError(f"run folder {folder} does not exist")
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise ExportError(f"{folder} holds no run: {CONFIG_FILE} is missing")
-    document = read_run_document(folder)
-    for name in ("global.safetensors", "state.json"):
-        if not (folder / "checkpoint" / name).is_file():
+    run = RunReader(folder)
+    layout = run.layout
+    if not layout.config.is_file():
+        raise ExportError(f"{folder} holds no run: {layout.config.name} is missing")
+    for path in (layout.global_tensors, layout.state):
+        if not path.is_file():
             raise ExportError(
-                f"{folder} has no checkpoint (checkpoint/{name} is missing): the run has not "
-                "completed a round"
+                f"{folder} has no checkpoint ({path.relative_to(folder)} is missing): the run "
+                "has not completed a round"
             )
-    finished = (folder / SUMMARY_FILE).is_file()
-    if not finished and not partial:
+    if not run.finished and not partial:
         raise ExportError(
-            f"{folder}: the run is not finished ({SUMMARY_FILE} is missing); finish it with "
-            "livar-fed --resume, or pass --partial to export its last completed round"
+            f"{folder}: the run is not finished ({layout.summary.name} is missing); finish it "
+            "with livar-fed --resume, or pass --partial to export its last completed round"
         )
-    config = fed_config(document["config"], config_path)
-    saved_hash = document.get("config_hash")
+    config_path = layout.config
+    config = fed_config(run.config, config_path)
+    saved_hash = run.config_hash
     if saved_hash != config.config_hash():
         raise ExportError(
             f"{config_path}: its config hash {saved_hash} is not the hash this livar version "
             f"computes for its options ({config.config_hash()}); it cannot rebuild this run's "
             "model reliably"
         )
-    provenance_path = folder / "provenance.json"
-    provenance: dict[str, Any] = {}
-    if provenance_path.is_file():
-        try:
-            provenance = dict(json.loads(provenance_path.read_text()))
-        except (json.JSONDecodeError, TypeError, ValueError) as err:
-            raise RunReadError(f"{provenance_path} is not a JSON object: {err}") from err
-    return RunInputs(folder, config, str(saved_hash), finished, provenance)
+    return RunInputs(folder, config, str(saved_hash), run.finished, run.provenance)
 
 
 def check_output(fmt: str, out: str | Path) -> Path:
@@ -360,12 +351,9 @@ def compare(
 
 
 # ------------------------------------------------------------------------- provenance
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+def sha256_label(path: Path) -> str:
+    """``sha256:<hex>`` of a file, as export records name a file's digest."""
+    return f"sha256:{file_sha256(path)}"
 
 
 def run_record(run: LoadedRun) -> dict[str, Any]:
@@ -429,23 +417,14 @@ def protocol_warning(run: LoadedRun) -> str | None:
     )
 
 
-def write_json(path: Path, data: Any) -> None:
-    from livar_merge.federated.results import write_json as atomic_write_json
-
-    atomic_write_json(path, data)
-
-
 # ------------------------------------------------------------------------------- timm
 def export_timm(run: LoadedRun, file: Path, data: CheckData, say: Say = print) -> dict[str, Any]:
     """Write the merged timm state dict and its sidecar; returns the sidecar's record."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     state = timm_state(run.model)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(file.name + ".tmp")
     metadata = {"model": run.config.model, "num_classes": str(run.num_classes)}
-    save_file(state, str(tmp), metadata={**metadata, "format": "pt"})
-    tmp.replace(file)
+    save_tensors(file, state, {**metadata, "format": "pt"})
     say(f"wrote {file} ({len(state)} tensors); loading it back into a fresh timm model")
     fresh = create_timm(run)
     fresh.load_state_dict(load_file(str(file)), strict=True)
@@ -456,7 +435,7 @@ def export_timm(run: LoadedRun, file: Path, data: CheckData, say: Say = print) -
         "exact": True,
         "exactness": "the final global model itself: LoRA merged, head included (every mode)",
         "file": file.name,
-        "sha256": file_sha256(file),
+        "sha256": sha256_label(file),
         **model_record(run),
         "load": (
             "timm.create_model(model, pretrained=False, num_classes=num_classes, "
@@ -740,7 +719,7 @@ def export_peft(
         "rank": adapter.rank,
         "lora_alpha": adapter.alpha,
         "target_modules": LORA_TARGET_REGEX,
-        "files": {name: file_sha256(out / name) for name in written},
+        "files": {name: sha256_label(out / name) for name in written},
         **model_record(run),
         "base": {"file": BASE_FILE if include else None, "weights": run.info.weights, "how": how},
         "max_relative_error": adapter.max_relative_error,
@@ -751,7 +730,7 @@ def export_peft(
         "run": run_record(run),
         "provenance": export_provenance(),
     }
-    (out / "README.md").write_text(readme_text(record))
+    write_text(out / "README.md", readme_text(record))
     write_json(out / REPORT_FILE, record)
     return record
 

@@ -115,7 +115,7 @@ def _cached_weights_file(model_name: str) -> CachedCheckpoint | None:
 def _checkpoint_sha256(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of a checkpoint, hashed once per process for an unchanged file (every model
     build reads the same cache blob: a federation builds one per run, client and rank)."""
-    from livar_merge.federated.pretrained import file_sha256
+    from livar_merge._io import file_sha256
 
     return file_sha256(path)
 

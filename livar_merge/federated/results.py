@@ -1,32 +1,9 @@
-"""Results folder of a run: the one writer (and reader) of both engines' run folders.
-
-One folder per run::
-
-    config.json        resolved options, config hash (and the Flower settings on that engine)
-    provenance.json    package versions, git commit, table name/version/checksum, model weights
-    partition.csv      clients x classes sample counts of the Dirichlet split
-    metrics.csv/.json  per round: test top-1, test loss, train/aggregation/moments seconds
-                       (svd merges: svd_discarded_energy, the mean over layers)
-    clients.csv        per round and client: samples, train loss/accuracy, steps, seconds, bytes
-                       (and lora_rank with --client-ranks)
-    alpha.csv          per round, client and layer: omega_A, omega_B, bins, LoRA weight
-    head_weights.csv   per round, client and class: head merge weight, sigma, count
-    paired.csv         (--paired) per round and paired method: top-1, loss, difference to the
-                       run's own method on the same client updates, its cost
-    replies.csv        (Flower) one row per reply or silent node: accepted, reason
-    svd_energy.csv     (lora_merge svd) per round, layer and stage: the fraction of the exact
-                       merged product's energy the svd merge to lora_rank discarded (merge)
-                       and, with --client-ranks, what clients of a lower rank did not receive
-                       of the global product at the round's start (client-start)
-    summary.json       final and best accuracy, wall time (written when every round is done)
-    checkpoint/        global.safetensors (global model, server state) and state.json (rows,
-                       client memories) after the last completed round, for --resume
-"""
+"""What a run folder records beside its tables: provenance, the header, the summary and the
+aggregation rows (layout and reader: :mod:`livar_merge.federated.run_layout`; writer:
+:class:`livar_merge.federated.run_folder.RunFolder`)."""
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import subprocess
 import sys
@@ -35,7 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from livar_merge.errors import RunReadError
+from livar_merge._io import write_json
+from livar_merge.federated.run_layout import LAYOUT_VERSION, RunLayout
 
 PACKAGES = (
     "livar",
@@ -106,12 +84,17 @@ def write_run_header(
 ) -> None:
     """``config.json`` (resolved options, their hash, ``config_extra``) and ``provenance.json``
     of a run folder; ``config`` is a FedConfig."""
-    out.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout(out)
     write_json(
-        out / "config.json",
-        {"config": config.to_dict(), "config_hash": config.config_hash(), **config_extra},
+        layout.config,
+        {
+            "config": config.to_dict(),
+            "config_hash": config.config_hash(),
+            "layout_version": LAYOUT_VERSION,
+            **config_extra,
+        },
     )
-    write_json(out / "provenance.json", provenance(provenance_extra))
+    write_json(layout.provenance, provenance(provenance_extra))
 
 
 def run_summary(
@@ -134,34 +117,6 @@ def run_summary(
         "wall_seconds_this_invocation": wall_seconds,
         "model": model_info.__dict__,
     }
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (tmp file + rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows (dicts with the same keys) as CSV atomically."""
-    import pandas as pd
-
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _jsonable(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
 def aggregation_rows(
@@ -198,51 +153,3 @@ def aggregation_rows(
                 }
             )
     return alpha, heads
-
-
-# ------------------------------------------------------------------------------ read-back
-CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.json", "metrics.csv", "summary.json"
-
-
-def is_run_folder(path: Path) -> bool:
-    """Whether ``path`` holds a run (its header and at least one round's metrics)."""
-    return (path / METRICS_FILE).is_file() and (path / CONFIG_FILE).is_file()
-
-
-def run_folders(path: str | os.PathLike[str]) -> list[Path]:
-    """``path`` itself if it is a run folder, else its sub-folders that are (a sweep root)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return []
-    if is_run_folder(folder):
-        return [folder]
-    return [child for child in sorted(folder.iterdir()) if child.is_dir() and is_run_folder(child)]
-
-
-def read_run_document(folder: Path) -> dict[str, Any]:
-    """A run folder's ``config.json`` (``config``: the resolved options, ``config_hash``),
-    or :class:`RunReadError` naming the file."""
-    path = folder / CONFIG_FILE
-    try:
-        document = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RunReadError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
-        raise RunReadError(f"{path} has no 'config' object")
-    return document
-
-
-def read_run_config(folder: Path) -> dict[str, Any]:
-    """The resolved options of a run folder (``config.json``'s ``config``)."""
-    return dict(read_run_document(folder)["config"])
-
-
-def read_run_summary(folder: Path) -> dict[str, Any] | None:
-    """``summary.json`` of a finished run, None while rounds remain."""
-    path = folder / SUMMARY_FILE
-    if not path.is_file():
-        return None
-    try:
-        return dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise RunReadError(f"{path} is not a JSON object: {err}") from err

@@ -1,4 +1,5 @@
-"""The run-folder writer of both engines (layout in :mod:`livar_merge.federated.results`).
+"""The run-folder writer of both engines (layout and reader:
+:mod:`livar_merge.federated.run_layout`).
 
 :class:`RunFolder` checks the folder before a run, writes the header, accumulates the rows of
 every round (:class:`RunRows`), writes the tables and the checkpoint atomically after each
@@ -7,27 +8,22 @@ round, reads a checkpoint back for ``--resume`` and writes the summary.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from livar_merge._io import read_json_object, save_tensors, write_csv, write_json
 from livar_merge.aggregation.types import SVD_ENERGY_KEY
 from livar_merge.errors import RunFolderError
 from livar_merge.federated.paired import paired_summary
 from livar_merge.federated.peft_keys import global_tensors, load_global_tensors
 from livar_merge.federated.ranks import update_ranks
-from livar_merge.federated.results import (
-    aggregation_rows,
-    run_summary,
-    write_csv,
-    write_json,
-    write_run_header,
-)
+from livar_merge.federated.results import aggregation_rows, run_summary, write_run_header
+from livar_merge.federated.run_layout import OPTIONAL_TABLES, TABLES, RunLayout
 from livar_merge.federated.server import FederatedServer, RoundRecord
 
 if TYPE_CHECKING:
@@ -35,8 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
-TABLES = ("metrics", "clients", "alpha", "head_weights", "paired", "replies", "svd_energy")
-OPTIONAL_TABLES = ("paired", "replies", "svd_energy")  # written once they have rows
 # ClientUpdate.extras keys of a client's training report -> clients.csv columns
 REPORT_COLUMNS = {
     "train_loss": "train_loss",
@@ -133,34 +127,31 @@ class RunFolder:
 
     def __init__(self, out: Path | str, config: Any) -> None:
         self.out = Path(out)
+        self.layout = RunLayout(self.out)
         self.config = config
         self.rows = RunRows()
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.out / "checkpoint"
 
     def check(self, *, resume: bool, resumable: bool = True) -> bool:
         """Refuse a folder holding another run; returns whether to resume (False when
         ``resume`` finds no run yet). Writes nothing. ``resumable=False``: an engine whose
         runs do not resume (Flower)."""
-        config_path = self.out / "config.json"
+        config_path = self.layout.config
         if resume and not config_path.is_file():
             log.warning("--resume: no run in %s yet; starting from round 1", self.out)
             return False
         if resume:
-            saved = json.loads(config_path.read_text())
-            if saved["config_hash"] != self.config.config_hash():
+            saved = read_json_object(config_path, RunFolderError)
+            if saved.get("config_hash") != self.config.config_hash():
                 diff = {
-                    k: (saved["config"].get(k), v)
+                    k: (saved.get("config", {}).get(k), v)
                     for k, v in self.config.to_dict().items()
-                    if saved["config"].get(k) != v and k not in ("out", "progress")
+                    if saved.get("config", {}).get(k) != v and k not in ("out", "progress")
                 }
                 raise RunFolderError(
                     f"--resume with a different configuration than {config_path}: {diff}"
                 )
             return True
-        if self.checkpoint.exists() or (self.out / "summary.json").exists():
+        if self.layout.checkpoint.exists() or self.layout.summary.exists():
             hint = "pass --resume to continue it or choose --out" if resumable else "choose --out"
             raise RunFolderError(f"{self.out} already holds a run; {hint}")
         return False
@@ -171,7 +162,7 @@ class RunFolder:
         """``config.json``, ``provenance.json`` and (given a DataFrame) ``partition.csv``."""
         write_run_header(self.out, self.config, provenance_extra, **config_extra)
         if partition is not None:
-            partition.to_csv(self.out / "partition.csv", index_label="client")
+            write_csv(self.layout.partition, partition, index=True, index_label="client")
 
     def add_round(
         self, record: RoundRecord, metrics_row: dict[str, Any], paired_rows: list[dict[str, Any]]
@@ -191,11 +182,11 @@ class RunFolder:
 
     def write_tables(self) -> None:
         """The CSV/JSON tables of the rows so far (paired/replies only when there are any)."""
-        write_json(self.out / "metrics.json", self.rows.metrics)
+        write_json(self.layout.metrics_json, self.rows.metrics)
         for name in TABLES:
             rows = getattr(self.rows, name)
             if rows or name not in OPTIONAL_TABLES:
-                write_csv(self.out / f"{name}.csv", rows)
+                write_csv(self.layout.table(name), rows)
 
     # ------------------------------------------------------------------- checkpoint
     def save_checkpoint(
@@ -205,12 +196,11 @@ class RunFolder:
         ``checkpoint/state.json`` (rows, memories), each written atomically."""
         tensors = global_tensors(model, self.config.lora_merge)
         tensors.update(server_tensors or {})
-        self.checkpoint.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint / "global.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"round": str(self.rows.completed_rounds)})
-        tmp.replace(self.checkpoint / "global.safetensors")
+        save_tensors(
+            self.layout.global_tensors, tensors, {"round": str(self.rows.completed_rounds)}
+        )
         write_json(
-            self.checkpoint / "state.json",
+            self.layout.state,
             {
                 "checkpoint_version": CHECKPOINT_VERSION,
                 "config_hash": self.config.config_hash(),
@@ -221,15 +211,15 @@ class RunFolder:
     def load_checkpoint(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Restore the rows and ``model`` from the checkpoint; returns the server tensors
         (``server/...``). Without a checkpoint: nothing changes, ``{}``."""
-        state_path = self.checkpoint / "state.json"
+        state_path = self.layout.state
         if not state_path.is_file():
-            log.info("no checkpoint in %s; starting from round 1", self.checkpoint)
+            log.info("no checkpoint in %s; starting from round 1", self.layout.checkpoint)
             return {}
-        data = json.loads(state_path.read_text())
+        data = read_json_object(state_path, RunFolderError)
         if data.pop("checkpoint_version", None) != CHECKPOINT_VERSION:
             raise RunFolderError(f"{state_path}: unsupported checkpoint_version")
         data.pop("config_hash", None)
-        tensors = load_file(str(self.checkpoint / "global.safetensors"))
+        tensors = load_file(str(self.layout.global_tensors))
         server = {k: v for k, v in tensors.items() if k.startswith("server/")}
         load_global_tensors(model, {k: v for k, v in tensors.items() if k not in server})
         self.rows = RunRows(**data)
@@ -243,4 +233,4 @@ class RunFolder:
         return run_summary(self.config, self.rows.metrics, model_info, wall_seconds, **extra)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_json(self.out / "summary.json", summary)
+        write_json(self.layout.summary, summary)

