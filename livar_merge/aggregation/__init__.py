@@ -4,6 +4,7 @@ A method turns the clients' :class:`ClientUpdate` objects into a merged LoRA and
 module per method family, its math beside it:
 
 ============== ===================================================================
+``needs``      the vocabulary of client statistics (Need, NEEDS; no torch)
 ``types``      ClientUpdate, AggregationResult, Aggregator, validate_updates
 ``registry``   MethodSpec, register_method, method_spec, make_aggregator (no torch)
 ``common``     helpers of the method modules (head biases, a merge without weights)
@@ -22,6 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from livar_merge._lazy import lazy_attributes as _lazy_attributes
+from livar_merge.aggregation.needs import NEEDS, Need
 from livar_merge.aggregation.registry import (
     MethodSpec,
     available_methods,
@@ -37,7 +39,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from livar_merge.aggregation.fisher import FisherAggregator
     from livar_merge.aggregation.regmean import RegMeanAggregator
     from livar_merge.aggregation.types import (
-        EXTRA_KEYS,
         AggregationResult,
         Aggregator,
         ClientUpdate,
@@ -52,7 +53,6 @@ _LAZY = {
     "CCVRAggregator": "livar_merge.aggregation.ccvr",
     "ClassMoments": "livar_merge.aggregation.ccvr",
     "ClientUpdate": "livar_merge.aggregation.types",
-    "EXTRA_KEYS": "livar_merge.aggregation.types",
     "FedProtoAggregator": "livar_merge.aggregation.fedproto",
     "FisherAggregator": "livar_merge.aggregation.fisher",
     "RegMeanAggregator": "livar_merge.aggregation.regmean",
@@ -68,7 +68,7 @@ __getattr__, __dir__ = _lazy_attributes(__name__, globals(), _LAZY)
 
 # literal, for static tools; test_options checks it equals the lazy table plus the registry
 __all__ = [
-    "EXTRA_KEYS",
+    "NEEDS",
     "AggregationResult",
     "Aggregator",
     "CCVRAggregator",
@@ -77,6 +77,7 @@ __all__ = [
     "FedProtoAggregator",
     "FisherAggregator",
     "MethodSpec",
+    "Need",
     "RegMeanAggregator",
     "WeightedAggregator",
     "available_methods",

@@ -23,15 +23,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from livar_merge.aggregation.needs import check_needs
 from livar_merge.errors import MethodOptionError, RegistrationError, UnknownMethodError
 
 if TYPE_CHECKING:
     from livar_merge.aggregation.types import Aggregator
 
 Factory = Callable[..., "Aggregator"]
-
-# client statistics a method may need (what the runtime and the Flower wire format can supply)
-KNOWN_NEEDS = frozenset({"omega", "sigma", "gram", "fisher", "prototypes", "moments"})
 
 
 @dataclass(frozen=True)
@@ -50,15 +48,11 @@ class MethodSpec:
     mixed_ranks: bool = False
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.needs) - KNOWN_NEEDS)
-        if unknown:
-            raise RegistrationError(
-                f"method {self.name!r} needs {unknown}; known needs: {sorted(KNOWN_NEEDS)}"
-            )
+        needs = check_needs(self.needs, f"method {self.name!r}")
         if self.uses_table and "table" not in self.options:
             raise RegistrationError(f"method {self.name!r} uses a table but takes no 'table'")
         object.__setattr__(self, "options", tuple(self.options))
-        object.__setattr__(self, "needs", frozenset(self.needs))
+        object.__setattr__(self, "needs", needs)
 
     def load(self) -> Factory:
         """The factory (a ``"module:attr"`` reference is imported now)."""

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from livar_merge._validation import check_finite_tensor
+from livar_merge.aggregation.needs import NEEDS
 from livar_merge.errors import ClientUpdateError
 from livar_merge.heads import MergedHead
 from livar_merge.lora import LoraDelta
@@ -97,14 +98,6 @@ class AggregationResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-# the extras a need implies (the baselines' statistics)
-EXTRA_KEYS = {
-    "gram": ("gram", "head_gram"),
-    "fisher": ("fisher",),
-    "prototypes": ("proto_mean", "proto_count"),
-}
-
-
 def validate_updates(
     updates: Sequence[ClientUpdate], *, needs: frozenset[str], num_classes: int | None = None
 ) -> None:
@@ -128,12 +121,13 @@ def validate_updates(
             )
         if "omega" in needs:
             _check_omegas(u, ref.layer_names)
-        for need, keys in EXTRA_KEYS.items():
-            if need in needs:
-                for key in keys:
-                    if key not in u.extras:
-                        raise ClientUpdateError(f"{who} sent no {key!r} (the method needs {need})")
-                    _check_finite_tree(u.extras[key], f"{who}: {key}")
+        for need in sorted(needs & NEEDS.keys()):
+            for stat in NEEDS[need].fields:
+                if stat.extra not in u.extras:
+                    raise ClientUpdateError(
+                        f"{who} sent no {stat.extra!r} (the method needs {need})"
+                    )
+                _check_finite_tree(u.extras[stat.extra], f"{who}: {stat.extra}", stat.nan_rows)
         if "sigma" in needs:
             for name in ("class_sigma", "class_present", "class_counts"):
                 value = getattr(u, name)
@@ -157,15 +151,16 @@ def _check_omegas(update: ClientUpdate, layer_names: tuple[str, ...]) -> None:
             )
 
 
-def _check_finite_tree(value: Any, where: str) -> None:
-    """NaN/Inf check of a tensor, array or dict of them (NaN allowed in prototype rows)."""
+def _check_finite_tree(value: Any, where: str, nan_rows: bool = False) -> None:
+    """NaN/Inf check of a tensor, array or dict of them (not of a field whose rows may be NaN:
+    classes a client never saw have NaN prototypes by design)."""
     if isinstance(value, Mapping):
         for key, item in value.items():
-            _check_finite_tree(item, f"{where}[{key!r}]")
+            _check_finite_tree(item, f"{where}[{key!r}]", nan_rows)
     elif isinstance(value, torch.Tensor):
         check_finite_tensor(value, where)
-    elif where.endswith("proto_mean"):
-        return  # classes a client never saw are NaN by design
+    elif nan_rows:
+        return
     elif not np.isfinite(np.asarray(value, dtype=np.float64)).all():
         raise ClientUpdateError(f"{where} holds NaN/Inf values")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from livar_merge._options import check_dataclass, coerce_option, option
+from livar_merge.aggregation.needs import PASSIVE_NEEDS
 from livar_merge.aggregation.registry import MethodSpec, available_methods, method_spec
 from livar_merge.errors import ConfigError, DatasetError, PairedMethodError, TableError
 from livar_merge.federated.sampling import clients_per_round
@@ -441,10 +442,6 @@ RELEASED_PROTOCOL: dict[str, Any] = {
     "sigma_inputs": "raw",
     "augment": "rrc",
 }
-
-# Statistics a client computes after (not during) local training, or passively while training:
-# collecting them for a paired method leaves the run's own trajectory unchanged.
-PASSIVE_NEEDS = frozenset({"omega", "sigma", "gram", "fisher"})
 
 
 def check_paired_methods(own_method: str, paired: Sequence[str]) -> dict[str, MethodSpec]:

@@ -27,7 +27,6 @@ import torch
 from livar_merge.aggregation import ClientUpdate, make_aggregator
 from livar_merge.aggregation.types import Aggregator
 from livar_merge.errors import PairedMethodError as PairedMethodError  # re-exported
-from livar_merge.federated.config import PASSIVE_NEEDS as PASSIVE_NEEDS  # re-exported
 from livar_merge.federated.config import check_paired_methods
 from livar_merge.federated.install import install_result
 

@@ -52,6 +52,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from livar_merge.aggregation import ClientUpdate
+from livar_merge.aggregation.needs import EXTRA_FIELDS, wire_field
 from livar_merge.errors import InvalidReplyError
 
 PROTOCOL = 1
@@ -192,29 +193,30 @@ def statistics_tensors(extras: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     def f64(value: Any) -> torch.Tensor:
         return torch.as_tensor(np.asarray(value, dtype=np.float64))
 
-    tensors = {f"gram/{layer}": f64(g) for layer, g in extras.get("gram", {}).items()}
-    if "head_gram" in extras:
-        tensors["head-gram"] = f64(extras["head_gram"])
-    tensors.update({f"fisher/{key}": f64(f) for key, f in extras.get("fisher", {}).items()})
-    if "proto_mean" in extras:
-        tensors["proto-mean"] = f64(extras["proto_mean"])
-        tensors["proto-count"] = f64(extras["proto_count"])
+    tensors: dict[str, torch.Tensor] = {}
+    for stat in EXTRA_FIELDS.values():
+        if stat.extra not in extras:
+            continue
+        value = extras[stat.extra]
+        if stat.keyed:
+            tensors.update({f"{stat.wire}/{key}": f64(v) for key, v in value.items()})
+        else:
+            tensors[stat.wire] = f64(value)
     return tensors
 
 
 def statistics_extras(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Inverse of :func:`statistics_tensors`: the ``extras`` entries the aggregators read."""
     extras: dict[str, Any] = {}
-    grams = {k[len("gram/") :]: v for k, v in tensors.items() if k.startswith("gram/")}
-    if grams or "head-gram" in tensors:
-        extras["gram"] = grams
-        extras["head_gram"] = tensors["head-gram"]
-    fisher = {k[len("fisher/") :]: v for k, v in tensors.items() if k.startswith("fisher/")}
-    if fisher:
-        extras["fisher"] = fisher
-    if "proto-mean" in tensors:
-        extras["proto_mean"] = tensors["proto-mean"].numpy()
-        extras["proto_count"] = tensors["proto-count"].numpy()
+    for key, value in tensors.items():
+        stat = wire_field(key)
+        if stat is None:
+            continue
+        item = value.numpy() if stat.numpy else value
+        if stat.keyed:
+            extras.setdefault(stat.extra, {})[key.partition("/")[2]] = item
+        else:
+            extras[stat.extra] = item
     return extras
 
 
@@ -512,21 +514,21 @@ def _check_statistics(who: str, arrays: ArrayRecord) -> None:
     """Statistics are finite and non-negative where they must be; a prototype row may be NaN
     only for a class of count 0."""
     for key in arrays:
-        kind = key.partition("/")[0]
-        if kind not in ("gram", "head-gram", "fisher", "proto-mean", "proto-count"):
+        stat = wire_field(key)
+        if stat is None:
             continue
         value = arrays[key].numpy()
-        if key == "proto-mean":
-            counts = arrays["proto-count"].numpy()
+        if stat.nan_rows_where_zero is not None:
+            counts = arrays[stat.nan_rows_where_zero].numpy()
             bad = ~np.isfinite(value).all(axis=1) & (counts > 0)
             if bad.any():
                 raise _reject(
-                    who, f"array 'proto-mean' holds NaN/Inf for class {int(np.flatnonzero(bad)[0])}"
+                    who, f"array {key!r} holds NaN/Inf for class {int(np.flatnonzero(bad)[0])}"
                 )
             continue
         if not np.isfinite(value).all():
             raise _reject(who, f"array {key!r} holds {int((~np.isfinite(value)).sum())} NaN/Inf")
-        if kind in ("fisher", "proto-count") and (value < 0).any():
+        if stat.non_negative and (value < 0).any():
             raise _reject(who, f"array {key!r} holds negative values")
 
 

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from livar_merge.aggregation import ClientUpdate
+from livar_merge.aggregation.needs import NEEDS
 from livar_merge.aggregation.registry import method_spec
 from livar_merge.errors import ConfigError, RoundFailedError
 from livar_merge.federated.peft_keys import (
@@ -61,18 +62,18 @@ from livar_merge.flower.messages import (
 from livar_merge.lora import LoraDelta
 
 log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
-SUPPORTED_NEEDS = frozenset({"omega", "sigma", "gram", "fisher", "prototypes", "moments"})
 
 
 def check_method(method: str, needs: Iterable[str] | None = None) -> None:
-    """Raise if ``method`` needs client statistics the wire format does not carry."""
+    """Raise if ``method`` needs client statistics the wire format does not carry (it
+    carries every need of :data:`livar_merge.aggregation.needs.NEEDS`)."""
     if needs is None:
         needs = method_spec(method).needs
-    unsupported = set(needs) - SUPPORTED_NEEDS
+    unsupported = set(needs) - NEEDS.keys()
     if unsupported:
         raise ConfigError(
             f"method {method!r} needs {sorted(unsupported)}, which the Flower wire format "
-            f"does not carry; it carries {sorted(SUPPORTED_NEEDS)}"
+            f"does not carry; it carries {sorted(NEEDS)}"
         )
 
 

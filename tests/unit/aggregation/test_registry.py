@@ -118,3 +118,24 @@ def test_package_names_resolve_and_all_lists_them():
     for name in aggregation.__all__:
         assert getattr(aggregation, name) is not None, name
     assert set(aggregation.__all__) >= set(aggregation._LAZY)
+
+
+def test_the_needs_vocabulary_is_the_one_home_of_statistic_names():
+    """Every need's fields have distinct extras keys and wire names; passive needs are those a
+    paired method may use; a method needing an unknown statistic is refused by name."""
+    from livar_merge.aggregation.needs import EXTRA_FIELDS, NEEDS, PASSIVE_NEEDS, wire_field
+    from livar_merge.aggregation.registry import MethodSpec
+    from livar_merge.errors import RegistrationError
+
+    assert set(NEEDS) == {"omega", "sigma", "gram", "fisher", "prototypes", "moments"}
+    assert {"omega", "sigma", "gram", "fisher"} == PASSIVE_NEEDS
+    fields = [f for need in NEEDS.values() for f in need.fields]
+    assert len({f.extra for f in fields}) == len({f.wire for f in fields}) == len(fields)
+    assert set(EXTRA_FIELDS) == {"gram", "head_gram", "fisher", "proto_mean", "proto_count"}
+    assert wire_field("gram/blocks.0.attn.qkv") is EXTRA_FIELDS["gram"]
+    assert wire_field("fisher/head.weight") is EXTRA_FIELDS["fisher"]
+    assert wire_field("head-gram") is EXTRA_FIELDS["head_gram"]
+    for not_a_statistic in ("lora/blocks.0.attn.qkv.lora_A.weight", "head/weight", "gram", "x"):
+        assert wire_field(not_a_statistic) is None
+    with pytest.raises(RegistrationError, match=r"method 'newton' needs \['hessian'\]; known"):
+        MethodSpec("newton", "x:y", needs=frozenset({"omega", "hessian"}))

@@ -229,3 +229,33 @@ def test_validate_moments_rejects_bad_replies():
     del content["info"]["client-id"]
     with pytest.raises(InvalidReplyError, match="node 3.*'client-id' is missing"):
         validate_moments(content, **kw)
+
+
+def test_every_statistic_of_the_vocabulary_round_trips_the_wire():
+    """statistics_tensors then statistics_extras gives back every field of every need (keyed
+    fields per key, float64; prototypes as NumPy arrays with their NaN rows)."""
+    from livar_merge.aggregation.needs import EXTRA_FIELDS
+    from livar_merge.flower.messages import statistics_extras, statistics_tensors
+
+    rng = np.random.default_rng(0)
+    proto = rng.normal(size=(3, 4))
+    proto[1] = np.nan
+    extras = {
+        "gram": {"blocks.0.attn.qkv": torch.randn(5, 5), "blocks.1.mlp.fc1": torch.randn(5, 5)},
+        "head_gram": torch.randn(5, 5),
+        "fisher": {"blocks.0.attn.qkv.lora_A.weight": torch.rand(2, 5), "head.bias": torch.rand(3)},
+        "proto_mean": proto,
+        "proto_count": np.array([2.0, 0.0, 5.0]),
+    }
+    tensors = statistics_tensors(extras)
+    assert all(t.dtype == torch.float64 for t in tensors.values())
+    back = statistics_extras(tensors)
+    assert set(back) == set(EXTRA_FIELDS) == set(extras)
+    for key in ("gram", "fisher"):
+        assert set(back[key]) == set(extras[key])
+        for name, value in extras[key].items():
+            torch.testing.assert_close(back[key][name], value.double())
+    torch.testing.assert_close(back["head_gram"], extras["head_gram"].double())
+    assert isinstance(back["proto_mean"], np.ndarray)
+    np.testing.assert_array_equal(back["proto_mean"], proto)
+    np.testing.assert_array_equal(back["proto_count"], extras["proto_count"])
