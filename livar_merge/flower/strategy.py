@@ -35,7 +35,6 @@ from livar_merge.federated.peft_keys import (
     global_tensors,
     load_global_tensors,
 )
-from livar_merge.federated.sampling import client_order
 from livar_merge.federated.server import FederatedServer, RoundRecord
 from livar_merge.flower.base_sync import (
     BASE_UPDATE,
@@ -51,7 +50,6 @@ from livar_merge.flower.messages import (
     INFO,
     PROTOCOL,
     PROTOTYPES,
-    InvalidReplyError,
     ReplySpec,
     from_array_record,
     to_array_record,
@@ -59,6 +57,7 @@ from livar_merge.flower.messages import (
     validate_moments,
     validate_reply,
 )
+from livar_merge.flower.screening import screen_replies
 from livar_merge.lora import LoraDelta
 
 log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
@@ -417,17 +416,17 @@ class LivarStrategy(Strategy):
             )
             for node in nodes
         ]
-        replies = list(grid.send_and_receive(messages, timeout=self.node_wait_timeout))
-        sent = _destinations(messages)
-        for msg in replies:
-            node = _sender(sent, msg)
-            if msg.has_error():
-                log.warning("identity reply from node %d: error reply: %s", node, msg.error.reason)
-                continue
-            try:
-                self.node_clients[node] = validate_identity(msg.content, node_id=node)
-            except InvalidReplyError as err:
-                log.warning("%s", err)
+        replies = grid.send_and_receive(messages, timeout=self.node_wait_timeout)
+        screen = screen_replies(
+            messages,
+            replies,
+            lambda content, node: (validate_identity(content, node_id=node), None),
+            kind="identity reply",
+        )
+        for drop in screen.dropped:
+            log.warning("%s", drop.reason)
+        for valid in screen.valid:
+            self.node_clients[valid.node] = valid.client
 
     def _drop(self, outcomes: list[dict[str, Any]], reason: str, **row: Any) -> None:
         log.warning("dropped %s", reason)
@@ -438,61 +437,37 @@ class LivarStrategy(Strategy):
     ) -> list[ClientUpdate]:
         """The valid replies' updates, one per client id (lowest node id), in client-id order;
         every reply or silent node gets an outcome row."""
-        sent = _destinations(self._messages)
-        self._messages = []
+        messages, self._messages = self._messages, []
         spec = self.reply_spec()
-        valid: list[tuple[ClientUpdate, int]] = []
-        answered: set[str] = set()
-        for msg in replies:
-            answered.add(msg.metadata.reply_to_message_id)
-            node = _sender(sent, msg)
-            row: dict[str, Any] = {"round": server_round, "node_id": node, "client": None}
-            row["download_bytes"] = self._download_bytes.get(node)
-            if msg.has_error():
-                self.node_versions.pop(node, None)
-                self._drop(
-                    outcomes,
-                    f"reply from node {node}: error reply (code {msg.error.code}): "
-                    f"{msg.error.reason}",
-                    **row,
-                )
-                continue
-            self._confirm_base(node, msg.content)
-            try:
-                update = validate_reply(msg.content, spec, node_id=node)
-            except InvalidReplyError as err:
-                self._drop(outcomes, str(err), **row)
-                continue
-            update.extras["download_bytes"] = self._download_bytes.get(node)
-            valid.append((update, node))
-            self.node_clients[node] = update.client_id
-        for message_id, node in sent.items():
-            if message_id not in answered:
-                self.node_versions.pop(node, None)
-                self._drop(
-                    outcomes,
-                    f"node {node}: no reply within the round timeout",
-                    round=server_round,
-                    node_id=node,
-                    client=None,
-                    download_bytes=self._download_bytes.get(node),
-                )
-        valid.sort(key=lambda item: (client_order(item[0].client_id), item[1]))
-        updates: list[ClientUpdate] = []
-        for update, node in valid:
-            row = {"round": server_round, "node_id": node, "client": update.client_id}
-            row["download_bytes"] = update.extras.get("download_bytes")
-            if updates and updates[-1].client_id == update.client_id:
-                first = updates[-1].extras.get("node_id")
-                self._drop(
-                    outcomes,
-                    f"reply from node {node} (client {update.client_id!r}): duplicate client "
-                    f"id (already sent by node {first})",
-                    **row,
-                )
-                continue
-            updates.append(update)
-            outcomes.append({**row, "accepted": True, "reason": ""})
+
+        def validate(content: RecordDict, node: int) -> tuple[str, ClientUpdate]:
+            update = validate_reply(content, spec, node_id=node)
+            return update.client_id, update
+
+        screen = screen_replies(messages, replies, validate, inspect=self._confirm_base)
+
+        def row(node: int, client: str | None) -> dict[str, Any]:
+            return {
+                "round": server_round,
+                "node_id": node,
+                "client": client,
+                "download_bytes": self._download_bytes.get(node),
+            }
+
+        for node in screen.lost:  # its frozen weights are unknown now
+            self.node_versions.pop(node, None)
+        for drop in [*screen.dropped, *screen.duplicates]:
+            self._drop(outcomes, drop.reason, **row(drop.node, drop.client))
+        for node in screen.silent:
+            reason = f"node {node}: no reply within the round timeout"
+            self._drop(outcomes, reason, **row(node, None))
+        updates = []
+        for valid in screen.valid:
+            self.node_clients[valid.node] = valid.client
+        for valid in screen.accepted:
+            valid.value.extras["download_bytes"] = self._download_bytes.get(valid.node)
+            updates.append(valid.value)
+            outcomes.append({**row(valid.node, valid.client), "accepted": True, "reason": ""})
         return updates
 
     def aggregate_train(
@@ -556,44 +531,33 @@ class LivarStrategy(Strategy):
             )
             for node, content in self.model_contents(nodes, config).items()
         ]
-        replies = list(self._grid.send_and_receive(messages, timeout=self.query_timeout))
-        sent = _destinations(messages)
+        replies = self._grid.send_and_receive(messages, timeout=self.query_timeout)
         num_classes, width = self.reply_spec().arrays["head/weight"][0]
-        valid: list[tuple[str, int, dict[str, Any]]] = []
-        for msg in replies:
-            node = _sender(sent, msg)
-            row = {"round": server_round, "node_id": node, "client": None}
-            if msg.has_error():
-                self.node_versions.pop(node, None)
-                reason = f"moments reply from node {node}: error reply: {msg.error.reason}"
-                self._drop(outcomes, reason, **row)
-                continue
-            self._confirm_base(node, msg.content)
-            try:
-                client, moments = validate_moments(
-                    msg.content,
-                    num_classes=num_classes,
-                    width=width,
-                    full_covariance=full_covariance,
-                    node_id=node,
-                )
-            except InvalidReplyError as err:
-                self._drop(outcomes, str(err), **row)
-                continue
-            valid.append((client, node, moments))
-        answered = {msg.metadata.reply_to_message_id for msg in replies}
-        for message_id, node in sent.items():
-            if message_id not in answered:  # its frozen weights are unknown now
-                self.node_versions.pop(node, None)
-        valid.sort(key=lambda item: (client_order(item[0]), item[1]))
-        unique = [v for i, v in enumerate(valid) if i == 0 or v[0] != valid[i - 1][0]]
+
+        def validate(content: RecordDict, node: int) -> tuple[str, dict[str, Any]]:
+            return validate_moments(
+                content,
+                num_classes=num_classes,
+                width=width,
+                full_covariance=full_covariance,
+                node_id=node,
+            )
+
+        screen = screen_replies(
+            messages, replies, validate, kind="moments reply", inspect=self._confirm_base
+        )
+        for node in screen.lost:  # its frozen weights are unknown now
+            self.node_versions.pop(node, None)
+        for drop in screen.dropped:
+            self._drop(outcomes, drop.reason, round=server_round, node_id=drop.node, client=None)
+        unique = [valid.value for valid in screen.accepted]
         if len(unique) < self.min_replies:
             raise RoundFailedError(
                 f"round {server_round}: {len(unique)} valid CCVR moment replies of "
                 f"{len(nodes)} nodes asked, min_replies is {self.min_replies}"
             )
         log.info("round %d: CCVR moments from %d nodes", server_round, len(unique))
-        return [m for _, _, m in unique], time.perf_counter() - start
+        return unique, time.perf_counter() - start
 
     # ------------------------------------------------------------------------- evaluate
     def configure_evaluate(
@@ -606,19 +570,6 @@ class LivarStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return None
-
-
-def _destinations(messages: Iterable[Message]) -> dict[str, int]:
-    """Message id -> destination node of sent messages (ids are set when the Grid pushes them;
-    unset ids are left out)."""
-    return {
-        m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id
-    }
-
-
-def _sender(destinations: Mapping[str, int], reply: Message) -> int:
-    """The node a reply answers for: the destination of its instruction, else its source."""
-    return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 def _train_metrics(updates: list[ClientUpdate], dropped: int) -> MetricRecord:
