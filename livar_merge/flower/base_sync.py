@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,8 +35,11 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from livar_merge.errors import NodeConfigError
 from livar_merge.federated.model import fold_into_base
-from livar_merge.flower.messages import from_array_record, to_array_record
+from livar_merge.flower.messages import ARRAYS, CONFIG, INFO, from_array_record, to_array_record
 from livar_merge.lora import LoraDelta
+
+if TYPE_CHECKING:
+    from livar_merge.federated.server import FederatedServer
 
 BASE_UPDATE = "base-update"  # ArrayRecord of the round updates in a message
 BASE_STATE, BASE_STATE_INFO = "livar-base", "livar-base-info"  # a node's context.state keys
@@ -187,3 +191,118 @@ def sync_node_base(
         state[BASE_STATE] = to_array_record(base_parameters(model))
         state[BASE_STATE_INFO] = ConfigRecord({"version": target, "checksum": checksum})
     return {"base-version": target, "base-checksum": checksum}
+
+
+class BaseSync:
+    """The server's side of the frozen-weight versions of ``product`` mode.
+
+    ``version``: the number of rounds folded into the global frozen weights since the run (or
+    the last model loaded from elsewhere) began; ``updates[v]``: the merged update that
+    reached version ``v``; ``node_versions[node]``: the version a node last confirmed. Every
+    method first reads the server's last install (``FederatedServer.last_install``), so the
+    three stay in step without the caller registering installs. Outside ``product`` mode the
+    frozen weights never change: every node gets the full global model.
+    """
+
+    def __init__(self, server: FederatedServer) -> None:
+        self.server = server
+        self.enabled = server.lora_merge == "product"
+        self._version = 0
+        self._updates: dict[int, Mapping[str, LoraDelta]] = {}
+        self.node_versions: dict[int, int] = {}
+        self._registered_round: int | None = None
+        self._checksum: tuple[int, str] | None = None
+
+    @property
+    def version(self) -> int:
+        """The version of the server's frozen weights now."""
+        self.refresh()
+        return self._version
+
+    @property
+    def updates(self) -> Mapping[int, Mapping[str, LoraDelta]]:
+        """The merged update that reached each version (read-only)."""
+        self.refresh()
+        return self._updates
+
+    def refresh(self) -> None:
+        """A round the server installed since the last call is one more version, reached by
+        that round's merged update."""
+        installed = self.server.last_install
+        if self.enabled and installed is not None and installed[0] != self._registered_round:
+            self._registered_round = installed[0]
+            self._version += 1
+            self._updates[self._version] = installed[1]
+
+    def reset(self) -> None:
+        """The server's model was replaced from outside: no node holds its frozen weights."""
+        self.refresh()
+        self._version += 1
+        self._updates.clear()
+        self.node_versions.clear()
+
+    def checksum(self) -> str:
+        """SHA-256 of the server's frozen LoRA-layer weights (cached per version)."""
+        self.refresh()
+        if self._checksum is None or self._checksum[0] != self._version:
+            self._checksum = (self._version, base_checksum(self.server.model))
+        return self._checksum[1]
+
+    def confirm(self, node: int, content: RecordDict | None) -> None:
+        """Record the version a reply confirms (info ``base-version`` and ``base-checksum``
+        of the current version); forget the node otherwise."""
+        info = content.get(INFO) if content is not None else None
+        version = info.get("base-version") if isinstance(info, ConfigRecord) else None
+        checksum = info.get("base-checksum") if isinstance(info, ConfigRecord) else None
+        if self.enabled and version == self.version and checksum == self.checksum():
+            self.node_versions[node] = self.version
+        else:
+            self.node_versions.pop(node, None)
+
+    def forget(self, node: int) -> None:
+        """A node whose state is unknown (error reply or none) gets the full weights next."""
+        self.node_versions.pop(node, None)
+
+    def contents(
+        self,
+        nodes: list[int] | tuple[int, ...],
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        extra: Mapping[str, ArrayRecord],
+    ) -> dict[int, RecordDict]:
+        """Each node's message content: the global model ``arrays`` and ``config`` (plus
+        ``extra`` records); in ``product`` mode a node that confirmed an earlier version whose
+        updates since are smaller than the frozen weights gets LoRA, head and those updates
+        instead of the frozen weights (one content per starting version)."""
+        self.refresh()
+        if not self.enabled:
+            return dict.fromkeys(nodes, RecordDict({ARRAYS: arrays, CONFIG: config, **extra}))
+        version, checksum = self.version, self.checksum()
+        light_keys = {k for k in arrays if not k.startswith("base/")}
+        base_bytes = sum(len(a.data) for k, a in arrays.items() if k not in light_keys)
+        settings = {k: v for k, v in config.items() if k not in ("base-from", "base-to")}
+        settings |= {"base-to": version, "base-checksum": checksum}
+        full = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(settings), **extra})
+        light = ArrayRecord({k: arrays[k] for k in arrays if k in light_keys})
+        by_start: dict[int, RecordDict] = {}  # one content per version a node holds
+        out: dict[int, RecordDict] = {}
+        for node in nodes:
+            held = self.node_versions.get(node)
+            if held is None or any(r not in self.updates for r in range(held + 1, version + 1)):
+                out[node] = full
+                continue
+            if held not in by_start:
+                missed = {r: self.updates[r] for r in range(held + 1, version + 1)}
+                tensors = update_tensors(missed)
+                by_start[held] = full  # the updates are not smaller than the weights
+                if tensor_bytes(tensors) < base_bytes:
+                    by_start[held] = RecordDict(
+                        {
+                            ARRAYS: light,
+                            BASE_UPDATE: to_array_record(tensors),
+                            CONFIG: ConfigRecord({**settings, "base-from": held}),
+                            **extra,
+                        }
+                    )
+            out[node] = by_start[held]
+        return out

@@ -37,17 +37,12 @@ from livar_merge.federated.peft_keys import (
 )
 from livar_merge.federated.server import FederatedServer, RoundRecord
 from livar_merge.flower.base_sync import (
-    BASE_UPDATE,
-    base_checksum,
+    BaseSync,
     record_bytes,
-    tensor_bytes,
-    update_tensors,
 )
 from livar_merge.flower.messages import (
-    ARRAYS,
     CONFIG,
     IDENTIFY,
-    INFO,
     PROTOCOL,
     PROTOTYPES,
     ReplySpec,
@@ -58,7 +53,6 @@ from livar_merge.flower.messages import (
     validate_reply,
 )
 from livar_merge.flower.screening import screen_replies
-from livar_merge.lora import LoraDelta
 
 log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
 
@@ -148,14 +142,8 @@ class LivarStrategy(Strategy):
         self.query_timeout = settings.round_timeout
         self.history: list[RoundRecord] = []
         self._current: ArrayRecord | None = None
-        # product mode: the version of the global frozen weights (rounds folded in), the
-        # update of each round (those of the history), the version each node confirmed
-        self.base_version = 0
-        self._round_updates: dict[int, Mapping[str, LoraDelta]] = {}
-        self.node_versions: dict[int, int] = {}
-        self._base_checksum: tuple[int, str] | None = None
+        self.base = BaseSync(server)  # product mode's frozen-weight versions
         self._download_bytes: dict[int, int] = {}  # node -> payload bytes of its last message
-        self._registered_round: int | None = None
         self._messages: list[Message] = []
         self._sent_at = 0.0
         self._spec: ReplySpec | None = None
@@ -212,10 +200,7 @@ class LivarStrategy(Strategy):
         if arrays is not self._current:
             load_global_tensors(self.model, from_array_record(arrays))
             self._current = arrays
-            # another model: no node holds its frozen weights
-            self.base_version += 1
-            self._round_updates.clear()
-            self.node_versions.clear()
+            self.base.reset()  # another model: no node holds its frozen weights
 
     def _wait_for_nodes(self, grid: Grid, server_round: int) -> list[int]:
         deadline = time.monotonic() + self.node_wait_timeout
@@ -292,57 +277,10 @@ class LivarStrategy(Strategy):
         self, nodes: Sequence[int], config: ConfigRecord, extra: Mapping[str, Any] | None = None
     ) -> dict[int, RecordDict]:
         """The content of each node's message: the global model and ``config`` (plus
-        ``extra`` records). In ``product`` mode a node that confirmed the frozen weights of an
-        earlier version gets LoRA, head and the round updates since then instead of the full
-        frozen weights, when they are smaller (:mod:`livar_merge.flower.base_sync`)."""
-        self._register_install()
+        ``extra`` records); in ``product`` mode lighter for nodes holding an earlier version
+        of the frozen weights (:class:`livar_merge.flower.base_sync.BaseSync`)."""
         arrays = self._current if self._current is not None else self.initial_arrays()
-        extra = dict(extra or {})
-        if self.server.lora_merge != "product":
-            content = RecordDict({ARRAYS: arrays, CONFIG: config, **extra})
-            return self._with_bytes(dict.fromkeys(nodes, content))
-        version, checksum = self.base_version, self.current_base_checksum()
-        keys = {k for k in arrays if not k.startswith("base/")}
-        base_bytes = sum(len(a.data) for k, a in arrays.items() if k not in keys)
-        base = {k: v for k, v in config.items() if k not in ("base-from", "base-to")}
-        base |= {"base-to": version, "base-checksum": checksum}
-        full = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(base), **extra})
-        light = ArrayRecord({k: arrays[k] for k in arrays if k in keys})
-        by_start: dict[int, RecordDict] = {}  # one message per version a node holds
-        out: dict[int, RecordDict] = {}
-        for node in nodes:
-            held = self.node_versions.get(node)
-            if held is None or any(
-                r not in self._round_updates for r in range(held + 1, version + 1)
-            ):
-                out[node] = full
-                continue
-            start, missed = held, range(held + 1, version + 1)
-            if start not in by_start:
-                tensors = update_tensors({r: self._round_updates[r] for r in missed})
-                by_start[start] = full  # the updates are not smaller than the weights
-                if tensor_bytes(tensors) < base_bytes:
-                    by_start[start] = RecordDict(
-                        {
-                            ARRAYS: light,
-                            BASE_UPDATE: to_array_record(tensors),
-                            CONFIG: ConfigRecord({**base, "base-from": start}),
-                            **extra,
-                        }
-                    )
-            out[node] = by_start[start]
-        return self._with_bytes(out)
-
-    def _register_install(self) -> None:
-        """In ``product`` mode, a round the server installed since the last call is one more
-        version of the frozen weights, reached by that round's merged update."""
-        installed = self.server.last_install
-        if self.server.lora_merge != "product" or installed is None:
-            return
-        if installed[0] != self._registered_round:
-            self._registered_round = installed[0]
-            self.base_version += 1
-            self._round_updates[self.base_version] = installed[1]
+        return self._with_bytes(self.base.contents(list(nodes), arrays, config, dict(extra or {})))
 
     def _with_bytes(self, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
         """Record each node's payload bytes (counted once per distinct message)."""
@@ -352,26 +290,6 @@ class LivarStrategy(Strategy):
                 sizes[id(content)] = record_bytes(content)
             self._download_bytes[node] = sizes[id(content)]
         return contents
-
-    def current_base_checksum(self) -> str:
-        """SHA-256 of the server's frozen LoRA-layer weights (cached per version)."""
-        if self._base_checksum is None or self._base_checksum[0] != self.base_version:
-            self._base_checksum = (self.base_version, base_checksum(self.model))
-        return self._base_checksum[1]
-
-    def _confirm_base(self, node: int, content: RecordDict) -> None:
-        """Record the frozen-weight version a reply confirms (forget the node otherwise)."""
-        info = content.get(INFO) if content is not None else None
-        version = info.get("base-version") if isinstance(info, ConfigRecord) else None
-        checksum = info.get("base-checksum") if isinstance(info, ConfigRecord) else None
-        if (
-            self.server.lora_merge == "product"
-            and version == self.base_version
-            and checksum == self.current_base_checksum()
-        ):
-            self.node_versions[node] = self.base_version
-        else:
-            self.node_versions.pop(node, None)
 
     def _sampled_nodes(
         self, server_round: int, nodes: list[int], grid: Grid, config: ConfigRecord
@@ -444,7 +362,7 @@ class LivarStrategy(Strategy):
             update = validate_reply(content, spec, node_id=node)
             return update.client_id, update
 
-        screen = screen_replies(messages, replies, validate, inspect=self._confirm_base)
+        screen = screen_replies(messages, replies, validate, inspect=self.base.confirm)
 
         def row(node: int, client: str | None) -> dict[str, Any]:
             return {
@@ -455,7 +373,7 @@ class LivarStrategy(Strategy):
             }
 
         for node in screen.lost:  # its frozen weights are unknown now
-            self.node_versions.pop(node, None)
+            self.base.forget(node)
         for drop in [*screen.dropped, *screen.duplicates]:
             self._drop(outcomes, drop.reason, **row(drop.node, drop.client))
         for node in screen.silent:
@@ -499,7 +417,6 @@ class LivarStrategy(Strategy):
             outcomes=outcomes,
             participants=self._participants,
         )
-        self._register_install()
         outcomes.sort(key=lambda o: (not o["accepted"], str(o["client"]), o["node_id"]))
         self._current = self.global_arrays()
         self.history.append(record)
@@ -544,10 +461,10 @@ class LivarStrategy(Strategy):
             )
 
         screen = screen_replies(
-            messages, replies, validate, kind="moments reply", inspect=self._confirm_base
+            messages, replies, validate, kind="moments reply", inspect=self.base.confirm
         )
         for node in screen.lost:  # its frozen weights are unknown now
-            self.node_versions.pop(node, None)
+            self.base.forget(node)
         for drop in screen.dropped:
             self._drop(outcomes, drop.reason, round=server_round, node_id=drop.node, client=None)
         unique = [valid.value for valid in screen.accepted]

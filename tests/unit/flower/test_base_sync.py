@@ -151,10 +151,10 @@ def test_nodes_receive_round_updates_and_hold_the_servers_weights_bit_for_bit():
     # the server did, gives the server's weights bit for bit
     expected = base_parameters(strategy.model)
     for node in nodes.values():
-        fold_updates(node.model, {3: strategy._round_updates[3]})
+        fold_updates(node.model, {3: strategy.base.updates[3]})
         got = base_parameters(node.model)
         assert all(torch.equal(got[k], expected[k]) for k in expected)
-    assert strategy.node_versions == dict.fromkeys(NODES, 2)  # confirmed with round 3's reply
+    assert strategy.base.node_versions == dict.fromkeys(NODES, 2)  # confirmed with round 3's reply
 
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -240,7 +240,7 @@ def test_a_node_in_its_own_process_folds_the_update_to_the_servers_weights(tmp_p
     # value the update shrinks (a one-ulp nudge of a value the update outgrows can round away)
     key = next(k for k in sorted(kept) if k.endswith(".base_layer.weight"))
     layer = key.removeprefix("base/").removesuffix(".base_layer.weight")
-    step = strategy._round_updates[2][layer].to_dense().to(kept[key])
+    step = strategy.base.updates[2][layer].to_dense().to(kept[key])
     shrinks = (server[key].abs() < kept[key].abs() / 2) & (server[key].sign() == kept[key].sign())
     index = int(torch.where(shrinks.view(-1), kept[key].abs().view(-1), 0.0).argmax())
     nudged = {k: v.clone() for k, v in kept.items()}
@@ -320,7 +320,7 @@ def test_a_node_that_sat_out_receives_the_updates_it_missed_or_the_weights():
     messages = {m.metadata.dst_node_id: m.content for m in run_round(strategy, grid, 3)}
     assert int(messages[31][CONFIG]["base-from"]) == 1  # held version 1: one update
     assert {k.split("/")[0] for k in messages[31][BASE_UPDATE]} == {"2"}
-    missed = update_tensors({v: strategy._round_updates[v] for v in (1, 2)})
+    missed = update_tensors({v: strategy.base.updates[v] for v in (1, 2)})
     missed_bytes = sum(t.numel() * t.element_size() for t in missed.values())
     base = sum(p.numel() * p.element_size() for p in base_parameters(strategy.model).values())
     # the two missed updates are smaller than the weights here (the other case, updates larger
@@ -335,12 +335,12 @@ def test_a_node_that_sat_out_receives_the_updates_it_missed_or_the_weights():
 def test_updates_larger_than_the_weights_are_replaced_by_the_weights():
     strategy, _nodes, grid = federation()
     run_round(strategy, grid, 1)
-    strategy.node_versions[7] = 0
+    strategy.base.node_versions[7] = 0
     # pretend node 7 holds version 0 while the server is at version 1 + many more rounds
+    updates = strategy.base.updates  # registers round 1's install as version 1
     for extra in range(2, 12):
-        strategy._round_updates[extra] = strategy._round_updates[1]
-    strategy.base_version = 11
-    strategy._registered_round = strategy.server.last_install[0]
+        strategy.base._updates[extra] = updates[1]
+    strategy.base._version = 11
     content = strategy.model_contents([7], ConfigRecord({"server-round": 12}))[7]
     assert BASE_UPDATE not in content and "base-from" not in content[CONFIG]
     assert any(k.startswith("base/") for k in content[ARRAYS])
