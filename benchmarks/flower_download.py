@@ -35,7 +35,7 @@ def main() -> None:
     from flwr.app import ConfigRecord
 
     from livar_merge.federated.server import FederatedServer
-    from livar_merge.flower.base_sync import record_bytes
+    from livar_merge.flower.base_sync import BaseSync, record_bytes
     from livar_merge.flower.strategy import LivarStrategy
     from livar_merge.lora import LoraDelta
 
@@ -68,11 +68,11 @@ def main() -> None:
                 for name, (d, k) in layers.items()
             }
 
-        strategy.base_version, strategy._round_updates = 2, {1: update(), 2: update()}
-        strategy._registered_round = None
         server.last_install = None
+        strategy.base = BaseSync(server)
+        strategy.base._version, strategy.base._updates = 2, {1: update(), 2: update()}
         strategy._current = strategy.global_arrays()
-        strategy.node_versions = {1: 1, 2: 0}  # node 1 held version 1, node 2 sat out a round
+        strategy.base.node_versions = {1: 1, 2: 0}  # node 1 held version 1, node 2 sat out
         contents = strategy.model_contents([1, 2, 3], ConfigRecord({"server-round": 3}))
         before, after, missed = (record_bytes(contents[n]) for n in (3, 1, 2))
         rows.append(
