@@ -41,17 +41,15 @@ from livar_merge.flower.base_sync import (
     record_bytes,
 )
 from livar_merge.flower.messages import (
-    CONFIG,
-    IDENTIFY,
     PROTOCOL,
     PROTOTYPES,
     ReplySpec,
     from_array_record,
     to_array_record,
-    validate_identity,
     validate_moments,
     validate_reply,
 )
+from livar_merge.flower.nodes import NodeDirectory
 from livar_merge.flower.screening import screen_replies
 
 log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
@@ -135,8 +133,12 @@ class LivarStrategy(Strategy):
                 "a round sends to only that many nodes"
             )
         self.min_replies = settings.resolved_min_replies(sampled or min_available_nodes)
-        self.min_available_nodes = min_available_nodes
-        self.node_wait_timeout = settings.node_wait_timeout
+        self.nodes = NodeDirectory(
+            min_available_nodes=min_available_nodes,
+            min_replies=self.min_replies,
+            wait_timeout=settings.node_wait_timeout,
+            participants=server.participants if sampled is not None else None,
+        )
         self.config_hash = config_hash
         self.frozen_checksum = frozen_checksum
         self.query_timeout = settings.round_timeout
@@ -149,7 +151,6 @@ class LivarStrategy(Strategy):
         self._spec: ReplySpec | None = None
         self._grid: Grid | None = None
         self._train_config: ConfigRecord | None = None
-        self.node_clients: dict[int, str] = {}  # node id -> client id (identity, replies)
         self._participants: list[str] | None = None  # the round's sampled clients
 
     # ------------------------------------------------------------------------- helpers
@@ -202,29 +203,6 @@ class LivarStrategy(Strategy):
             self._current = arrays
             self.base.reset()  # another model: no node holds its frozen weights
 
-    def _wait_for_nodes(self, grid: Grid, server_round: int) -> list[int]:
-        deadline = time.monotonic() + self.node_wait_timeout
-        while True:
-            nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.min_available_nodes:
-                return nodes
-            if time.monotonic() >= deadline:
-                if len(nodes) >= self.min_replies:
-                    log.warning(
-                        "round %d: %d of the %d expected nodes connected after %.0f s; "
-                        "going on with them",
-                        server_round,
-                        len(nodes),
-                        self.min_available_nodes,
-                        self.node_wait_timeout,
-                    )
-                    return nodes
-                raise RoundFailedError(
-                    f"round {server_round}: only {len(nodes)} nodes connected after waiting "
-                    f"{self.node_wait_timeout:.0f} s; min_replies is {self.min_replies}"
-                )
-            time.sleep(1.0)
-
     def summary(self) -> None:
         log.info(
             "LivarStrategy: method %s, table %s v%s, lora_merge %s, min_replies %d",
@@ -242,10 +220,7 @@ class LivarStrategy(Strategy):
         """Send the global model and the round's ConfigRecord to every connected node, or with
         client sampling to the nodes of the round's sampled clients."""
         self.sync(arrays)
-        nodes = self._wait_for_nodes(grid, server_round)
-        self._participants = None
-        if self.server.clients_per_round is not None:
-            nodes = self._sampled_nodes(server_round, nodes, grid, config)
+        nodes, self._participants = self.nodes.round_nodes(server_round, grid, config)
         config["server-round"] = server_round
         config["protocol"] = PROTOCOL
         config["needs"] = sorted(self.needs)
@@ -291,61 +266,6 @@ class LivarStrategy(Strategy):
             self._download_bytes[node] = sizes[id(content)]
         return contents
 
-    def _sampled_nodes(
-        self, server_round: int, nodes: list[int], grid: Grid, config: ConfigRecord
-    ) -> list[int]:
-        """The nodes of the round's participants, sampled among the connected nodes' clients
-        by the rule of ``livar-fed`` (:meth:`FederatedServer.participants`); nodes whose client
-        is not yet known are asked once (an identity query, no model sent)."""
-        unknown = [n for n in nodes if n not in self.node_clients]
-        if unknown:
-            self._identify(server_round, unknown, grid, config)
-        by_client: dict[str, int] = {}
-        for node in sorted(nodes):  # a client served by several nodes: the lowest node id
-            if node in self.node_clients:
-                by_client.setdefault(self.node_clients[node], node)
-        self._participants = self.server.participants(server_round, by_client)
-        if len(self._participants) < self.min_replies:
-            raise RoundFailedError(
-                f"round {server_round}: {len(by_client)} clients identified among "
-                f"{len(nodes)} connected nodes; min_replies is {self.min_replies}"
-            )
-        log.info(
-            "round %d: sampled %d of %d clients: %s",
-            server_round,
-            len(self._participants),
-            len(by_client),
-            " ".join(self._participants),
-        )
-        return [by_client[c] for c in self._participants]
-
-    def _identify(
-        self, server_round: int, nodes: list[int], grid: Grid, config: ConfigRecord
-    ) -> None:
-        """Learn the client id of ``nodes`` (``query.identify``); nodes that do not answer
-        validly are left out of this round's draw, with a warning."""
-        content = RecordDict({CONFIG: ConfigRecord(dict(config))})
-        messages = [
-            Message(
-                content=content,
-                message_type=IDENTIFY,
-                dst_node_id=node,
-                group_id=f"{server_round}-identify",
-            )
-            for node in nodes
-        ]
-        replies = grid.send_and_receive(messages, timeout=self.node_wait_timeout)
-        screen = screen_replies(
-            messages,
-            replies,
-            lambda content, node: (validate_identity(content, node_id=node), None),
-            kind="identity reply",
-        )
-        for drop in screen.dropped:
-            log.warning("%s", drop.reason)
-        for valid in screen.valid:
-            self.node_clients[valid.node] = valid.client
-
     def _drop(self, outcomes: list[dict[str, Any]], reason: str, **row: Any) -> None:
         log.warning("dropped %s", reason)
         outcomes.append({**row, "accepted": False, "reason": reason})
@@ -381,7 +301,7 @@ class LivarStrategy(Strategy):
             self._drop(outcomes, reason, **row(node, None))
         updates = []
         for valid in screen.valid:
-            self.node_clients[valid.node] = valid.client
+            self.nodes.learn(valid.node, valid.client)
         for valid in screen.accepted:
             valid.value.extras["download_bytes"] = self._download_bytes.get(valid.node)
             updates.append(valid.value)
