@@ -5,7 +5,7 @@ module per method family, its math beside it:
 
 ============== ===================================================================
 ``needs``      the vocabulary of client statistics (Need, NEEDS; no torch)
-``types``      ClientUpdate, AggregationResult, Aggregator, validate_updates
+``types``      ClientUpdate, MergeContext, AggregationResult, Aggregator, validate_updates
 ``registry``   MethodSpec, register_method, method_spec, make_aggregator (no torch)
 ``common``     helpers of the method modules (head biases, a merge without weights)
 ``weighted``   fedavg, livar, livar-alpha, livar-sigma (the paper's Table 4)
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         AggregationResult,
         Aggregator,
         ClientUpdate,
+        MergeContext,
         payload_nbytes,
         validate_updates,
     )
@@ -55,6 +56,7 @@ _LAZY = {
     "ClientUpdate": "livar_merge.aggregation.types",
     "FedProtoAggregator": "livar_merge.aggregation.fedproto",
     "FisherAggregator": "livar_merge.aggregation.fisher",
+    "MergeContext": "livar_merge.aggregation.types",
     "RegMeanAggregator": "livar_merge.aggregation.regmean",
     "WeightedAggregator": "livar_merge.aggregation.weighted",
     "payload_nbytes": "livar_merge.aggregation.types",
@@ -76,6 +78,7 @@ __all__ = [
     "ClientUpdate",
     "FedProtoAggregator",
     "FisherAggregator",
+    "MergeContext",
     "MethodSpec",
     "Need",
     "RegMeanAggregator",

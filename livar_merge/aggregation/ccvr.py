@@ -24,8 +24,7 @@ from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
     ClientUpdate,
-    PreviousHead,
-    Scaling,
+    MergeContext,
 )
 from livar_merge.aggregation.weighted import TableLike, fedavg, livar
 from livar_merge.errors import ClientUpdateError, MethodOptionError
@@ -180,18 +179,9 @@ class CCVRAggregator(Aggregator):
             "ccvr_covariance": "full" if self.full_covariance else "diag",
         }
 
-    def merge(
-        self,
-        updates: Sequence[ClientUpdate],
-        *,
-        previous_head: PreviousHead,
-        scaling: Scaling,
-        rank: int | None = None,
-    ) -> AggregationResult:
+    def merge(self, updates: Sequence[ClientUpdate], ctx: MergeContext) -> AggregationResult:
         """The base method's merge (the calibration comes after, with the clients' moments)."""
-        if rank is None:
-            return self.base.merge(updates, previous_head=previous_head, scaling=scaling)
-        return self.base.merge(updates, previous_head=previous_head, scaling=scaling, rank=rank)
+        return self.base.merge(updates, ctx)
 
     def calibrate(
         self, head: torch.nn.Linear, moments: Sequence[Mapping[str, np.ndarray]], *, seed: int

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from livar_merge.aggregation.types import AggregationResult, ClientUpdate, PreviousHead, Scaling
+from livar_merge.aggregation.types import AggregationResult, ClientUpdate, MergeContext
 from livar_merge.aggregation.weighted import WeightedAggregator
 from livar_merge.lora import MergeMode
 
@@ -44,15 +44,8 @@ class FedProtoAggregator(WeightedAggregator):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "proto_weight": self.proto_weight}
 
-    def merge(
-        self,
-        updates: Sequence[ClientUpdate],
-        *,
-        previous_head: PreviousHead,
-        scaling: Scaling,
-        rank: int | None = None,
-    ) -> AggregationResult:
-        result = super().merge(updates, previous_head=previous_head, scaling=scaling, rank=rank)
+    def merge(self, updates: Sequence[ClientUpdate], ctx: MergeContext) -> AggregationResult:
+        result = super().merge(updates, ctx)
         proto, counts = pooled_prototypes(
             [u.extras["proto_mean"] for u in updates], [u.extras["proto_count"] for u in updates]
         )

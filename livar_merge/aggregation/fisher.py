@@ -23,8 +23,7 @@ from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
     ClientUpdate,
-    PreviousHead,
-    Scaling,
+    MergeContext,
 )
 from livar_merge.errors import ClientUpdateError
 from livar_merge.lora import (
@@ -60,15 +59,9 @@ class FisherAggregator(Aggregator):
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "floor": self.floor, "lora_merge": "factors"}
 
-    def merge(
-        self,
-        updates: Sequence[ClientUpdate],
-        *,
-        previous_head: PreviousHead,
-        scaling: Scaling,
-        rank: int | None = None,
-    ) -> AggregationResult:
+    def merge(self, updates: Sequence[ClientUpdate], ctx: MergeContext) -> AggregationResult:
         """Fisher-weighted factors; ``rank`` is ignored (factors keep the clients' one rank)."""
+        scaling = ctx.scaling
         ids = [u.client_id for u in updates]
         lists = client_factor_lists([u.lora for u in updates], client_ids=ids)  # consistency
         require_common_rank(lists, f"method {self.name!r} (elementwise averaging)", client_ids=ids)

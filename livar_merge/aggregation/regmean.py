@@ -30,8 +30,7 @@ from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
     ClientUpdate,
-    PreviousHead,
-    Scaling,
+    MergeContext,
 )
 from livar_merge.errors import ClientUpdateError, MethodOptionError
 from livar_merge.lora import (
@@ -148,14 +147,10 @@ class RegMeanAggregator(Aggregator):
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "lora_merge": self.lora_merge, "shrinkage": self.shrinkage}
 
-    def merge(
-        self,
-        updates: Sequence[ClientUpdate],
-        *,
-        previous_head: PreviousHead,
-        scaling: Scaling,
-        rank: int | None = None,
-    ) -> AggregationResult:
+    def merge(self, updates: Sequence[ClientUpdate], ctx: MergeContext) -> AggregationResult:
+        """RegMean's closed-form merge of every layer and of the head (``ctx.previous_head``
+        is not used: every client's head Gram covers every class)."""
+        scaling, rank = ctx.scaling, ctx.rank
         ids = [u.client_id for u in updates]
         lists = client_factor_lists([u.lora for u in updates], client_ids=ids)
         lora: dict[str, LoraDelta] = {}

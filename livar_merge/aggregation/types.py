@@ -21,6 +21,22 @@ PreviousHead = tuple[torch.Tensor, torch.Tensor | None] | None
 Scaling = float | Mapping[str, float]
 
 
+@dataclass(frozen=True)
+class MergeContext:
+    """What a merge needs from the server besides the updates.
+
+    ``previous_head``: the global head before the round (weight ``[C, D]``, bias ``[C]`` or
+    None), kept for classes no client saw (Eq. 6); ``scaling``: the server's LoRA scaling
+    (``lora_alpha / r``, one number or one per layer), which a client's own
+    ``ClientUpdate.scaling`` overrides for it; ``rank``: the server's LoRA rank, the target of
+    ``svd`` merges (None: the clients' common rank).
+    """
+
+    previous_head: PreviousHead = None
+    scaling: Scaling = 1.0
+    rank: int | None = None
+
+
 @dataclass
 class ClientUpdate:
     """What one client sends after local training.
@@ -185,26 +201,14 @@ class Aggregator:
 
         ``scaling``: the server's LoRA scaling (clients' own ``ClientUpdate.scaling`` override
         it for them); ``rank``: the server's LoRA rank, the target of ``svd`` merges (default:
-        the clients' common rank; required when their ranks differ). ``rank`` is passed on to
-        :meth:`merge` only when given, so subclasses whose ``merge`` takes no ``rank`` still
-        work without it.
+        the clients' common rank; required when their ranks differ). They reach :meth:`merge`
+        as one :class:`MergeContext`.
         """
         validate_updates(updates, needs=self.needs)
-        if rank is None:
-            return self.merge(updates, previous_head=previous_head, scaling=scaling)
-        return self.merge(updates, previous_head=previous_head, scaling=scaling, rank=rank)
+        return self.merge(updates, MergeContext(previous_head, scaling, rank))
 
-    def merge(
-        self,
-        updates: Sequence[ClientUpdate],
-        *,
-        previous_head: PreviousHead,
-        scaling: Scaling,
-        rank: int | None = None,
-    ) -> AggregationResult:
-        """Combine validated ``updates`` (``previous_head``: the global head before the
-        round, for classes no client saw; ``scaling``: the server's LoRA alpha / r; ``rank``:
-        the target rank of ``svd`` merges)."""
+    def merge(self, updates: Sequence[ClientUpdate], ctx: MergeContext) -> AggregationResult:
+        """Combine validated ``updates`` in the round's :class:`MergeContext`."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

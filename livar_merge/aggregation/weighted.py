@@ -30,8 +30,7 @@ from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
     ClientUpdate,
-    PreviousHead,
-    Scaling,
+    MergeContext,
 )
 from livar_merge.coefficients import livar_coefficient_details
 from livar_merge.errors import ClientUpdateError, MethodOptionError
@@ -128,17 +127,11 @@ class WeightedAggregator(Aggregator):
         present = np.stack([np.asarray(u.class_present, dtype=bool) for u in updates])
         return variance_class_weights(sigma, present, client_ids=[u.client_id for u in updates])
 
-    def merge(
-        self,
-        updates: Sequence[ClientUpdate],
-        *,
-        previous_head: PreviousHead,
-        scaling: Scaling,
-        rank: int | None = None,
-    ) -> AggregationResult:
+    def merge(self, updates: Sequence[ClientUpdate], ctx: MergeContext) -> AggregationResult:
         """Weighted merge; clients may differ in rank (``product``, ``svd`` with ``rank``) and
         in scaling (``ClientUpdate.scaling``). ``svd`` adds ``details["svd_discarded_energy"]``
         ``{layer: fraction}``."""
+        previous_head, scaling, rank = ctx.previous_head, ctx.scaling, ctx.rank
         ids = [u.client_id for u in updates]
         layers = lora_layer_names(updates[0].lora)
         weights, details = self.lora_weights(updates, layers)

@@ -139,3 +139,33 @@ def test_the_needs_vocabulary_is_the_one_home_of_statistic_names():
         assert wire_field(not_a_statistic) is None
     with pytest.raises(RegistrationError, match=r"method 'newton' needs \['hessian'\]; known"):
         MethodSpec("newton", "x:y", needs=frozenset({"omega", "hessian"}))
+
+
+def test_aggregate_hands_merge_one_context():
+    """A method implements merge(updates, ctx): aggregate validates, then passes the previous
+    head, scaling and rank (None unless given) as one MergeContext."""
+    import torch
+
+    from livar_merge.aggregation import Aggregator, ClientUpdate, MergeContext
+
+    seen: list[MergeContext] = []
+
+    class Recorder(Aggregator):
+        name = "recorder"
+
+        def merge(self, updates, ctx):
+            seen.append(ctx)
+            return "merged"
+
+    update = ClientUpdate(
+        client_id="client_0",
+        num_samples=3,
+        lora={"l.lora_A.weight": torch.ones(1, 2), "l.lora_B.weight": torch.ones(2, 1)},
+        head_weight=torch.zeros(4, 2),
+        head_bias=torch.zeros(4),
+    )
+    head = (torch.ones(4, 2), None)
+    assert Recorder().aggregate([update], previous_head=head, scaling={"l": 2.0}) == "merged"
+    assert Recorder().aggregate([update], rank=8) == "merged"
+    assert seen[0] == MergeContext(previous_head=head, scaling={"l": 2.0}, rank=None)
+    assert seen[1] == MergeContext(previous_head=None, scaling=1.0, rank=8)
