@@ -87,6 +87,25 @@ def run(name: str, engine: str, root: Path) -> dict[str, object]:
     return {"name": name, "engine": engine, "files": fingerprint(folder)}
 
 
+def code_commit() -> str:
+    """The commit of the livar code the runs import (``PYTHONPATH`` may point at another
+    checkout than this script's)."""
+    where = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import livar_merge, pathlib; print(pathlib.Path(livar_merge.__file__).parents[1])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+    ).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+
+
 def compare(runs: list[dict[str, object]], reference: Path) -> list[str]:
     """Lines naming each (run, file) whose digest differs from the reference's."""
     document = json.loads(reference.read_text())
@@ -112,9 +131,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(CONFIGURATIONS), help="configurations")
     args = parser.parse_args()
     runs = [run(name, engine, args.out) for name in args.only for engine in ENGINES]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = code_commit()
     if args.compare:
         differences = compare(runs, args.compare)
         print("\n".join(differences) or f"all {len(runs)} runs identical to {args.compare}")
