@@ -2,8 +2,9 @@
 
 Runs each configuration below on the tiny preset (synthetic data, random 2-block ViT) on the
 in-process and the Flower engine, and records per run the sha256 of
-``checkpoint/global.safetensors`` and of every CSV with its timing and size-of-transport columns
-dropped (``*seconds*``, ``download_bytes``). With ``--compare REF.json`` it reports every run
+``checkpoint/global.safetensors`` and of every CSV without its timing columns (``*seconds*``),
+``download_bytes`` (compare those separately when a change touches the transport) and
+``node_id`` (Flower draws node ids at random). With ``--compare REF.json`` it reports every run
 whose fingerprint differs from the reference's and exits 1 if any does.
 
     python benchmarks/behaviour_fingerprint.py --out runs/fingerprint            # writes JSON
@@ -50,7 +51,7 @@ CONFIGURATIONS: dict[str, list[str]] = {
     "livar-client-ranks": ["--method", "livar", "--client-ranks", "2", "4", "8"],
 }
 ENGINES = ("inprocess", "flower")
-VOLATILE = ("seconds", "download_bytes")
+VOLATILE = ("seconds", "download_bytes", "node_id")  # timing; Flower node ids are random
 
 
 def csv_digest(path: Path) -> str:
