@@ -161,8 +161,8 @@ class CCVRAggregator(Aggregator):
                 f"ccvr_covariance must be 'full' or 'diag', got {ccvr_covariance!r}"
             )
         self.base = base
-        self.name = name  # type: ignore[misc]
-        self.needs = base.needs | {"moments"}  # type: ignore[misc]
+        self.name = name
+        self.needs = base.needs | {"moments"}
         self.options: dict[str, Any] = {
             "samples_per_class": ccvr_samples,
             "epochs": ccvr_epochs,

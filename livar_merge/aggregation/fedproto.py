@@ -38,7 +38,7 @@ class FedProtoAggregator(WeightedAggregator):
 
     def __init__(self, *, lora_merge: MergeMode = "product", proto_weight: float = 1.0) -> None:
         super().__init__("fedproto", "samples", "samples", lora_merge=lora_merge)
-        self.needs = frozenset({"prototypes"})  # type: ignore[misc]
+        self.needs = frozenset({"prototypes"})
         self.proto_weight = proto_weight
 
     def describe(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -186,8 +186,8 @@ class Aggregator:
     :attr:`needs`, then :meth:`merge` combines them. Subclasses implement :meth:`merge` (or
     override :meth:`aggregate` whole)."""
 
-    name: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset()
+    name: str = ""  # the registry name (a family's instances set their own)
+    needs: frozenset[str] = frozenset()  # client statistics (livar_merge.aggregation.needs)
 
     def aggregate(
         self,

@@ -73,13 +73,13 @@ class WeightedAggregator(Aggregator):
         if lora_weighting == "livar":
             self.table = GShapTable.load(table) if isinstance(table, str) else table
         self.lora_merge = lora_merge
-        self.name = name  # type: ignore[misc]
+        self.name = name
         needs = set()
         if lora_weighting == "livar":
             needs.add("omega")
         if head_weighting == "variance":
             needs.add("sigma")
-        self.needs = frozenset(needs)  # type: ignore[misc]
+        self.needs = frozenset(needs)
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {
