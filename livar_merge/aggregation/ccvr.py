@@ -24,10 +24,11 @@ from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
     ClientUpdate,
+    InstallContext,
     MergeContext,
 )
 from livar_merge.aggregation.weighted import TableLike, fedavg, livar
-from livar_merge.errors import ClientUpdateError, MethodOptionError
+from livar_merge.errors import ClientUpdateError, ConfigError, MethodOptionError
 from livar_merge.lora import MergeMode
 
 
@@ -141,8 +142,10 @@ def retrain_head(
 class CCVRAggregator(Aggregator):
     """A base method followed by CCVR's head calibration on virtual features.
 
-    ``needs`` includes ``"moments"``: after aggregation the runtime asks every client for its
-    per-class feature moments under the new global model and calls :meth:`refine_head`.
+    ``needs`` includes ``"moments"``: after the merge is installed (:meth:`after_install`:
+    every round with ``ccvr_rounds="all"``, the last one with ``"last"``) it asks the round's
+    clients, through the engine's :class:`ClientQuery`, for their per-class feature moments
+    under the new global model and re-trains the head (:meth:`calibrate`).
     """
 
     def __init__(
@@ -154,12 +157,16 @@ class CCVRAggregator(Aggregator):
         ccvr_lr: float = 0.01,
         ccvr_temperature: float = 0.1,
         ccvr_covariance: Literal["full", "diag"] = "full",
+        ccvr_rounds: Literal["all", "last"] = "all",
         name: str = "ccvr",
     ) -> None:
         if ccvr_covariance not in ("full", "diag"):
             raise MethodOptionError(
                 f"ccvr_covariance must be 'full' or 'diag', got {ccvr_covariance!r}"
             )
+        if ccvr_rounds not in ("all", "last"):
+            raise MethodOptionError(f"ccvr_rounds must be 'all' or 'last', got {ccvr_rounds!r}")
+        self.rounds = ccvr_rounds
         self.base = base
         self.name = name
         self.needs = base.needs | {"moments"}
@@ -177,11 +184,22 @@ class CCVRAggregator(Aggregator):
             "method": self.name,
             "ccvr": self.options,
             "ccvr_covariance": "full" if self.full_covariance else "diag",
+            "ccvr_rounds": self.rounds,
         }
 
     def merge(self, updates: Sequence[ClientUpdate], ctx: MergeContext) -> AggregationResult:
         """The base method's merge (the calibration comes after, with the clients' moments)."""
         return self.base.merge(updates, ctx)
+
+    def after_install(self, updates: Sequence[ClientUpdate], ctx: InstallContext) -> None:
+        """Re-train the installed head on virtual features from the clients' moments (every
+        round, or with ``ccvr_rounds="last"`` after the final one)."""
+        if self.rounds == "last" and not ctx.final_round:
+            return
+        if ctx.clients is None:
+            raise ConfigError(f"method {self.name!r} needs a client query for CCVR's moments")
+        moments = ctx.clients.moments(updates, full_covariance=self.full_covariance)
+        self.calibrate(ctx.head, moments, seed=ctx.seed_for("ccvr"))
 
     def calibrate(
         self, head: torch.nn.Linear, moments: Sequence[Mapping[str, np.ndarray]], *, seed: int

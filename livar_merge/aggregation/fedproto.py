@@ -7,10 +7,11 @@ server sends back with the next round; LoRA and head by FedAvg.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from livar_merge.aggregation.types import AggregationResult, ClientUpdate, MergeContext
 from livar_merge.aggregation.weighted import WeightedAggregator
@@ -34,12 +35,18 @@ def pooled_prototypes(
 
 class FedProtoAggregator(WeightedAggregator):
     """FedAvg of LoRA and head plus the pooled class prototypes sent back to clients
-    (``details["prototypes"]`` ``[C, D]``, ``details["prototype_counts"]`` ``[C]``)."""
+    (``details["prototypes"]`` ``[C, D]``, ``details["prototype_counts"]`` ``[C]``).
+
+    The last round's prototypes are this method's server state (:meth:`state`, checkpointed)
+    and what it broadcasts to clients (``{"prototypes": [C, D]}``, float32; NaN rows for
+    classes no client saw), whose loss then adds ``proto_weight * ||f(x) - P_y||^2``.
+    """
 
     def __init__(self, *, lora_merge: MergeMode = "product", proto_weight: float = 1.0) -> None:
         super().__init__("fedproto", "samples", "samples", lora_merge=lora_merge)
         self.needs = frozenset({"prototypes"})
         self.proto_weight = proto_weight
+        self.prototypes: torch.Tensor | None = None  # [C, D] of the last merge
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "proto_weight": self.proto_weight}
@@ -51,4 +58,15 @@ class FedProtoAggregator(WeightedAggregator):
         )
         result.details["prototypes"] = proto
         result.details["prototype_counts"] = counts
+        self.prototypes = torch.as_tensor(proto, dtype=torch.float32)
         return result
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {} if self.prototypes is None else {"prototypes": self.prototypes.contiguous()}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if "prototypes" in tensors:
+            self.prototypes = tensors["prototypes"].to(torch.float32).cpu()
+
+    def broadcast(self) -> dict[str, torch.Tensor]:
+        return self.state()

@@ -190,7 +190,7 @@ def make_aggregator(name: str, **options: Any) -> Aggregator:
 
 
 # ----------------------------------------------------------------------------- built-ins
-CCVR_OPTIONS = "ccvr_samples ccvr_epochs ccvr_lr ccvr_temperature ccvr_covariance"
+CCVR_OPTIONS = "ccvr_samples ccvr_epochs ccvr_lr ccvr_temperature ccvr_covariance ccvr_rounds"
 BUILTIN_METHODS = {  # name: (factory in livar_merge.aggregation.<module>:<attr>, options, needs)
     "fedavg": ("weighted:fedavg", "table lora_merge", ""),
     "livar": ("weighted:livar", "table lora_merge", "omega sigma"),

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -181,10 +181,48 @@ def _check_finite_tree(value: Any, where: str, nan_rows: bool = False) -> None:
         raise ClientUpdateError(f"{where} holds NaN/Inf values")
 
 
+class ClientQuery(Protocol):
+    """What an engine lets a method ask of a round's clients after the merge was installed
+    (each engine implements it once: in process, or a Flower QUERY round trip)."""
+
+    def moments(
+        self, updates: Sequence[ClientUpdate], *, full_covariance: bool
+    ) -> list[dict[str, np.ndarray]]:
+        """Class feature moments of the clients of ``updates`` (in that order) under the
+        installed global model: ``mean [C, D]``, ``cov [C, D, D]`` (``[C, D]`` when not
+        ``full_covariance``), ``count [C]``."""
+        ...
+
+
+@dataclass(frozen=True)
+class InstallContext:
+    """What :meth:`Aggregator.after_install` gets besides the model and the updates.
+
+    ``round_index``; ``final_round``: whether it is the run's last round; ``head``: the global
+    model's classification head (``Linear``, weight ``[C, D]``), modified in place by methods
+    that re-train it; ``seed_for(purpose)``: this round's seed for a purpose (stable across
+    runs and engines); ``clients``: the engine's :class:`ClientQuery` (None where the caller
+    offers none).
+    """
+
+    round_index: int
+    final_round: bool
+    head: torch.nn.Linear
+    seed_for: Callable[[str], int]
+    clients: ClientQuery | None = None
+
+
 class Aggregator:
     """Base of aggregation methods: :meth:`aggregate` checks the updates against
     :attr:`needs`, then :meth:`merge` combines them. Subclasses implement :meth:`merge` (or
-    override :meth:`aggregate` whole)."""
+    override :meth:`aggregate` whole).
+
+    A method that keeps server state or talks to clients beyond one update overrides the
+    lifecycle hooks, so the runtime never special-cases it: :meth:`state` / :meth:`load_state`
+    (checkpointed with the global model), :meth:`broadcast` (tensors sent to clients with the
+    next round's training instruction) and :meth:`after_install` (a step after the merge was
+    installed into the global model, which may query the clients).
+    """
 
     name: str = ""  # the registry name (a family's instances set their own)
     needs: frozenset[str] = frozenset()  # client statistics (livar_merge.aggregation.needs)
@@ -213,3 +251,20 @@ class Aggregator:
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name}
+
+    # ------------------------------------------------------------------ lifecycle hooks
+    def state(self) -> dict[str, torch.Tensor]:
+        """Server state this method keeps across rounds (``{name: tensor}``; default none)."""
+        return {}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state` (a resumed run)."""
+
+    def broadcast(self) -> dict[str, torch.Tensor]:
+        """Tensors the clients receive with the next round's training instruction (default
+        none); the client loop reads them by name."""
+        return {}
+
+    def after_install(self, updates: Sequence[ClientUpdate], ctx: InstallContext) -> None:
+        """A step after this round's merge was installed into the global model (default
+        none)."""

@@ -211,15 +211,16 @@ def train_client(
     round_index: int,
     needs: frozenset[str] = frozenset({"omega", "sigma"}),
     memory: ClientMemory | None = None,
-    prototypes: torch.Tensor | None = None,
+    broadcast: Mapping[str, torch.Tensor] | None = None,
     pretrained_base: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[ClientUpdate, TrainReport]:
     """Train ``model`` (already holding the global state) on ``indices`` and build the update.
 
     Randomness (shuffling, augmentation, dropout) is derived from ``(seed, round, client)`` so a
     resumed run repeats it exactly. ``needs`` lists the statistics the method uses (``omega``,
-    ``sigma``, ``gram``, ``prototypes``, ``fisher``); ``prototypes [C, D]`` switches on
-    FedProto's regulariser with weight ``settings.proto_weight``. ``pretrained_base``: the
+    ``sigma``, ``gram``, ``prototypes``, ``fisher``); ``broadcast``: what the method sent with
+    the round (``Aggregator.broadcast``); its ``prototypes [C, D]`` switch on FedProto's
+    regulariser with weight ``settings.proto_weight``. ``pretrained_base``: the
     pretrained frozen weights W0 for ``sigma_pass="pretrained"`` (:func:`pretrained_backbone`).
     """
     if len(indices) == 0:
@@ -227,6 +228,7 @@ def train_client(
     torch.manual_seed(derive_seed(seed, round_index, client_id, "torch"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    prototypes = (broadcast or {}).get("prototypes")
     tracker = None
     if "omega" in needs:
         tracker = ImportanceTracker(

@@ -48,19 +48,18 @@ class FederatedRun:
         provenance["threads"] = torch.get_num_threads()
         self.folder.write_header(provenance, partition=self.federation.partition_table)
 
-    def query_moments(
-        self, updates: Sequence[ClientUpdate], full_covariance: bool
-    ) -> tuple[list[dict[str, np.ndarray]], float]:
-        """CCVR's client pass: every client's class feature moments under the new model."""
-        start = time.perf_counter()
+    def moments(
+        self, updates: Sequence[ClientUpdate], *, full_covariance: bool
+    ) -> list[dict[str, np.ndarray]]:
+        """The in-process :class:`~livar_merge.aggregation.types.ClientQuery`: each client's
+        class feature moments under the installed global model, one after another."""
         index = {cid: m for m, cid in enumerate(self.federation.client_ids)}
-        moments = [
+        return [
             self.federation.client_moments(
                 self.model, index[u.client_id], full_covariance=full_covariance
             )
             for u in updates
         ]
-        return moments, time.perf_counter() - start
 
     def run_round(self, round_index: int, progress: Any = None) -> dict[str, Any]:
         """Train the round's participants from the global model (clients of another LoRA rank:
@@ -72,6 +71,7 @@ class FederatedRun:
         updates: list[ClientUpdate] = []
         participants = self.server.participants(round_index, fed.client_ids)
         index = {cid: m for m, cid in enumerate(fed.client_ids)}
+        broadcast = {k: v.to(fed.device) for k, v in self.server.broadcast().items()}
         for client_id in participants:
             m = index[client_id]
             restore_parameters(self.model, global_state)
@@ -91,7 +91,7 @@ class FederatedRun:
                 round_index=round_index,
                 needs=self.server.needs,
                 memory=memory,
-                prototypes=self.server.prototypes,
+                broadcast=broadcast,
                 pretrained_base=fed.pretrained_base,
             )
             if self.config.mixed_ranks():  # the merge folds each client's scaling in
@@ -109,7 +109,7 @@ class FederatedRun:
             round_index,
             updates,
             train_seconds=train_seconds,
-            query_moments=self.query_moments,
+            clients=self,
             participants=participants,
         )
         with self.server.evaluated_model() as evaluated:

@@ -1,11 +1,14 @@
 """The server side of one federated round, written once for both engines (flwr-free).
 
-:class:`FederatedServer` owns the server state (the global model, the aggregator, FedProto's
-global prototypes) and one round: snapshot of the previous head, the paired evaluations on the
-pre-round model, aggregation, installation (:func:`~livar_merge.federated.install.install_result`:
-fold and restart, or load factors), the prototypes, CCVR's decision, seed and head re-training,
-and the timing. The in-process driver (:mod:`livar_merge.federated.runner`) and the Flower
-strategy (:mod:`livar_merge.flower.strategy`) only move updates and moments to it.
+:class:`FederatedServer` owns the server state (the global model and the aggregator, which
+keeps its own state) and one round: snapshot of the previous head, the paired evaluations on
+the pre-round model, aggregation, installation
+(:func:`~livar_merge.federated.install.install_result`: fold and restart, or load factors),
+the method's ``after_install`` step (given the engine's
+:class:`~livar_merge.aggregation.types.ClientQuery`) and the timing. It names no method: what a
+method keeps, broadcasts or asks of clients goes through the aggregator's lifecycle hooks. The
+in-process driver (:mod:`livar_merge.federated.runner`) and the Flower strategy
+(:mod:`livar_merge.flower.strategy`) only move updates and client queries to it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from livar_merge.aggregation import AggregationResult, ClientUpdate, make_aggregator, method_spec
-from livar_merge.aggregation.types import SVD_ENERGY_KEY
+from livar_merge.aggregation.types import SVD_ENERGY_KEY, ClientQuery, InstallContext
 from livar_merge.errors import ConfigError
 from livar_merge.fedavg import fedavg_lora
 from livar_merge.federated.data import derive_seed
@@ -36,9 +39,25 @@ from livar_merge.signals import find_lora_parameters
 from livar_merge.tables import GShapTable
 
 Evaluate = Callable[[torch.nn.Module], tuple[float, float]]
-# CCVR's client pass under the new global model: (moments in client order, seconds it took)
-QueryMoments = Callable[[Sequence[ClientUpdate], bool], tuple[list[dict[str, np.ndarray]], float]]
-PROTOTYPES_KEY = "server/prototypes"
+STATE_PREFIX = "server/"  # checkpoint keys of the method's state: server/<name>
+
+
+class TimedClientQuery:
+    """An engine's :class:`ClientQuery` that adds the seconds its calls took to ``seconds``
+    (client-side work, kept out of the server's aggregation time)."""
+
+    def __init__(self, clients: ClientQuery) -> None:
+        self.clients = clients
+        self.seconds = 0.0
+
+    def moments(
+        self, updates: Sequence[ClientUpdate], *, full_covariance: bool
+    ) -> list[dict[str, np.ndarray]]:
+        start = time.perf_counter()
+        try:
+            return self.clients.moments(updates, full_covariance=full_covariance)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 @dataclass
@@ -51,8 +70,8 @@ class RoundRecord:
     updates: list[ClientUpdate]
     result: AggregationResult
     train_seconds: float = 0.0
-    aggregation_seconds: float = 0.0  # server: merge, install, CCVR head re-training
-    moments_seconds: float = 0.0  # CCVR's client moment pass (client-side work)
+    aggregation_seconds: float = 0.0  # server: merge, install, after_install (CCVR's head)
+    moments_seconds: float = 0.0  # client queries of after_install (CCVR's moment pass)
     paired: list[dict[str, Any]] = field(default_factory=list)
     outcomes: list[dict[str, Any]] | None = None
     participants: list[str] = field(default_factory=list)  # sampled to train this round
@@ -69,7 +88,7 @@ def server_options(config: Any) -> dict[str, Any]:
         "seed": config.seed,
         "table": config.table,
         "lora_merge": config.lora_merge,
-        "ccvr_round": config.rounds if config.ccvr_rounds == "last" else None,
+        "rounds": config.rounds,
         "paired": paired_from_config(config),
         "evaluated": "sample-weighted-product" if config.protocol == "released" else "global",
         "clients_per_round": config.participants_per_round(),
@@ -88,7 +107,8 @@ class FederatedServer:
         lora_merge: ``product``, ``svd`` or ``factors`` (how a result is installed).
             ``table`` and ``lora_merge`` go to the method when it declares them;
             ``method_options`` must hold only options it declares.
-        ccvr_round: CCVR calibrates only after this round; None: after every round.
+        rounds: the run's number of rounds (a method's ``after_install`` learns whether a
+            round is the final one; None: unknown, never final).
         paired: methods also aggregated on every round's updates and scored by ``evaluate``.
         evaluate: ``model -> (top-1, loss)`` on the test set (needed with ``paired``).
         evaluated: the model a round reports (:meth:`evaluated_model`): ``"global"`` (the
@@ -108,7 +128,7 @@ class FederatedServer:
         seed: int,
         table: str = "paper-table-a",
         lora_merge: str = "product",
-        ccvr_round: int | None = None,
+        rounds: int | None = None,
         paired: PairedEvaluation | None = None,
         evaluate: Evaluate | None = None,
         evaluated: str = "global",
@@ -125,7 +145,7 @@ class FederatedServer:
         self.seed = seed
         self.table = table
         self.lora_merge = lora_merge
-        self.ccvr_round = ccvr_round
+        self.rounds = rounds
         self.paired = paired
         self.evaluate = evaluate
         self.scalings = peft_scalings(model)
@@ -137,7 +157,6 @@ class FederatedServer:
         self.reads_table = method_spec(method).uses_table or (
             paired is not None and any(method_spec(m).uses_table for m in paired.methods)
         )
-        self.prototypes: torch.Tensor | None = None  # FedProto's global prototypes [C, D]
         # the round and merged LoRA of the last install (product mode: folded into the
         # frozen weights; the Flower transport sends it to nodes that hold the previous ones)
         self.last_install: tuple[int, Mapping[str, LoraDelta]] | None = None
@@ -191,9 +210,10 @@ class FederatedServer:
         """Copies of the global head ``(weight [C, D], bias [C])`` before this round's merge."""
         return head_state(self.model)
 
-    def wants_moments(self, round_index: int) -> bool:
-        """Whether CCVR calibrates the head after ``round_index``."""
-        return "moments" in self.aggregator.needs and self.ccvr_round in (None, round_index)
+    def broadcast(self) -> dict[str, torch.Tensor]:
+        """What the method sends to clients with the next round's training instruction
+        (``{name: tensor}``, e.g. FedProto's ``prototypes [C, D]``; on the CPU)."""
+        return self.aggregator.broadcast()
 
     def aggregate_round(
         self,
@@ -201,14 +221,15 @@ class FederatedServer:
         updates: list[ClientUpdate],
         *,
         train_seconds: float = 0.0,
-        query_moments: QueryMoments | None = None,
+        clients: ClientQuery | None = None,
         outcomes: list[dict[str, Any]] | None = None,
         participants: Sequence[str] | None = None,
     ) -> RoundRecord:
         """Aggregate ``updates`` (in reduction order) into the next global model.
 
-        ``query_moments(updates, full_covariance)`` is called when CCVR calibrates this round;
-        ``participants``: the clients sampled to train (default: those of ``updates``).
+        ``clients``: the engine's query of the round's clients, for the method's
+        ``after_install`` (CCVR's moments); ``participants``: the clients sampled to train
+        (default: those of ``updates``).
         """
         previous = self.previous_head()
         ranks = sorted(set().union(*(update_ranks(u.lora) for u in updates)))
@@ -249,24 +270,19 @@ class FederatedServer:
                 scaling=self.scalings,
             )
             self.evaluated_delta = {layer: d.to_dense() for layer, d in merged.items()}
-        if "prototypes" in result.details:
-            self.prototypes = torch.as_tensor(
-                result.details["prototypes"],
-                dtype=torch.float32,
-                device=head_module(self.model).weight.device,
-            )
-        moments_seconds = 0.0
-        if self.wants_moments(round_index):
-            if query_moments is None:
-                raise ConfigError(f"method {self.method!r} needs query_moments for CCVR")
-            full = bool(self.aggregator.full_covariance)  # type: ignore[attr-defined]
-            moments, moments_seconds = query_moments(updates, full)
-            self.aggregator.calibrate(  # type: ignore[attr-defined]
-                head_module(self.model),
-                moments,
-                seed=derive_seed(self.seed, round_index, "ccvr"),
-            )
-        # server time only: merge, install, CCVR head re-training (not the clients' pass)
+        timed = TimedClientQuery(clients) if clients is not None else None
+        self.aggregator.after_install(
+            updates,
+            InstallContext(
+                round_index=round_index,
+                final_round=round_index == self.rounds,
+                head=head_module(self.model),
+                seed_for=functools.partial(derive_seed, self.seed, round_index),
+                clients=timed,
+            ),
+        )
+        moments_seconds = timed.seconds if timed is not None else 0.0
+        # server time only: merge, install, after_install (not the clients' query)
         seconds = time.perf_counter() - start - moments_seconds
         return RoundRecord(
             round_index,
@@ -321,13 +337,13 @@ class FederatedServer:
 
     # ------------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Server state beyond the global model, for the checkpoint."""
-        if self.prototypes is None:
-            return {}
-        return {PROTOTYPES_KEY: self.prototypes.contiguous().cpu()}
+        """Server state beyond the global model, for the checkpoint: the method's
+        :meth:`~livar_merge.aggregation.types.Aggregator.state` under ``server/<name>``."""
+        state = self.aggregator.state()
+        return {STATE_PREFIX + k: v.contiguous().cpu() for k, v in state.items()}
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`state_tensors`."""
-        if PROTOTYPES_KEY in tensors:
-            device = head_module(self.model).weight.device
-            self.prototypes = tensors[PROTOTYPES_KEY].to(device)
+        """Inverse of :meth:`state_tensors` (other checkpoint tensors are ignored)."""
+        n = len(STATE_PREFIX)
+        state = {k[n:]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
+        self.aggregator.load_state(state)

@@ -31,10 +31,10 @@ from livar_merge.federated.ranks import RankModels
 from livar_merge.flower.base_sync import sync_node_base
 from livar_merge.flower.messages import (
     ARRAYS,
+    BROADCAST,
     CONFIG,
     INFO,
     PROTOCOL,
-    PROTOTYPES,
     from_array_record,
     get_record,
     pack_identity,
@@ -168,12 +168,12 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
     """One round on one node: load the global model, train the node's partition, reply."""
     config, partition, runtime, record, base_info = _prepare_node(content, context)
     fed = runtime.federation
-    prototypes = None
-    if PROTOTYPES in content:
-        arrays = get_record(content, PROTOTYPES, ArrayRecord)
+    broadcast = {}
+    if BROADCAST in content:  # what the method sent with the round (Aggregator.broadcast)
+        arrays = get_record(content, BROADCAST, ArrayRecord)
         if arrays is None:
-            raise NodeConfigError(f"message record {PROTOTYPES!r} is not an ArrayRecord")
-        prototypes = from_array_record(arrays)[PROTOTYPES].to(fed.device)
+            raise NodeConfigError(f"message record {BROADCAST!r} is not an ArrayRecord")
+        broadcast = {k: v.to(fed.device) for k, v in from_array_record(arrays).items()}
     memory = _load_memory(context.state)
     round_index = _config_int(record, "server-round")
     model, rank = fed.model, config.client_rank(partition)  # the client_ranks rule
@@ -191,7 +191,7 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
         round_index=round_index,
         needs=_config_names(record, "needs"),
         memory=memory,
-        prototypes=prototypes,
+        broadcast=broadcast,
         pretrained_base=fed.pretrained_base,
     )
     _save_memory(context.state, memory)

@@ -13,8 +13,9 @@ needs them::
     proto-mean, proto-count      [C, D], [C]  FedProto: class-mean features (NaN rows for classes
                                               the client has no sample of) and counts
 
-FedProto's global prototypes go to clients as a ``prototypes`` ArrayRecord (``[C, D]``) in the
-train message. CCVR asks, after each aggregation, for class feature moments under the new
+What the method broadcasts (``Aggregator.broadcast``: FedProto's global prototypes,
+``prototypes [C, D]``) goes to clients as a ``broadcast`` ArrayRecord in the train message,
+one array per name. CCVR asks, after each aggregation, for class feature moments under the new
 global model with a QUERY message (``arrays``: the global model, ``config``); the reply holds
 ``moments`` (ArrayRecord ``mean [C, D]``, ``cov [C, D, D]`` or ``[C, D]``, ``count [C]``) and
 ``info`` (``protocol``, ``client-id``, ``partition-id``).
@@ -57,7 +58,8 @@ from livar_merge.errors import InvalidReplyError
 
 PROTOCOL = 1
 ARRAYS, METRICS, INFO, CONFIG = "arrays", "metrics", "info", "config"
-PROTOTYPES, MOMENTS = "prototypes", "moments"
+# BROADCAST: the ArrayRecord of what the method sends with a train message (Aggregator.broadcast)
+BROADCAST, MOMENTS = "broadcast", "moments"
 SCALING = "lora-scaling"  # info key of a client's own peft LoRA scaling (mixed ranks)
 MOMENT_KEYS = ("mean", "cov", "count")
 TABLE_KEYS = ("name", "version", "checksum")

@@ -5,12 +5,12 @@ with :func:`~livar_merge.flower.messages.validate_reply`, drops bad ones with a 
 reduces the rest in client-id order and hands them to the flwr-free
 :class:`~livar_merge.federated.server.FederatedServer`, which aggregates, installs, runs CCVR and
 the paired evaluations exactly as ``livar-fed``'s in-process engine does; the strategy keeps
-only the transport (messages, reply validation, node waiting, CCVR's QUERY round trip).
-Every method of the registry runs: the baselines' statistics travel in the replies; FedProto's
-global prototypes go out with the next train message; CCVR (``ccvr``, ``livar+ccvr``) sends a
-QUERY round after each aggregation for the clients' class feature moments under the new global
-model, then re-trains the head. Client-side evaluation is not used: the ServerApp evaluates
-centrally through ``Strategy.start(evaluate_fn=...)``.
+only the transport (messages, reply validation, node waiting; client queries in
+:mod:`livar_merge.flower.client_query`). Every method of the registry runs: the baselines'
+statistics travel in the replies; what a method broadcasts (FedProto's global prototypes) goes
+out with the next train message; a method's ``after_install`` query (CCVR's class feature
+moments under the new global model) is a QUERY round trip. Client-side evaluation is not used:
+the ServerApp evaluates centrally through ``Strategy.start(evaluate_fn=...)``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -40,13 +39,13 @@ from livar_merge.flower.base_sync import (
     BaseSync,
     record_bytes,
 )
+from livar_merge.flower.client_query import FlowerClientQuery
 from livar_merge.flower.messages import (
+    BROADCAST,
     PROTOCOL,
-    PROTOTYPES,
     ReplySpec,
     from_array_record,
     to_array_record,
-    validate_moments,
     validate_reply,
 )
 from livar_merge.flower.nodes import NodeDirectory
@@ -106,8 +105,8 @@ class LivarStrategy(Strategy):
             :class:`RoundFailedError` below it; 0: a majority of the nodes a round sends to:
             ``min_available_nodes``, or with client sampling the server's
             ``clients_per_round``; at least 1; it may not exceed ``clients_per_round``),
-            ``node_wait_timeout``, and ``round_timeout`` (also the wait for CCVR's moment and
-            the identity replies).
+            ``node_wait_timeout``, and ``round_timeout`` (also the wait for client queries'
+            and the identity replies).
         min_available_nodes: wait up to ``node_wait_timeout`` s for this many nodes before a
             round; after that the round goes on with those connected (at least min_replies).
         config_hash: if given, replies trained with other options are dropped.
@@ -170,10 +169,6 @@ class LivarStrategy(Strategy):
     def needs(self) -> frozenset[str]:
         return self.server.needs
 
-    @property
-    def prototypes(self) -> torch.Tensor | None:
-        return self.server.prototypes
-
     def global_arrays(self) -> ArrayRecord:
         """The server's global model as an ArrayRecord."""
         return to_array_record(global_tensors(self.model, self.server.lora_merge))
@@ -195,6 +190,11 @@ class LivarStrategy(Strategy):
                 mixed_ranks=self.server.accepts_mixed_ranks,
             )
         return self._spec
+
+    def head_shape(self) -> tuple[int, int]:
+        """``(classes, width)`` of the global head."""
+        classes, width = self.reply_spec().arrays["head/weight"][0]
+        return classes, width
 
     def sync(self, arrays: ArrayRecord) -> None:
         """Make the server's model hold ``arrays`` (a no-op for the record it produced)."""
@@ -230,8 +230,9 @@ class LivarStrategy(Strategy):
         if self.frozen_checksum is not None:
             config["frozen-checksum"] = self.frozen_checksum
         extra = {}
-        if self.prototypes is not None:
-            extra[PROTOTYPES] = to_array_record({PROTOTYPES: self.prototypes})
+        broadcast = self.server.broadcast()
+        if broadcast:
+            extra[BROADCAST] = to_array_record(broadcast)
         self._grid, self._train_config = grid, config
         messages = [
             Message(
@@ -256,6 +257,13 @@ class LivarStrategy(Strategy):
         of the frozen weights (:class:`livar_merge.flower.base_sync.BaseSync`)."""
         arrays = self._current if self._current is not None else self.initial_arrays()
         return self._with_bytes(self.base.contents(list(nodes), arrays, config, dict(extra or {})))
+
+    def installed_contents(
+        self, nodes: Sequence[int], config: ConfigRecord
+    ) -> dict[int, RecordDict]:
+        """:meth:`model_contents` of the model the server just installed (client queries)."""
+        self._current = self.global_arrays()
+        return self.model_contents(nodes, config)
 
     def _with_bytes(self, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
         """Record each node's payload bytes (counted once per distinct message)."""
@@ -323,17 +331,24 @@ class LivarStrategy(Strategy):
                 f"received, min_replies is {self.min_replies}. Dropped: {reasons or 'none'}"
             )
 
-        def query(
-            accepted: Sequence[ClientUpdate], full_covariance: bool
-        ) -> tuple[list[dict[str, np.ndarray]], float]:
-            nodes = [int(u.extras["node_id"]) for u in accepted]
-            return self._query_moments(server_round, nodes, outcomes, full_covariance)
-
+        clients = None
+        if self._grid is not None:  # the Grid of configure_train carries client queries
+            clients = FlowerClientQuery(
+                self._grid,
+                server_round,
+                self._train_config or ConfigRecord(),
+                self.installed_contents,
+                self.base,
+                self.head_shape(),
+                self.min_replies,
+                self.query_timeout,
+                outcomes,
+            )
         record = self.server.aggregate_round(
             server_round,
             updates,
             train_seconds=train_seconds,
-            query_moments=query,
+            clients=clients,
             outcomes=outcomes,
             participants=self._participants,
         )
@@ -341,60 +356,6 @@ class LivarStrategy(Strategy):
         self._current = self.global_arrays()
         self.history.append(record)
         return self._current, _train_metrics(updates, len(outcomes) - len(updates))
-
-    # ----------------------------------------------------------------------------- CCVR
-    def _query_moments(
-        self,
-        server_round: int,
-        nodes: list[int],
-        outcomes: list[dict[str, Any]],
-        full_covariance: bool,
-    ) -> tuple[list[dict[str, Any]], float]:
-        """CCVR's extra round trip: the new global model to ``nodes`` (those whose train reply
-        was accepted), their class feature moments back, validated, in client-id order."""
-        if self._grid is None:
-            raise RoundFailedError("CCVR needs the Grid of configure_train to query moments")
-        start = time.perf_counter()
-        # the round's train config (run options, protocol, checksum, ...) plus the covariance kind
-        covariance = "full" if full_covariance else "diag"
-        config = ConfigRecord({**dict(self._train_config or {}), "ccvr-covariance": covariance})
-        self._current = self.global_arrays()
-        messages = [
-            Message(
-                content=content,
-                message_type=MessageType.QUERY,
-                dst_node_id=node,
-                group_id=f"{server_round}-moments",
-            )
-            for node, content in self.model_contents(nodes, config).items()
-        ]
-        replies = self._grid.send_and_receive(messages, timeout=self.query_timeout)
-        num_classes, width = self.reply_spec().arrays["head/weight"][0]
-
-        def validate(content: RecordDict, node: int) -> tuple[str, dict[str, Any]]:
-            return validate_moments(
-                content,
-                num_classes=num_classes,
-                width=width,
-                full_covariance=full_covariance,
-                node_id=node,
-            )
-
-        screen = screen_replies(
-            messages, replies, validate, kind="moments reply", inspect=self.base.confirm
-        )
-        for node in screen.lost:  # its frozen weights are unknown now
-            self.base.forget(node)
-        for drop in screen.dropped:
-            self._drop(outcomes, drop.reason, round=server_round, node_id=drop.node, client=None)
-        unique = [valid.value for valid in screen.accepted]
-        if len(unique) < self.min_replies:
-            raise RoundFailedError(
-                f"round {server_round}: {len(unique)} valid CCVR moment replies of "
-                f"{len(nodes)} nodes asked, min_replies is {self.min_replies}"
-            )
-        log.info("round %d: CCVR moments from %d nodes", server_round, len(unique))
-        return unique, time.perf_counter() - start
 
     # ------------------------------------------------------------------------- evaluate
     def configure_evaluate(

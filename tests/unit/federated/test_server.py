@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -109,27 +110,39 @@ def test_paired_rows_get_differences_and_leave_the_model_alone(model):
 def test_ccvr_decision_seed_and_moments(model):
     calls = []
 
-    def query(updates, full):
-        calls.append(([u.client_id for u in updates], full))
-        rng = np.random.default_rng(0)
-        width = head_module(model).weight.shape[1]
-        moments = {
-            "mean": rng.normal(size=(NUM_CLASSES, width)),
-            "cov": np.stack([np.eye(width)] * NUM_CLASSES),
-            "count": np.full(NUM_CLASSES, 10.0),
-        }
-        return [moments, moments], 0.25
+    class Clients:  # an engine's ClientQuery that takes 0.05 s
+        def moments(self, updates, *, full_covariance):
+            calls.append(([u.client_id for u in updates], full_covariance))
+            time.sleep(0.05)
+            rng = np.random.default_rng(0)
+            width = head_module(model).weight.shape[1]
+            moments = {
+                "mean": rng.normal(size=(NUM_CLASSES, width)),
+                "cov": np.stack([np.eye(width)] * NUM_CLASSES),
+                "count": np.full(NUM_CLASSES, 10.0),
+            }
+            return [moments, moments]
 
-    options = {"ccvr_samples": 16, "ccvr_epochs": 1}
+    options = {"ccvr_samples": 16, "ccvr_epochs": 1, "ccvr_rounds": "last"}
     server = FederatedServer(
-        copy.deepcopy(model), method="ccvr", method_options=options, seed=5, ccvr_round=2
+        copy.deepcopy(model), method="ccvr", method_options=options, seed=5, rounds=2
     )
     updates = [fake_update(model, f"client_{m}", m) for m in range(2)]
-    first = server.aggregate_round(1, updates, query_moments=query)
-    assert calls == [] and first.moments_seconds == 0.0  # ccvr_round=2: not after round 1
-    second = server.aggregate_round(2, updates, query_moments=query)
-    assert calls == [(["client_0", "client_1"], True)] and second.moments_seconds == 0.25
-    with pytest.raises(ConfigError, match="method 'ccvr' needs query_moments"):
+    first = server.aggregate_round(1, updates, clients=Clients())
+    assert calls == [] and first.moments_seconds == 0.0  # "last" of 2 rounds: not after 1
+    before = head_module(server.model).weight.detach().clone()
+    second = server.aggregate_round(2, updates, clients=Clients())
+    assert calls == [(["client_0", "client_1"], True)] and second.moments_seconds >= 0.05
+    assert second.aggregation_seconds < second.moments_seconds + 5  # query time kept apart
+    # the installed head was re-trained in place: equal to refine_head on the merged head
+    merged = second.result.head
+    weight, _ = server.aggregator.refine_head(
+        merged.weight, merged.bias, Clients().moments(updates, full_covariance=True),
+        seed=derive_seed(5, 2, "ccvr"),
+    )
+    torch.testing.assert_close(head_module(server.model).weight.detach(), weight)
+    assert not torch.equal(before, weight)
+    with pytest.raises(ConfigError, match="method 'ccvr' needs a client query"):
         server.aggregate_round(2, updates)
 
 
@@ -142,11 +155,19 @@ def test_prototypes_are_server_state(model):
         update.extras["proto_count"] = np.full(NUM_CLASSES, 3.0 + m)
         updates.append(update)
     server = FederatedServer(copy.deepcopy(model), method="fedproto", seed=0)
+    assert server.broadcast() == {} and server.state_tensors() == {}  # before any round
     record = server.aggregate_round(1, updates)
-    np.testing.assert_allclose(server.prototypes.numpy(), record.result.details["prototypes"])
+    sent = server.broadcast()["prototypes"]
+    np.testing.assert_allclose(sent.numpy(), record.result.details["prototypes"], rtol=1e-6)
+    # a hand-worked pooled prototype: count-weighted mean of the two clients' class means
+    means = [u.extras["proto_mean"] for u in updates]
+    expected = (3.0 * means[0][0] + 4.0 * means[1][0]) / 7.0
+    np.testing.assert_allclose(sent[0].numpy(), expected, rtol=1e-5)
+    state = server.state_tensors()
+    assert list(state) == ["server/prototypes"]  # the checkpoint key of earlier runs
     again = FederatedServer(copy.deepcopy(model), method="fedproto", seed=0)
-    again.load_state_tensors(server.state_tensors())
-    torch.testing.assert_close(again.prototypes, server.prototypes)
+    again.load_state_tensors({**state, "lora/other": torch.zeros(1)})
+    torch.testing.assert_close(again.broadcast()["prototypes"], sent)
 
 
 def test_server_checks_lora_targets_when_built():

@@ -1,0 +1,99 @@
+"""The Flower engine's :class:`~livar_merge.aggregation.types.ClientQuery`: a QUERY round trip.
+
+A method's ``after_install`` step (CCVR's head calibration) asks the round's clients for class
+feature moments under the installed global model. :class:`FlowerClientQuery` sends the new
+global model (light in ``product`` mode, :class:`~livar_merge.flower.base_sync.BaseSync`) with
+the round's train config to the nodes whose train replies were accepted, screens the moment
+replies once (:func:`~livar_merge.flower.screening.screen_replies`), records a drop row for
+each refused one and fails the round below ``min_replies``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from livar_merge.aggregation import ClientUpdate
+from livar_merge.errors import RoundFailedError
+from livar_merge.flower.base_sync import BaseSync
+from livar_merge.flower.messages import validate_moments
+from livar_merge.flower.screening import screen_replies
+
+log = logging.getLogger("flwr.livar")
+
+# nodes, config -> each node's message content (the strategy's model download)
+Contents = Callable[[Sequence[int], ConfigRecord], dict[int, RecordDict]]
+
+
+@dataclass
+class FlowerClientQuery:
+    """One round's client queries over Flower (see the module docstring).
+
+    ``contents(nodes, config)``: the message content of each node (the installed global
+    model); ``config``: the round's train ConfigRecord; ``head_shape``: ``(classes, width)``
+    of the global head (what a moments reply must match); ``outcomes``: the round's reply
+    rows, to which refused replies are added.
+    """
+
+    grid: Grid
+    server_round: int
+    config: ConfigRecord
+    contents: Contents
+    base: BaseSync
+    head_shape: tuple[int, int]
+    min_replies: int
+    timeout: float
+    outcomes: list[dict[str, Any]]
+
+    def moments(
+        self, updates: Sequence[ClientUpdate], *, full_covariance: bool
+    ) -> list[dict[str, np.ndarray]]:
+        """Class feature moments of the nodes of ``updates`` (``extras["node_id"]``), validated,
+        in client-id order; :class:`RoundFailedError` with fewer than ``min_replies``."""
+        nodes = [int(u.extras["node_id"]) for u in updates]
+        covariance = "full" if full_covariance else "diag"
+        config = ConfigRecord({**dict(self.config), "ccvr-covariance": covariance})
+        messages = [
+            Message(
+                content=content,
+                message_type=MessageType.QUERY,
+                dst_node_id=node,
+                group_id=f"{self.server_round}-moments",
+            )
+            for node, content in self.contents(nodes, config).items()
+        ]
+        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        num_classes, width = self.head_shape
+
+        def validate(content: RecordDict, node: int) -> tuple[str, dict[str, Any]]:
+            return validate_moments(
+                content,
+                num_classes=num_classes,
+                width=width,
+                full_covariance=full_covariance,
+                node_id=node,
+            )
+
+        screen = screen_replies(
+            messages, replies, validate, kind="moments reply", inspect=self.base.confirm
+        )
+        for node in screen.lost:  # its frozen weights are unknown now
+            self.base.forget(node)
+        for drop in screen.dropped:
+            log.warning("dropped %s", drop.reason)
+            row = {"round": self.server_round, "node_id": drop.node, "client": None}
+            self.outcomes.append({**row, "accepted": False, "reason": drop.reason})
+        unique = [valid.value for valid in screen.accepted]
+        if len(unique) < self.min_replies:
+            raise RoundFailedError(
+                f"round {self.server_round}: {len(unique)} valid CCVR moment replies of "
+                f"{len(nodes)} nodes asked, min_replies is {self.min_replies}"
+            )
+        log.info("round %d: CCVR moments from %d nodes", self.server_round, len(unique))
+        return unique
