@@ -106,8 +106,7 @@ def statistics_steps_seconds(
     of a round included. Synchronised at both ends."""
     import torch
 
-    from livar_merge.federated.client import autocast_context
-    from livar_merge.federated.model import forward_with_features
+    from livar_merge.federated.model import autocast_context, forward_with_features
     from livar_merge.signals import ClassFeatureStats, ImportanceTracker
 
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1)

@@ -28,12 +28,12 @@ from common import machine, save
 
 
 def main() -> None:
-    from livar_merge.federated.client import TrainSettings, autocast_context, train_client
+    from livar_merge.federated.client import TrainSettings, train_client
     from livar_merge.federated.config import resolve_config
     from livar_merge.federated.data import BatchSource
     from livar_merge.federated.datasets import InMemoryImages
     from livar_merge.federated.federation import build_seeded_model
-    from livar_merge.federated.model import restore_parameters, snapshot_trainable
+    from livar_merge.federated.model import autocast_context, restore_parameters, snapshot_trainable
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

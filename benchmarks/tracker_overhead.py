@@ -31,9 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import statistics_steps_seconds, sync
 
-from livar_merge.federated.client import autocast_context
 from livar_merge.federated.config import resolve_config
-from livar_merge.federated.model import build_model, forward_with_features
+from livar_merge.federated.model import autocast_context, build_model, forward_with_features
 from livar_merge.signals import ClassFeatureStats
 
 

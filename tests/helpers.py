@@ -110,6 +110,7 @@ def fake_update(
     absent_class: bool = False,
     extra_samples: int = 0,
     extras: dict | None = None,
+    report: dict | None = None,
 ):
     """A plausible client update of ``model``: perturbed LoRA/head and positive omegas; with
     ``absent_class`` the class ``seed % num_classes`` has no samples (count 0, sigma NaN)."""
@@ -143,6 +144,7 @@ def fake_update(
         class_present=present,
         class_counts=counts,
         extras=dict(extras or {}),
+        report=dict(report or {}),
     )
 
 
@@ -230,9 +232,9 @@ NUM_CLASSES = 5  # classes of the tiny peft ViT the server and Flower tests buil
 
 
 def fake_server_update(model: torch.nn.Module, client_id: str, seed: int) -> ClientUpdate:
-    """``fake_update`` as the server tests use it: a train loss and seconds in the extras."""
-    extras = {"train_loss": 0.5 + seed, "train_seconds": 1.0}
-    return fake_update(model, client_id, seed, num_classes=NUM_CLASSES, extras=extras)
+    """``fake_update`` as the server tests use it: a train loss and seconds in its report."""
+    report = {"train_loss": 0.5 + seed, "train_seconds": 1.0}
+    return fake_update(model, client_id, seed, num_classes=NUM_CLASSES, report=report)
 
 
 def fake_flower_update(model: torch.nn.Module, client_id: str, seed: int) -> ClientUpdate:

@@ -38,6 +38,19 @@ class MergeContext:
 
 
 @dataclass
+class UpdateOrigin:
+    """Where an update came from: transport metadata, never a statistic (filled by the Flower
+    engine: the node's partition, node id, the bytes of the message it trained on, and the
+    option hash and G_SHAP table identity its reply named)."""
+
+    partition_id: int | None = None
+    node_id: int | None = None
+    download_bytes: int | None = None
+    config_hash: str | None = None
+    table: dict[str, Any] | None = None
+
+
+@dataclass
 class ClientUpdate:
     """What one client sends after local training.
 
@@ -51,6 +64,11 @@ class ClientUpdate:
     the ``scaling`` given to :meth:`Aggregator.aggregate` for this client: the merge folds it
     into the client's factors, ``B <- (scaling / server scaling) B``, and the merged
     ``LoraDelta`` keeps the server's scaling (see :mod:`livar_merge.lora`).
+
+    ``extras`` holds the baselines' statistics only (fields of
+    :mod:`livar_merge.aggregation.needs`: Grams, Fisher, prototypes); ``report``: the client's
+    training report (``train_loss``, ``train_seconds``, ...; ``clients.csv``); ``origin``:
+    transport metadata (:class:`UpdateOrigin`).
     """
 
     client_id: str
@@ -66,6 +84,8 @@ class ClientUpdate:
     class_counts: np.ndarray | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     scaling: float | Mapping[str, float] | None = None
+    report: dict[str, float | int] = field(default_factory=dict)
+    origin: UpdateOrigin = field(default_factory=UpdateOrigin)
 
     def nbytes(self, *, extras_only: bool = False) -> int:
         """Bytes of the tensors and arrays this update carries (what a client uploads), or of

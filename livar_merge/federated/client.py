@@ -1,13 +1,17 @@
-"""Local training of one client: AdamW on LoRA + head, with LIVAR's signals attached.
+"""Local training of one client: AdamW on LoRA + head, with one collector per statistic.
 
-The same function serves ``livar-fed``, the Flower ClientApp and the calibration pipeline.
+:func:`train_client` serves ``livar-fed``, the Flower ClientApp and the calibration pipeline:
+a short loop (:func:`local_epochs`) that drives the round's collectors
+(:mod:`livar_merge.federated.collectors`: omega, sigma, Grams and prototypes, Fisher,
+FedProto's loss term) through their lifecycle hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,21 +20,17 @@ import torch
 
 from livar_merge.aggregation import ClientUpdate
 from livar_merge.errors import ClientUpdateError
+from livar_merge.federated.collectors import ClientData, Collector, build_collectors
 from livar_merge.federated.data import BatchSource, derive_seed
 from livar_merge.federated.model import (
+    autocast_context,
     forward_with_features,
     frozen_weights,
-    head_module,
+    head_state,
     peft_view,
 )
 from livar_merge.federated.peft_keys import lora_state
-from livar_merge.federated.statistics import diagonal_fisher, gram_and_prototype_pass
-from livar_merge.signals import (
-    ClassFeatureStats,
-    ImportanceTracker,
-    Reduction,
-    find_lora_parameters,
-)
+from livar_merge.signals import Reduction
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ class TrainReport:
     upload_bytes: int = 0  # tensors and arrays of the ClientUpdate
     statistics_bytes: int = 0  # of which the method's extra statistics
 
-    def extras(self) -> dict[str, float | int]:
-        """The report as ``ClientUpdate.extras`` entries (``train_*``; the Flower reply's
+    def metrics(self) -> dict[str, float | int]:
+        """The report as ``ClientUpdate.report`` entries (``train_*``; the Flower reply's
         ``train-*`` metrics), the one source of ``clients.csv``'s columns on both engines."""
         return {
             "train_loss": float(self.loss),
@@ -116,87 +116,6 @@ class TrainReport:
             "train_upload_bytes": int(self.upload_bytes),
             "train_statistics_bytes": int(self.statistics_bytes),
         }
-
-
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def prototype_loss(
-    features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor
-) -> torch.Tensor:
-    """FedProto's regulariser: mean over samples whose class has a global prototype of
-    ``||f(x) - P_y||^2``. ``features [B, D]``, ``prototypes [C, D]`` (NaN rows: no prototype)."""
-    target = prototypes[labels]
-    known = ~torch.isnan(target).any(dim=1)
-    if not bool(known.any()):
-        return features.new_zeros(())
-    diff = features[known] - target[known]
-    return (diff**2).sum(dim=1).mean()
-
-
-@contextlib.contextmanager
-def pretrained_backbone(
-    model: torch.nn.Module, pretrained_base: Mapping[str, torch.Tensor] | None
-) -> Iterator[torch.nn.Module]:
-    """``model`` as the pretrained backbone W0: LoRA (and the trained head) disabled and, given
-    ``pretrained_base``, the LoRA layers' frozen weights swapped for W0 (restored after)."""
-    with frozen_weights(model, replace=pretrained_base), peft_view(model).disable_adapter():
-        yield model
-
-
-@torch.no_grad()
-def trained_predictions(
-    model: torch.nn.Module, source: BatchSource, indices: np.ndarray, settings: TrainSettings
-) -> torch.Tensor:
-    """The classes ``[len(indices)]`` the trained model (LoRA and trained head on) predicts for
-    ``indices``, in order, on the normalised inputs it trains on (``model`` in eval mode)."""
-    predicted = [torch.empty(0, dtype=torch.long, device=source.device)]
-    with autocast_context(settings.precision, source.device):
-        for x, _ in source.batches(indices, settings.eval_batch_size):
-            predicted.append(forward_with_features(model, x)[1].float().argmax(1))
-    return torch.cat(predicted)
-
-
-@torch.no_grad()
-def collect_class_stats(
-    model: torch.nn.Module,
-    source: BatchSource,
-    indices: np.ndarray,
-    num_classes: int,
-    settings: TrainSettings,
-    pretrained_base: Mapping[str, torch.Tensor] | None = None,
-) -> ClassFeatureStats:
-    """sigma^(c) from a pass over the client's data after training, or, for ``pretrained``,
-    under the pretrained backbone W0 with the LoRA and trained head disabled (the released
-    code). ``pretrained_base``: W0 of the LoRA layers' frozen weights, needed once merges
-    have been folded into them (``lora_merge="product"``).
-
-    ``pretrained`` with ``sigma_samples="correct"`` takes two passes: which samples are
-    correctly classified is decided by the trained model (:func:`trained_predictions`; W0's
-    head is peft's untrained initial one), the features are W0's."""
-    stats = ClassFeatureStats(num_classes, only_correct=settings.sigma_samples == "correct")
-    was_training = model.training
-    model.eval()
-    context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    predicted: torch.Tensor | None = None
-    if settings.sigma_pass == "pretrained":
-        if stats.only_correct:
-            predicted = trained_predictions(model, source, indices, settings)
-        context = pretrained_backbone(model, pretrained_base)
-    normalise = settings.sigma_inputs != "raw"
-    done = 0
-    with context, autocast_context(settings.precision, source.device):
-        for x, y in source.batches(indices, settings.eval_batch_size, normalise=normalise):
-            features, logits = forward_with_features(model, x)
-            judged = logits.float() if predicted is None else predicted[done : done + len(y)]
-            stats.update(features.float(), y, judged)
-            done += len(y)
-    model.train(was_training)
-    return stats
 
 
 def train_client(
@@ -214,53 +133,61 @@ def train_client(
     broadcast: Mapping[str, torch.Tensor] | None = None,
     pretrained_base: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[ClientUpdate, TrainReport]:
-    """Train ``model`` (already holding the global state) on ``indices`` and build the update.
-
-    Randomness (shuffling, augmentation, dropout) is derived from ``(seed, round, client)`` so a
-    resumed run repeats it exactly. ``needs`` lists the statistics the method uses (``omega``,
-    ``sigma``, ``gram``, ``prototypes``, ``fisher``); ``broadcast``: what the method sent with
-    the round (``Aggregator.broadcast``); its ``prototypes [C, D]`` switch on FedProto's
-    regulariser with weight ``settings.proto_weight``. ``pretrained_base``: the
-    pretrained frozen weights W0 for ``sigma_pass="pretrained"`` (:func:`pretrained_backbone`).
-    """
+    """Train ``model`` (holding the global state) on ``indices``; the update and report. Seeds
+    derive from ``(seed, round, client)``, so a resumed run repeats it; ``needs``: one collector
+    each (:func:`~livar_merge.federated.collectors.build_collectors`); ``broadcast``: what the
+    method sent (``prototypes [C, D]``); ``pretrained_base``: W0 (``sigma_pass="pretrained"``)."""
     if len(indices) == 0:
         raise ClientUpdateError(f"client {client_id!r} has no training samples")
     torch.manual_seed(derive_seed(seed, round_index, client_id, "torch"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    prototypes = (broadcast or {}).get("prototypes")
-    tracker = None
-    if "omega" in needs:
-        tracker = ImportanceTracker(
-            model, reduction=settings.omega_reduction, cumulative=settings.omega_cumulative
-        )
-        if memory is not None and memory.tracker_state is not None:
-            tracker.load_state_dict(memory.tracker_state)
-        tracker.start_round()
-        tracker.attach(optimizer)
-    scaler = torch.amp.GradScaler(source.device.type, enabled=settings.precision == "fp16")
-    stats = None
-    if "sigma" in needs and settings.sigma_pass == "last-epoch":
-        stats = ClassFeatureStats(num_classes, only_correct=settings.sigma_samples == "correct")
-
-    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    seed_for = functools.partial(derive_seed, seed, round_index, client_id)
+    data = ClientData(source, indices, num_classes, settings, seed_for)
+    collectors = build_collectors(
+        needs, data, memory=memory, broadcast=broadcast, pretrained_base=pretrained_base
+    )
+    collectors.attach(model, optimizer)
     start = time.perf_counter()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=source.device)
-    correct = torch.zeros((), dtype=torch.int64, device=source.device)
+    loss, accuracy, steps = local_epochs(model, optimizer, data, collectors)
+    statistics_start = time.perf_counter()
+    collectors.after_training(model)
+    update = ClientUpdate(client_id, len(indices), lora_state(model), *head_state(model))
+    collectors.contribute(update)
+    end = time.perf_counter()
+    sizes = update.nbytes(), update.nbytes(extras_only=True)
+    return update, TrainReport(loss, accuracy, steps, end - start, end - statistics_start, *sizes)
+
+
+def local_epochs(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: ClientData,
+    collectors: Collector,
+) -> tuple[float, float, int]:
+    """The local epochs: AdamW steps on cross-entropy plus the collectors' loss term, the
+    collectors shown every batch. Returns the last epoch's mean loss and top-1 and the steps."""
+    settings, device = data.settings, data.source.device
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     seen, steps = 0, 0
     for epoch in range(settings.local_epochs):
         last = epoch == settings.local_epochs - 1
-        batch_seed = derive_seed(seed, round_index, client_id, "epoch", epoch)
-        for x, y in source.batches(
-            indices, settings.batch_size, shuffle=True, seed=batch_seed, augment=settings.augment
+        for x, y in data.source.batches(
+            data.indices,
+            settings.batch_size,
+            shuffle=True,
+            seed=data.seed_for("epoch", epoch),
+            augment=settings.augment,
         ):
-            with autocast_context(settings.precision, source.device):
+            with autocast_context(settings.precision, device):
                 features, logits = forward_with_features(model, x)
                 loss = torch.nn.functional.cross_entropy(logits.float(), y)
-                if prototypes is not None and settings.proto_weight > 0:
-                    loss = loss + settings.proto_weight * prototype_loss(
-                        features.float(), y, prototypes
-                    )
+                term = collectors.loss(features, y)
+                if term is not None:
+                    loss = loss + term
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -270,88 +197,8 @@ def train_client(
                 loss_sum += loss.detach().double() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
-            if stats is not None and last:
-                stats.update(features.detach().float(), y, logits.detach().float())
-    if tracker is not None:
-        tracker.detach()
-    statistics_start = time.perf_counter()
-    if "sigma" in needs and stats is None:
-        stats = collect_class_stats(
-            model, source, indices, num_classes, settings, pretrained_base=pretrained_base
-        )
-
-    extras = collect_method_statistics(
-        model,
-        source,
-        indices,
-        num_classes,
-        settings,
-        needs,
-        seed=derive_seed(seed, round_index, client_id, "fisher"),
-    )
-    head = head_module(model)
-    update = ClientUpdate(
-        client_id=client_id,
-        num_samples=len(indices),
-        lora=lora_state(model),
-        head_weight=head.weight.detach().clone(),
-        head_bias=None if head.bias is None else head.bias.detach().clone(),
-        extras=extras,
-    )
-    if tracker is not None:
-        importance = tracker.result()
-        update.layer_names = importance.layer_names
-        update.omega_a, update.omega_b = importance.omega_a, importance.omega_b
-        if memory is not None:
-            memory.tracker_state = tracker.state_dict()
-    if stats is not None:
-        result = stats.result()
-        update.class_sigma = result.sigma
-        update.class_present = result.present
-        update.class_counts = result.count
-    end = time.perf_counter()
-    report = TrainReport(
-        loss=float(loss_sum / max(seen, 1)),
-        accuracy=float(correct) / max(seen, 1),
-        steps=steps,
-        seconds=end - start,
-        statistics_seconds=end - statistics_start,
-        upload_bytes=update.nbytes(),
-        statistics_bytes=update.nbytes(extras_only=True),
-    )
-    return update, report
-
-
-def collect_method_statistics(
-    model: torch.nn.Module,
-    source: BatchSource,
-    indices: np.ndarray,
-    num_classes: int,
-    settings: TrainSettings,
-    needs: frozenset[str],
-    *,
-    seed: int,
-) -> dict[str, Any]:
-    """The baselines' statistics (``gram``, ``prototypes``, ``fisher``) after local training."""
-    extras: dict[str, Any] = {}
-    if needs & {"gram", "prototypes"}:
-        extras.update(
-            gram_and_prototype_pass(
-                model,
-                source,
-                indices,
-                num_classes,
-                layers=list(find_lora_parameters(model)),
-                batch_size=settings.eval_batch_size,
-                want_gram="gram" in needs,
-                want_prototypes="prototypes" in needs,
-            )
-        )
-    if "fisher" in needs:
-        extras["fisher"] = diagonal_fisher(
-            model, source, indices, max_samples=settings.fisher_samples, seed=seed
-        )
-    return extras
+            collectors.on_batch(features.detach(), y, logits.detach(), last)
+    return float(loss_sum / max(seen, 1)), float(correct) / max(seen, 1), steps
 
 
 @torch.no_grad()

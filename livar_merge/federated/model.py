@@ -270,6 +270,14 @@ def timm_core(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_submodule("base_model.model")
 
 
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for ``precision`` (``bf16``, ``fp16``) on ``device``; nothing for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def forward_with_features(
     model: torch.nn.Module, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

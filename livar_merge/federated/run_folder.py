@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
-# ClientUpdate.extras keys of a client's training report -> clients.csv columns
+# ClientUpdate.report keys of a client's training report -> clients.csv columns
 REPORT_COLUMNS = {
     "train_loss": "train_loss",
     "train_accuracy": "train_accuracy",
@@ -64,15 +64,15 @@ def client_rows(record: RoundRecord, *, lora_rank: bool = False) -> list[dict[st
     rows = []
     for update in record.updates:
         row: dict[str, Any] = {"round": record.round, "client": update.client_id}
-        if "node_id" in update.extras:
-            row["node_id"] = update.extras["node_id"]
+        if update.origin.node_id is not None:
+            row["node_id"] = update.origin.node_id
         row["num_samples"] = update.num_samples
         if lora_rank:
             row["lora_rank"] = max(update_ranks(update.lora), default=None)
         for key, column in REPORT_COLUMNS.items():
-            row[column] = update.extras.get(key)
-        if "download_bytes" in update.extras:  # Flower: payload of the node's train message
-            row["download_bytes"] = update.extras["download_bytes"]
+            row[column] = update.report.get(key)
+        if update.origin.node_id is not None:  # Flower: payload of the node's train message
+            row["download_bytes"] = update.origin.download_bytes
         rows.append(row)
     return rows
 

@@ -99,7 +99,7 @@ class FederatedRun:
             memory_record = memory.to_record()
             if memory_record is not None:
                 rows.memories[client_id] = memory_record
-            update.extras.update(report.extras())
+            update.report = report.metrics()
             updates.append(update)
             if progress is not None:
                 progress.update(1)

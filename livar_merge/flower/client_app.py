@@ -195,7 +195,7 @@ def train_on_node(content: RecordDict, context: Context) -> RecordDict:
         pretrained_base=fed.pretrained_base,
     )
     _save_memory(context.state, memory)
-    update.extras.update(report.extras())
+    update.report = report.metrics()
     if config.mixed_ranks():  # the server folds the client's scaling into its factors
         update.scaling = runtime.rank_models.scaling(rank)
     reply = pack_reply(

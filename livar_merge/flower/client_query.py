@@ -54,9 +54,11 @@ class FlowerClientQuery:
     def moments(
         self, updates: Sequence[ClientUpdate], *, full_covariance: bool
     ) -> list[dict[str, np.ndarray]]:
-        """Class feature moments of the nodes of ``updates`` (``extras["node_id"]``), validated,
+        """Class feature moments of the nodes of ``updates`` (``origin.node_id``), validated,
         in client-id order; :class:`RoundFailedError` with fewer than ``min_replies``."""
-        nodes = [int(u.extras["node_id"]) for u in updates]
+        nodes = [u.origin.node_id for u in updates]
+        if None in nodes:
+            raise RoundFailedError("a client query needs the node of every update (origin)")
         covariance = "full" if full_covariance else "diag"
         config = ConfigRecord({**dict(self.config), "ccvr-covariance": covariance})
         messages = [
@@ -66,7 +68,9 @@ class FlowerClientQuery:
                 dst_node_id=node,
                 group_id=f"{self.server_round}-moments",
             )
-            for node, content in self.contents(nodes, config).items()
+            for node, content in self.contents(
+                [int(n) for n in nodes if n is not None], config
+            ).items()
         ]
         replies = self.grid.send_and_receive(messages, timeout=self.timeout)
         num_classes, width = self.head_shape

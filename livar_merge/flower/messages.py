@@ -54,6 +54,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from livar_merge.aggregation import ClientUpdate
 from livar_merge.aggregation.needs import EXTRA_FIELDS, wire_field
+from livar_merge.aggregation.types import UpdateOrigin
 from livar_merge.errors import InvalidReplyError
 
 PROTOCOL = 1
@@ -144,8 +145,8 @@ def pack_reply(
 ) -> RecordDict:
     """The RecordDict a ClientApp sends for ``update`` (see the module docstring).
 
-    ``train_metrics`` (``train-loss``, ...) default to the update's ``train_*`` extras
-    (:meth:`~livar_merge.federated.client.TrainReport.extras`)."""
+    ``train_metrics`` (``train-loss``, ...) default to the update's ``report``
+    (:meth:`~livar_merge.federated.client.TrainReport.metrics`)."""
     tensors = {f"lora/{k}": v for k, v in update.lora.items()}
     tensors["head/weight"] = update.head_weight
     if update.head_bias is not None:
@@ -164,7 +165,7 @@ def pack_reply(
     if train_metrics is None:
         train_metrics = {
             key.replace("_", "-"): value
-            for key, value in update.extras.items()
+            for key, value in update.report.items()
             if key.startswith("train_") and isinstance(value, int | float)
         }
     for key, value in train_metrics.items():
@@ -224,8 +225,8 @@ def statistics_extras(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 def unpack_reply(content: RecordDict) -> ClientUpdate:
     """The :class:`ClientUpdate` of a reply built by :func:`pack_reply` (no validation; use
-    :func:`validate_reply` on replies from the network). ``extras`` holds the partition id,
-    table identity, config hash and training metrics."""
+    :func:`validate_reply` on replies from the network). ``origin`` holds the partition id,
+    table identity and config hash, ``report`` the training metrics."""
     info = _typed_record(content, INFO, ConfigRecord)
     metrics = _typed_record(content, METRICS, MetricRecord)
     tensors = from_array_record(_typed_record(content, ARRAYS, ArrayRecord))
@@ -249,16 +250,16 @@ def unpack_reply(content: RecordDict) -> ClientUpdate:
         update.class_present = present
         update.class_sigma = np.where(present, sigma, np.nan)
         update.class_counts = np.asarray(metrics["class-counts"], dtype=np.int64)
-    update.extras = {
-        **statistics_extras(tensors),
-        "partition_id": _int_value(info["partition-id"], "info key 'partition-id'"),
-        "config_hash": str(info.get("config-hash", "")),
-        "table": {k: info.get(f"table-{k}") for k in TABLE_KEYS},
-        **{
-            k.replace("-", "_"): v
-            for k, v in metrics.items()
-            if k.startswith("train-") and not isinstance(v, list)
-        },
+    update.extras = statistics_extras(tensors)
+    update.origin = UpdateOrigin(
+        partition_id=_int_value(info["partition-id"], "info key 'partition-id'"),
+        config_hash=str(info.get("config-hash", "")),
+        table={k: info.get(f"table-{k}") for k in TABLE_KEYS},
+    )
+    update.report = {
+        k.replace("-", "_"): v
+        for k, v in metrics.items()
+        if k.startswith("train-") and isinstance(v, int | float)
     }
     return update
 
@@ -508,7 +509,7 @@ def validate_reply(
             count = int((~torch.isfinite(tensor)).sum())
             raise _reject(who, f"array {key!r} holds {count} NaN/Inf values")
     _check_statistics(who, arrays)
-    update.extras["node_id"] = node_id
+    update.origin.node_id = node_id
     return update
 
 

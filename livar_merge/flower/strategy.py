@@ -311,7 +311,7 @@ class LivarStrategy(Strategy):
         for valid in screen.valid:
             self.nodes.learn(valid.node, valid.client)
         for valid in screen.accepted:
-            valid.value.extras["download_bytes"] = self._download_bytes.get(valid.node)
+            valid.value.origin.download_bytes = self._download_bytes.get(valid.node)
             updates.append(valid.value)
             outcomes.append({**row(valid.node, valid.client), "accepted": True, "reason": ""})
         return updates
@@ -378,7 +378,7 @@ def _train_metrics(updates: list[ClientUpdate], dropped: int) -> MetricRecord:
     )
     for key in ("train_loss", "train_accuracy"):
         values: list[tuple[Any, int]] = [
-            (u.extras.get(key), u.num_samples) for u in updates if key in u.extras
+            (u.report[key], u.num_samples) for u in updates if key in u.report
         ]
         if values and total > 0:
             metrics[key.replace("_", "-")] = float(sum(v * n for v, n in values) / total)

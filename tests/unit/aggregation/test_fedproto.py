@@ -10,7 +10,7 @@ from livar_merge.errors import ClientUpdateError
 
 
 def test_prototypes_and_their_loss(rng):
-    from livar_merge.federated.client import prototype_loss
+    from livar_merge.federated.collectors import prototype_loss
 
     means = [
         np.array([[1.0, 0.0], [np.nan, np.nan], [2.0, 2.0]]),

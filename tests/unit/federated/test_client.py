@@ -34,7 +34,7 @@ def test_memory_codec_keeps_float64_exactly(model):
 def test_train_report_is_the_source_of_client_rows(model):
     report = TrainReport(loss=0.5, accuracy=0.8, steps=3, seconds=1.5, upload_bytes=10)
     update = fake_update(model, "client_0", 0)
-    update.extras = report.extras()
+    update.report = report.metrics()
     server = FederatedServer(copy.deepcopy(model), method="fedavg", seed=0)
     (row,) = client_rows(server.aggregate_round(1, [update]))
     assert row == {

@@ -137,7 +137,9 @@ def test_ccvr_decision_seed_and_moments(model):
     # the installed head was re-trained in place: equal to refine_head on the merged head
     merged = second.result.head
     weight, _ = server.aggregator.refine_head(
-        merged.weight, merged.bias, Clients().moments(updates, full_covariance=True),
+        merged.weight,
+        merged.bias,
+        Clients().moments(updates, full_covariance=True),
         seed=derive_seed(5, 2, "ccvr"),
     )
     torch.testing.assert_close(head_module(server.model).weight.detach(), weight)
@@ -220,7 +222,7 @@ def test_released_evaluated_model_is_w0_plus_the_sample_weighted_product(model):
 def test_pretrained_sigma_uses_w0_after_a_product_fold(model):
     """--sigma-pass pretrained: features of the pretrained backbone W0 even after a round has
     been folded into the frozen weights (disable_adapter alone would see the folded ones)."""
-    from livar_merge.federated.client import pretrained_backbone
+    from livar_merge.federated.collectors import pretrained_backbone
     from livar_merge.federated.model import forward_with_features
 
     w0 = {

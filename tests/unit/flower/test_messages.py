@@ -74,11 +74,12 @@ def test_pack_unpack_round_trip_over_the_wire(model):
     back = unpack_reply(content)
     assert_same_update(update, back)
     assert np.isnan(back.class_sigma[~back.class_present]).all()
-    assert back.extras["partition_id"] == 1 and back.extras["table"] == TABLE
-    assert back.extras["train_loss"] == 1.5
+    assert back.origin.partition_id == 1 and back.origin.table == TABLE
+    assert back.report == {"train_loss": 1.5, "train_accuracy": 0.25}
+    assert back.extras == {} and back.origin.node_id is None  # statistics only; no node yet
     validated = validate_reply(content, spec_for(model), node_id=7)
     assert_same_update(update, validated)
-    assert validated.extras["node_id"] == 7
+    assert validated.origin.node_id == 7
 
 
 def _set(record_key: str, key: str, value):
