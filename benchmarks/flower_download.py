@@ -69,11 +69,14 @@ def main() -> None:
             }
 
         server.last_install = None
-        strategy.base = BaseSync(server)
-        strategy.base._version, strategy.base._updates = 2, {1: update(), 2: update()}
-        strategy._current = strategy.global_arrays()
-        strategy.base.node_versions = {1: 1, 2: 0}  # node 1 held version 1, node 2 sat out
-        contents = strategy.model_contents([1, 2, 3], ConfigRecord({"server-round": 3}))
+        strategy.download.base = BaseSync(server)
+        strategy.download.base._version, strategy.download.base._updates = (
+            2,
+            {1: update(), 2: update()},
+        )
+        strategy.download.refresh()
+        strategy.download.base.node_versions = {1: 1, 2: 0}  # node 1 held version 1, node 2 sat out
+        contents = strategy.download.contents([1, 2, 3], ConfigRecord({"server-round": 3}))
         before, after, missed = (record_bytes(contents[n]) for n in (3, 1, 2))
         rows.append(
             {

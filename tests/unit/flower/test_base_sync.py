@@ -125,7 +125,11 @@ def run_round(strategy, grid, r, nodes_subset=None):
     if nodes_subset is not None:
         grid.nodes = nodes_subset
     config = ConfigRecord({"server-round": r})
-    arrays = strategy._current if strategy._current is not None else strategy.initial_arrays()
+    arrays = (
+        strategy.download.current
+        if strategy.download.current is not None
+        else strategy.initial_arrays()
+    )
     messages = list(strategy.configure_train(r, arrays, config, grid))
     replies = grid.send_and_receive(messages)
     strategy.aggregate_train(r, replies)
@@ -149,12 +153,14 @@ def test_nodes_receive_round_updates_and_hold_the_servers_weights_bit_for_bit():
             assert all(row["download_bytes"] < full_bytes for row in rows.values())
     # each node trained round 3 on version 2 (two installs); folding the third install, as
     # the server did, gives the server's weights bit for bit
-    expected = base_parameters(strategy.model)
+    expected = base_parameters(strategy.server.model)
     for node in nodes.values():
-        fold_updates(node.model, {3: strategy.base.updates[3]})
+        fold_updates(node.model, {3: strategy.download.base.updates[3]})
         got = base_parameters(node.model)
         assert all(torch.equal(got[k], expected[k]) for k in expected)
-    assert strategy.base.node_versions == dict.fromkeys(NODES, 2)  # confirmed with round 3's reply
+    assert strategy.download.base.node_versions == dict.fromkeys(
+        NODES, 2
+    )  # confirmed with round 3's reply
 
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -226,13 +232,13 @@ def test_a_node_in_its_own_process_folds_the_update_to_the_servers_weights(tmp_p
     run_round(strategy, grid, 2)
     node = nodes[31]
     assert int(str(node.state["livar-base-info"]["version"])) == 1  # holds version 1
-    content = strategy.model_contents([31], ConfigRecord({"server-round": 3}))[31]
+    content = strategy.download.contents([31], ConfigRecord({"server-round": 3}))[31]
     config = content[CONFIG]
     assert int(config["base-from"]) == 1 and int(config["base-to"]) == 2
     update = from_array_record(content[BASE_UPDATE])
     # the node multiplies the factors itself: its own arithmetic, not a dense copy
     assert any(k.endswith("/B") for k in update) and any(k.endswith("/A") for k in update)
-    server = {k: v.detach().clone() for k, v in base_parameters(strategy.model).items()}
+    server = {k: v.detach().clone() for k, v in base_parameters(strategy.server.model).items()}
     kept = from_array_record(node.state[BASE_STATE])
     assert sha256_of(kept) != sha256_of(server)  # the update changes the weights
 
@@ -240,7 +246,7 @@ def test_a_node_in_its_own_process_folds_the_update_to_the_servers_weights(tmp_p
     # value the update shrinks (a one-ulp nudge of a value the update outgrows can round away)
     key = next(k for k in sorted(kept) if k.endswith(".base_layer.weight"))
     layer = key.removeprefix("base/").removesuffix(".base_layer.weight")
-    step = strategy.base.updates[2][layer].to_dense().to(kept[key])
+    step = strategy.download.base.updates[2][layer].to_dense().to(kept[key])
     shrinks = (server[key].abs() < kept[key].abs() / 2) & (server[key].sign() == kept[key].sign())
     index = int(torch.where(shrinks.view(-1), kept[key].abs().view(-1), 0.0).argmax())
     nudged = {k: v.clone() for k, v in kept.items()}
@@ -280,7 +286,7 @@ def test_a_node_in_its_own_process_folds_the_update_to_the_servers_weights(tmp_p
     assert sha256_of(folded) == sha256_of(server)  # bit for bit, by a hash of our own
     assert all(torch.equal(folded[k], server[k]) for k in server)
     assert held["info"] == {"base-version": 2, "base-checksum": config["base-checksum"]}
-    assert config["base-checksum"] == base_checksum(strategy.model)
+    assert config["base-checksum"] == base_checksum(strategy.server.model)
 
     refused = results["one-ulp"]
     assert refused["info"] is None
@@ -320,9 +326,11 @@ def test_a_node_that_sat_out_receives_the_updates_it_missed_or_the_weights():
     messages = {m.metadata.dst_node_id: m.content for m in run_round(strategy, grid, 3)}
     assert int(messages[31][CONFIG]["base-from"]) == 1  # held version 1: one update
     assert {k.split("/")[0] for k in messages[31][BASE_UPDATE]} == {"2"}
-    missed = update_tensors({v: strategy.base.updates[v] for v in (1, 2)})
+    missed = update_tensors({v: strategy.download.base.updates[v] for v in (1, 2)})
     missed_bytes = sum(t.numel() * t.element_size() for t in missed.values())
-    base = sum(p.numel() * p.element_size() for p in base_parameters(strategy.model).values())
+    base = sum(
+        p.numel() * p.element_size() for p in base_parameters(strategy.server.model).values()
+    )
     # the two missed updates are smaller than the weights here (the other case, updates larger
     # than the weights: test_updates_larger_than_the_weights_are_replaced_by_the_weights)
     assert missed_bytes < base, (missed_bytes, base)
@@ -335,13 +343,13 @@ def test_a_node_that_sat_out_receives_the_updates_it_missed_or_the_weights():
 def test_updates_larger_than_the_weights_are_replaced_by_the_weights():
     strategy, _nodes, grid = federation()
     run_round(strategy, grid, 1)
-    strategy.base.node_versions[7] = 0
+    strategy.download.base.node_versions[7] = 0
     # pretend node 7 holds version 0 while the server is at version 1 + many more rounds
-    updates = strategy.base.updates  # registers round 1's install as version 1
+    updates = strategy.download.base.updates  # registers round 1's install as version 1
     for extra in range(2, 12):
-        strategy.base._updates[extra] = updates[1]
-    strategy.base._version = 11
-    content = strategy.model_contents([7], ConfigRecord({"server-round": 12}))[7]
+        strategy.download.base._updates[extra] = updates[1]
+    strategy.download.base._version = 11
+    content = strategy.download.contents([7], ConfigRecord({"server-round": 12}))[7]
     assert BASE_UPDATE not in content and "base-from" not in content[CONFIG]
     assert any(k.startswith("base/") for k in content[ARRAYS])
 
@@ -350,7 +358,7 @@ def test_a_node_refuses_weights_that_differ_from_the_servers():
     strategy, nodes, grid = federation()
     run_round(strategy, grid, 1)
     node = nodes[31]
-    content = strategy.model_contents([31], ConfigRecord({"server-round": 2}))[31]
+    content = strategy.download.contents([31], ConfigRecord({"server-round": 2}))[31]
     tampered = RecordDict({ARRAYS: content[ARRAYS], CONFIG: content[CONFIG]})
     tampered[BASE_UPDATE] = content[BASE_UPDATE]
     key = next(iter(tampered[BASE_UPDATE]))
@@ -363,4 +371,4 @@ def test_a_node_refuses_weights_that_differ_from_the_servers():
     with pytest.raises(NodeConfigError, match="differ from the server's"):
         sync_node_base(node.model, tampered, tampered[CONFIG], node.state)
     assert len(node.state) == 0  # forgotten: the server sends the full weights next time
-    assert base_checksum(strategy.model) == content[CONFIG]["base-checksum"]
+    assert base_checksum(strategy.server.model) == content[CONFIG]["base-checksum"]

@@ -70,8 +70,8 @@ def test_strategy_drops_a_bad_reply_and_proceeds(model, caplog):
         previous_head=reference.server.previous_head(),
         scaling=reference.server.scalings,
     )
-    install_result(reference.model, result, lora_merge="product", seed=42, round_index=1)
-    expected = global_tensors(reference.model, "product")
+    install_result(reference.server.model, result, lora_merge="product", seed=42, round_index=1)
+    expected = global_tensors(reference.server.model, "product")
     assert set(arrays) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(torch.from_numpy(arrays[key].numpy()), value)
@@ -137,17 +137,21 @@ def test_reduction_is_deterministic_and_equals_the_aggregator(model, method):
         previous_head=reference.server.previous_head(),
         scaling=reference.server.scalings,
     )
-    install_result(reference.model, result, lora_merge="product", seed=42, round_index=1)
-    for key, value in global_tensors(reference.model, "product").items():
+    install_result(reference.server.model, result, lora_merge="product", seed=42, round_index=1)
+    for key, value in global_tensors(reference.server.model, "product").items():
         torch.testing.assert_close(torch.from_numpy(results[0][key]), value, msg=key)
     if method == "fedproto":  # the global prototypes go out with the next train message
         grid = FakeGrid([1, 2])
-        messages = list(strategy.configure_train(2, strategy._current, ConfigRecord(), grid))
+        messages = list(
+            strategy.configure_train(2, strategy.download.current, ConfigRecord(), grid)
+        )
         sent = messages[0].content["broadcast"]["prototypes"].numpy()
         np.testing.assert_allclose(sent, result.details["prototypes"], rtol=1e-6)
     else:
         grid = FakeGrid([1, 2])
-        messages = list(strategy.configure_train(2, strategy._current, ConfigRecord(), grid))
+        messages = list(
+            strategy.configure_train(2, strategy.download.current, ConfigRecord(), grid)
+        )
         assert "broadcast" not in messages[0].content  # nothing for methods that send nothing
 
 
@@ -186,13 +190,13 @@ def test_ccvr_queries_moments_and_retrains_the_head(model, covariance):
     assert "'mean' holds NaN/Inf" in dropped[0]["reason"] and entry.moments_seconds > 0
 
     reference = strategy_for(model, method="livar+ccvr", method_options=options)
-    aggregator = reference.aggregator
+    aggregator = reference.server.aggregator
     result = aggregator.aggregate(
         updates,
         previous_head=reference.server.previous_head(),
         scaling=reference.server.scalings,
     )
-    install_result(reference.model, result, lora_merge="product", seed=42, round_index=1)
+    install_result(reference.server.model, result, lora_merge="product", seed=42, round_index=1)
     weight, bias = reference.server.previous_head()
     weight, bias = aggregator.refine_head(
         weight, bias, [moments[0], moments[2]], seed=derive_seed(42, 1, "ccvr")
