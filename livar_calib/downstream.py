@@ -33,8 +33,8 @@ from livar_calib.quality import FEDAVG, ORACLE, _matrix, scheme_weights
 from livar_merge.errors import MissingHeadsError
 from livar_merge.fedavg import fedavg_head
 from livar_merge.federated.federation import build_federation
-from livar_merge.federated.model import ADAPTER, head_state, set_head
-from livar_merge.signals import find_lora_parameters
+from livar_merge.federated.model import head_state, set_head
+from livar_merge.lora_view import base_weight, find_lora_parameters, fold_into_base
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -124,12 +124,13 @@ def round_starts(
     (joint or FedAvg, ``config.next_start``) and sets the next head, as
     :meth:`livar_calib.proxy.ProxyTrainer._advance` did (from the saved float64 factors: equal
     to the training's float32 fold up to rounding). LoRA B is zeroed: only folded weights act."""
-    modules = dict(model.named_modules())
-    layers = list(find_lora_parameters(model))
+    factors = find_lora_parameters(model)
+    layers = list(factors)
     with torch.no_grad():
-        for layer in layers:
-            modules[layer].lora_B[ADAPTER].weight.zero_()
-    base = {layer: modules[layer].base_layer.weight.detach().clone() for layer in layers}
+        for _, factor_b in factors.values():
+            factor_b.zero_()
+    modules = dict(model.named_modules())
+    base = {layer: base_weight(modules[layer]).detach().clone() for layer in layers}
     for r in range(1, last + 1):
         deltas = load_repeat(folder / f"round_{r}.safetensors")
         heads = _load_heads(folder / HEADS_FILE.format(round=r))
@@ -177,10 +178,8 @@ def _install(
     modules = dict(model.named_modules())
     with torch.no_grad():
         for layer, weight in base.items():
-            target = modules[layer].base_layer.weight
-            target.copy_(weight)
-            if layer in delta:
-                target.add_(delta[layer].to(target))
+            base_weight(modules[layer]).copy_(weight)
+    fold_into_base(model, {layer: d for layer, d in delta.items() if layer in base})
 
 
 def _score_repeat(

@@ -41,14 +41,16 @@ from livar_merge.fedavg import fedavg_head, fedavg_lora
 from livar_merge.federated.client import train_client
 from livar_merge.federated.data import derive_seed
 from livar_merge.federated.federation import build_federation, client_id
-from livar_merge.federated.model import (
+from livar_merge.federated.model import restore_parameters, snapshot_trainable
+from livar_merge.federated.ray_engine import EngineOptions, FolderTask, run_folder_tasks
+from livar_merge.lora_view import (
+    factor_key,
     fold_into_base,
     head_module,
+    is_base_parameter,
+    is_trained_head_parameter,
     restart_lora,
-    restore_parameters,
-    snapshot_trainable,
 )
-from livar_merge.federated.ray_engine import EngineOptions, FolderTask, run_folder_tasks
 
 HEADS_FILE = "round_{round}_heads.safetensors"
 
@@ -98,7 +100,7 @@ class ProxyTrainer:
         return {
             n: p.detach().contiguous().cpu()
             for n, p in self.fed.model.named_parameters()
-            if "base_layer" in n or "modules_to_save" in n
+            if is_base_parameter(n) or is_trained_head_parameter(n)
         }
 
     def save_state(self, round_index: int) -> None:
@@ -116,8 +118,8 @@ class ProxyTrainer:
         """``{layer: (s B, A)}`` of an update whose round started from B = 0."""
         out = {}
         for layer in self.fed.info.lora_layers:
-            b = update.lora[f"{layer}.lora_B.weight"].double().cpu().numpy()
-            a = update.lora[f"{layer}.lora_A.weight"].double().cpu().numpy()
+            b = update.lora[factor_key(layer, "B")].double().cpu().numpy()
+            a = update.lora[factor_key(layer, "A")].double().cpu().numpy()
             out[layer] = (self.fed.scalings[layer] * b, a)
         return out
 
@@ -203,8 +205,8 @@ class ProxyTrainer:
                 deltas = {
                     layer: (
                         self.fed.scalings[layer]
-                        * joint.lora[f"{layer}.lora_B.weight"]
-                        @ joint.lora[f"{layer}.lora_A.weight"]
+                        * joint.lora[factor_key(layer, "B")]
+                        @ joint.lora[factor_key(layer, "A")]
                     )
                     for layer in modules
                 }

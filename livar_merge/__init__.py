@@ -34,19 +34,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         sample_class_weights,
         variance_class_weights,
     )
-    from livar_merge.lora import (
-        LoraDelta,
-        lora_layer_names,
-        merge_lora,
-        peft_scalings,
-        to_peft_state_dict,
-    )
+    from livar_merge.lora import LoraDelta, lora_layer_names, merge_lora, to_peft_state_dict
+    from livar_merge.lora_view import find_lora_parameters, peft_scalings
     from livar_merge.signals import (
         ClassFeatureStats,
         ClassStatistics,
         ImportanceTracker,
         LayerImportance,
-        find_lora_parameters,
     )
     from livar_merge.tables import GShapTable, available_tables, make_table
 
@@ -74,14 +68,14 @@ _LAZY = {
     "fedavg_head": "livar_merge.fedavg",
     "fedavg_lora": "livar_merge.fedavg",
     "fedavg_weights": "livar_merge.fedavg",
-    "find_lora_parameters": "livar_merge.signals",
+    "find_lora_parameters": "livar_merge.lora_view",
     "livar_coefficient_details": "livar_merge.coefficients",
     "livar_coefficients": "livar_merge.coefficients",
     "lora_layer_names": "livar_merge.lora",
     "make_table": "livar_merge.tables",
     "merge_heads": "livar_merge.heads",
     "merge_lora": "livar_merge.lora",
-    "peft_scalings": "livar_merge.lora",
+    "peft_scalings": "livar_merge.lora_view",
     "sample_class_weights": "livar_merge.heads",
     "to_peft_state_dict": "livar_merge.lora",
     "variance_class_weights": "livar_merge.heads",

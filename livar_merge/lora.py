@@ -37,7 +37,6 @@ Fisher averaging does), so that the ratio enters the merged product once, not sq
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -48,12 +47,12 @@ import torch
 
 from livar_merge._validation import ArrayInput, check_finite_tensor, client_label
 from livar_merge.errors import ClientUpdateError, ConfigError
+from livar_merge.lora_view import factor_key, parse_factor_key
 
 #: peft's LoRA scaling ``lora_alpha / r``: one number, or ``{layer: scaling}``.
 ScalingInput = float | Mapping[str, float]
 MergeMode = Literal["product", "factors", "svd"]
 MERGE_MODES: tuple[str, ...] = ("product", "factors", "svd")
-_LORA_KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
 @dataclass(frozen=True)
@@ -87,8 +86,8 @@ class LoraDelta:
 
 def parse_lora_key(key: str) -> tuple[str, str] | None:
     """``("blocks.0.attn.qkv", "A")`` for a LoRA factor key, ``None`` otherwise."""
-    match = _LORA_KEY.match(key)
-    return (match["layer"], match["which"]) if match else None
+    parsed = parse_factor_key(key)
+    return (parsed[0], parsed[1]) if parsed else None
 
 
 def lora_layer_names(state: Mapping[str, torch.Tensor]) -> list[str]:
@@ -485,21 +484,10 @@ def to_peft_state_dict(
     Keys follow ``get_peft_model_state_dict`` (``<layer>.lora_A.weight``), or carry
     ``adapter_name`` as in ``model.state_dict()``. Load with ``set_peft_model_state_dict``.
     """
-    infix = f".{adapter_name}" if adapter_name else ""
     state: dict[str, torch.Tensor] = {}
     for layer, delta in merged.items():
         if delta.B is None or delta.A is None:
             raise ConfigError(f"layer {layer} was merged densely; it has no LoRA factors")
-        state[f"{layer}.lora_A{infix}.weight"] = delta.A
-        state[f"{layer}.lora_B{infix}.weight"] = delta.B
+        state[factor_key(layer, "A", adapter_name)] = delta.A
+        state[factor_key(layer, "B", adapter_name)] = delta.B
     return state
-
-
-def peft_scalings(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, float]:
-    """``{layer: scaling}`` of a peft model's LoRA layers (``lora_alpha / r``, or rsLoRA's)."""
-    scalings = {}
-    for name, module in model.named_modules():
-        scaling = getattr(module, "scaling", None)
-        if isinstance(scaling, dict) and adapter_name in scaling and hasattr(module, "lora_A"):
-            scalings[name] = float(scaling[adapter_name])
-    return scalings

@@ -18,6 +18,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from livar_merge.errors import ClientUpdateError, ConfigError, GlobalStateError
+from livar_merge.lora_view import ADAPTER, find_lora_parameters
 
 Reduction = Literal["matrix", "elementwise"]
 
@@ -30,36 +31,6 @@ class LayerImportance:
     omega_a: npt.NDArray[np.float64]
     omega_b: npt.NDArray[np.float64]
     steps: int
-
-
-def find_lora_parameters(
-    model: torch.nn.Module, adapter_name: str = "default"
-) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
-    """``{layer: (A weight, B weight)}`` of a peft model's LoRA layers, in module order.
-
-    Layer names are module paths, matching the prefixes of ``get_peft_model_state_dict`` keys.
-    Raises :class:`~livar_merge.errors.GlobalStateError` for a layer with
-    ``lora_A[adapter_name]`` but no ``lora_B`` of it, or whose factor weights are not
-    parameters.
-    """
-    found: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
-    for name, module in model.named_modules():
-        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
-        if not (isinstance(lora_a, torch.nn.ModuleDict) and adapter_name in lora_a):
-            continue
-        if not (isinstance(lora_b, torch.nn.ModuleDict) and adapter_name in lora_b):
-            raise GlobalStateError(
-                f"LoRA layer {name!r} has lora_A[{adapter_name!r}] but no lora_B"
-            )
-        weight_a, weight_b = lora_a[adapter_name].weight, lora_b[adapter_name].weight
-        if not (
-            isinstance(weight_a, torch.nn.Parameter) and isinstance(weight_b, torch.nn.Parameter)
-        ):
-            raise GlobalStateError(
-                f"LoRA layer {name!r}: the lora_A/lora_B weights are not parameters"
-            )
-        found[name] = (weight_a, weight_b)
-    return found
 
 
 class _StepBuffers(NamedTuple):
@@ -100,7 +71,7 @@ class ImportanceTracker:
         *,
         reduction: Reduction = "matrix",
         cumulative: bool = False,
-        adapter_name: str = "default",
+        adapter_name: str = ADAPTER,
     ) -> None:
         if isinstance(layers, torch.nn.Module):
             layers = find_lora_parameters(layers, adapter_name)

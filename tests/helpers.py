@@ -117,9 +117,7 @@ def fake_update(
     import torch
 
     from livar_merge.aggregation import ClientUpdate
-    from livar_merge.federated.model import head_module
-    from livar_merge.federated.peft_keys import lora_state
-    from livar_merge.signals import find_lora_parameters
+    from livar_merge.lora_view import find_lora_parameters, head_module, lora_state
 
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -34,6 +34,7 @@ from livar_merge.lora import (
     require_common_rank,
     scaling_for,
 )
+from livar_merge.lora_view import factor_key
 
 
 def fisher_average(
@@ -93,7 +94,7 @@ class FisherAggregator(Aggregator):
 
         lora = {}
         for l, layer in enumerate(layers):
-            a_key, b_key = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+            a_key, b_key = factor_key(layer, "A"), factor_key(layer, "B")
             factor = None if ratios is None else [float(c) for c in ratios[:, l]]
             lora[layer] = LoraDelta(
                 scaling=scaling_for(scaling, layer),

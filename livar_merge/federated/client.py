@@ -25,11 +25,10 @@ from livar_merge.federated.data import BatchSource, derive_seed
 from livar_merge.federated.model import (
     autocast_context,
     forward_with_features,
-    frozen_weights,
     head_state,
     peft_view,
 )
-from livar_merge.federated.peft_keys import lora_state
+from livar_merge.lora_view import frozen_weights, lora_state
 from livar_merge.signals import Reduction
 
 

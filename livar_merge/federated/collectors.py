@@ -39,14 +39,10 @@ import torch
 
 from livar_merge.aggregation import ClientUpdate
 from livar_merge.federated.data import BatchSource
-from livar_merge.federated.model import (
-    autocast_context,
-    forward_with_features,
-    frozen_weights,
-    peft_view,
-)
+from livar_merge.federated.model import autocast_context, forward_with_features, peft_view
 from livar_merge.federated.statistics import diagonal_fisher, gram_and_prototype_pass
-from livar_merge.signals import ClassFeatureStats, ImportanceTracker, find_lora_parameters
+from livar_merge.lora_view import find_lora_parameters, frozen_weights
+from livar_merge.signals import ClassFeatureStats, ImportanceTracker
 
 if TYPE_CHECKING:
     from livar_merge.federated.client import ClientMemory, TrainSettings

@@ -62,7 +62,6 @@ EXACT_RELATIVE_ERROR = 1e-5
 # an exact format's logits may differ from the run model's by float32 rounding only
 EXACT_LOGIT_TOLERANCE = 1e-4
 DEFAULT_CHECK_SAMPLES = 512
-PEFT_PREFIX = "base_model.model."
 
 EXAMPLES = """examples:
   livar-export runs/my-run --to timm exported/my-run.safetensors
@@ -508,8 +507,12 @@ def adapter_of(run: LoadedRun, rank: int | None) -> Adapter:
     """The adapter of the final global model relative to W0 (module docstring)."""
     import torch
 
-    from livar_merge.lora import peft_scalings
-    from livar_merge.signals import find_lora_parameters
+    from livar_merge.lora_view import (
+        base_weight,
+        find_lora_parameters,
+        peft_scalings,
+        short_layer_name,
+    )
 
     config = run.config
     lora = find_lora_parameters(run.model)
@@ -519,7 +522,7 @@ def adapter_of(run: LoadedRun, rank: int | None) -> Adapter:
         factors = {}
         layers = []
         for layer, (factor_a, factor_b) in lora.items():
-            name = layer.removeprefix(PEFT_PREFIX)
+            name = short_layer_name(layer)
             factors[name] = (factor_a.detach().clone(), factor_b.detach().clone())
             shape = [int(factor_b.shape[0]), int(factor_a.shape[1])]
             layers.append({"layer": name, "shape": shape, "relative_error": 0.0})
@@ -530,8 +533,8 @@ def adapter_of(run: LoadedRun, rank: int | None) -> Adapter:
     factors, layers = {}, []
     with torch.no_grad():
         for layer, (factor_a, factor_b) in lora.items():
-            name = layer.removeprefix(PEFT_PREFIX)
-            base = modules[layer].get_parameter("base_layer.weight").double()
+            name = short_layer_name(layer)
+            base = base_weight(modules[layer]).double()
             delta = base - run.pretrained[f"{name}.weight"].double()
             delta += scalings[layer] * (factor_b.double() @ factor_a.double())
             new_a, new_b, stats = svd_factors(delta, target)
@@ -547,23 +550,25 @@ def peft_model_of(run: LoadedRun, adapter: Adapter) -> torch.nn.Module:
     import peft
     import torch
 
-    from livar_merge.federated.model import LORA_TARGET_REGEX, head_module
+    from livar_merge.federated.model import LORA_TARGET_REGEX
+    from livar_merge.lora_view import (
+        PEFT_PREFIX,
+        factor_key,
+        head_module,
+        lora_config,
+        parameter_name,
+    )
 
     base = create_timm(run)
     base.load_state_dict(run.pretrained, strict=True)
-    config = peft.LoraConfig(
-        r=adapter.rank,
-        lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # peft annotates int, uses alpha / r
-        lora_dropout=0.0,
-        target_modules=LORA_TARGET_REGEX,
-        modules_to_save=["head"],
-    )
+    config = lora_config(rank=adapter.rank, alpha=adapter.alpha, target_modules=LORA_TARGET_REGEX)
     model = peft.get_peft_model(base, config)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, (factor_a, factor_b) in adapter.factors.items():
-            params[f"{PEFT_PREFIX}{name}.lora_A.default.weight"].copy_(factor_a)
-            params[f"{PEFT_PREFIX}{name}.lora_B.default.weight"].copy_(factor_b)
+            layer = PEFT_PREFIX + name
+            params[parameter_name(factor_key(layer, "A"))].copy_(factor_a)
+            params[parameter_name(factor_key(layer, "B"))].copy_(factor_b)
         final, head = head_module(run.model), head_module(model)
         head.weight.copy_(final.weight)
         if head.bias is not None and final.bias is not None:
@@ -586,13 +591,15 @@ def hub_checkpoint_text(record: dict[str, Any] | None) -> str:
 
 def base_policy(run: LoadedRun, base: str) -> tuple[bool, str]:
     """Whether to write W0 beside the adapter, and how a user gets W0."""
+    from livar_merge.lora_view import HEAD_OPTION
+
     from_hub = run.info.weights.startswith("hf-cache:")
     include = base == "include" or (base == "auto" and not from_hub)
     model = run.config.model
     if include:
         how = (
             f"{BASE_FILE} in this folder: the complete timm state dict of W0 (the head in it is "
-            "the run's initial head; the adapter's modules_to_save replaces it)"
+            f"the run's initial head; the adapter's {HEAD_OPTION} replaces it)"
         )
     elif from_hub:
         how = (
@@ -611,6 +618,8 @@ def base_policy(run: LoadedRun, base: str) -> tuple[bool, str]:
 
 def readme_text(record: dict[str, Any]) -> str:
     """The README.md of a peft export: what it is, whether it is exact, how to load it."""
+    from livar_merge.lora_view import HEAD_OPTION
+
     kwargs = ", ".join(f"{k}={v!r}" for k, v in record["create_kwargs"].items())
     base_line = (
         f'model.load_state_dict(load_file("{BASE_FILE}"), strict=True)\n'
@@ -630,7 +639,7 @@ Exported by `livar-export` from the run `{run["name"]}` ({run["folder"]}): round
 
 * **Exact: {"yes" if record["exact"] else "no"}.** {record["exactness"]}.
 * Adapter: {record["method"]}; rank {record["rank"]}, lora_alpha {record["lora_alpha"]},
-  target modules `{record["target_modules"]}`, the head as `modules_to_save`.
+  target modules `{record["target_modules"]}`, the head as `{HEAD_OPTION}`.
 * Check on the {check["inputs"]} ({check["samples"]} samples): max abs logit difference to the
   run's final global model {check["max_abs_logit_diff"]:.3e}; top-1 {check["exported_top1"]}
   (the run's model {check["run_model_top1"]}; metrics.csv's final test accuracy

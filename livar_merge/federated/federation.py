@@ -30,7 +30,7 @@ from livar_merge.federated.datasets import (
 from livar_merge.federated.model import ModelInfo, build_model
 from livar_merge.federated.partition import class_count_table, dirichlet_partition
 from livar_merge.federated.statistics import feature_moments
-from livar_merge.lora import peft_scalings
+from livar_merge.lora_view import base_weight, peft_scalings
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -191,7 +191,7 @@ def build_federation(
     if settings.sigma_pass == "pretrained" and getattr(config, "lora_merge", "") == "product":
         modules = dict(model.named_modules())
         pretrained_base = {
-            layer: modules[layer].base_layer.weight.detach().clone() for layer in info.lora_layers
+            layer: base_weight(modules[layer]).detach().clone() for layer in info.lora_layers
         }
     return Federation(
         device=device,

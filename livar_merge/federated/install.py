@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 
 from livar_merge.aggregation import AggregationResult
-from livar_merge.errors import GlobalStateError
 from livar_merge.federated.data import derive_seed
-from livar_merge.federated.model import ADAPTER, fold_into_base, restart_lora, set_head
+from livar_merge.federated.model import set_head
 from livar_merge.lora import to_peft_state_dict
+from livar_merge.lora_view import fold_into_base, load_factors, restart_lora
 
 
 @torch.no_grad()
@@ -38,25 +38,6 @@ def install_result(
     if lora_merge == "product":
         fold_into_base(model, {k: d.to_dense() for k, d in result.lora.items()})
         restart_lora(model, list(result.lora), derive_seed(seed, round_index, "lora-restart"))
-    else:
-        params = dict(model.named_parameters())
-        state = to_peft_state_dict(result.lora, adapter_name=ADAPTER)
-        short = sorted(
-            {k.split(".lora_")[0] for k, v in state.items() if v.shape != params[k].shape}
-        )
-        for key, value in state.items():
-            if value.numel() > params[key].numel():
-                raise GlobalStateError(
-                    f"merged LoRA {key} has shape {tuple(value.shape)}, more than the global "
-                    f"model's {tuple(params[key].shape)} (a merge above its rank)"
-                )
-        if short:  # svd of fewer components than the model's rank: pad (module docstring)
-            restart_lora(model, short, derive_seed(seed, round_index, "lora-restart"))
-        for key, value in state.items():
-            target = params[key]
-            if value.shape == target.shape:
-                target.copy_(value.to(target.dtype))
-            elif ".lora_B." in key:
-                target[:, : value.shape[1]] = value.to(target.dtype)
-            else:
-                target[: value.shape[0]] = value.to(target.dtype)
+    else:  # svd of fewer components than the model's rank: padded (module docstring)
+        state = to_peft_state_dict(result.lora)
+        load_factors(model, state, seed=derive_seed(seed, round_index, "lora-restart"))

@@ -12,7 +12,6 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, cast
@@ -20,8 +19,7 @@ from typing import Any, NamedTuple, Protocol, cast
 import torch
 
 from livar_merge.errors import ConfigError
-
-ADAPTER = "default"  # the peft adapter livar builds and reads (one adapter per model)
+from livar_merge.lora_view import find_lora_parameters, head_module, lora_config, timm_core
 
 LORA_TARGET_REGEX = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 log = logging.getLogger(__name__)
@@ -214,14 +212,7 @@ def add_lora(
     """peft LoRA (A Kaiming-uniform, B zero) on every block's qkv/proj/fc1/fc2; head trained."""
     import peft
 
-    config = peft.LoraConfig(
-        r=rank,
-        # peft annotates lora_alpha as int but only computes lora_alpha / r; livar's is a float
-        lora_alpha=alpha,  # type: ignore[arg-type]
-        lora_dropout=dropout,
-        target_modules=LORA_TARGET_REGEX,
-        modules_to_save=["head"],
-    )
+    config = lora_config(rank=rank, alpha=alpha, dropout=dropout, target_modules=LORA_TARGET_REGEX)
     return peft.get_peft_model(model, config)
 
 
@@ -238,7 +229,6 @@ def build_model(
 ) -> tuple[torch.nn.Module, ModelInfo]:
     """The peft-wrapped timm model and its :class:`ModelInfo`."""
     from livar_merge.federated import pretrained
-    from livar_merge.signals import find_lora_parameters
 
     backbone, description, provenance = create_backbone(
         model_name, num_classes, weights=weights, image_size=image_size, overrides=overrides
@@ -265,11 +255,6 @@ def build_model(
     return model, info
 
 
-def timm_core(model: torch.nn.Module) -> torch.nn.Module:
-    """The timm model inside a peft wrapper."""
-    return model.get_submodule("base_model.model")
-
-
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast for ``precision`` (``bf16``, ``fp16``) on ``device``; nothing for ``fp32``."""
     if precision == "fp32":
@@ -285,15 +270,6 @@ def forward_with_features(
     core = timm_view(timm_core(model))
     features = core.forward_head(core.forward_features(x), pre_logits=True)
     return features, core.head(features)
-
-
-def head_module(model: torch.nn.Module) -> torch.nn.Linear:
-    """The trainable head (peft's modules_to_save copy)."""
-    head = timm_core(model).get_submodule("head")
-    if hasattr(head, "modules_to_save"):
-        head = head.get_submodule("modules_to_save.default")
-    # a timm classifier's head is a Linear (check_lora_targets rejects a model whose is not)
-    return cast(torch.nn.Linear, head)
 
 
 def head_state(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -312,44 +288,6 @@ def set_head(model: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
         head.bias.copy_(bias)
 
 
-@contextlib.contextmanager
-def frozen_weights(
-    model: torch.nn.Module,
-    *,
-    replace: Mapping[str, torch.Tensor] | None = None,
-    add: Mapping[str, torch.Tensor] | None = None,
-    zero_lora: bool = False,
-) -> Iterator[torch.nn.Module]:
-    """Within the block, the frozen weight of each LoRA layer named in ``replace``/``add`` is
-    ``replace[layer]`` (else itself) plus ``add[layer]``, and with ``zero_lora`` every LoRA B
-    is 0 (the LoRA adds nothing); afterwards every weight is restored exactly. With neither,
-    the frozen weights and factors are only saved and restored (for in-place merges)."""
-    modules = dict(model.named_modules())
-    layers = [
-        n for n, m in modules.items() if isinstance(getattr(m, "lora_B", None), torch.nn.ModuleDict)
-    ]
-    saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    with torch.no_grad():
-        for layer in layers:
-            module = modules[layer]
-            weight = module.get_parameter("base_layer.weight")
-            factor_b = module.get_parameter(f"lora_B.{ADAPTER}.weight")
-            saved[layer] = (weight.detach().clone(), factor_b.detach().clone())
-            if replace is not None and layer in replace:
-                weight.copy_(replace[layer])
-            if add is not None and layer in add:
-                weight.add_(add[layer].to(weight))
-            if zero_lora:
-                factor_b.zero_()
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for layer, (weight, factor_b) in saved.items():
-                modules[layer].get_parameter("base_layer.weight").copy_(weight)
-                modules[layer].get_parameter(f"lora_B.{ADAPTER}.weight").copy_(factor_b)
-
-
 def snapshot_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trainable parameters (LoRA factors and head)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -361,21 +299,3 @@ def restore_parameters(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -
     params = dict(model.named_parameters())
     for name, value in saved.items():
         params[name].copy_(value)
-
-
-@torch.no_grad()
-def fold_into_base(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> None:
-    """Add dense deltas ``{layer: [d, k]}`` to the frozen weights of the LoRA layers."""
-    modules = dict(model.named_modules())
-    for layer, delta in deltas.items():
-        weight = modules[layer].base_layer.weight
-        weight.add_(delta.to(weight))
-
-
-@torch.no_grad()
-def restart_lora(model: torch.nn.Module, layers: tuple[str, ...] | list[str], seed: int) -> None:
-    """Re-initialise the LoRA of ``layers`` (B = 0, Kaiming-uniform A) from ``seed``."""
-    torch.manual_seed(seed)
-    modules = dict(model.named_modules())
-    for layer in layers:
-        modules[layer].reset_lora_parameters(ADAPTER, True)

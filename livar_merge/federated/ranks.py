@@ -27,27 +27,26 @@ to the round's start (:func:`start_lora`):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from livar_merge.errors import GlobalStateError
 from livar_merge.federated.data import derive_seed
-from livar_merge.federated.model import ADAPTER, restart_lora, snapshot_trainable
-from livar_merge.federated.peft_keys import is_lora_parameter
-from livar_merge.lora import discarded_energy, peft_scalings, truncated_svd
+from livar_merge.federated.model import snapshot_trainable
+from livar_merge.lora import discarded_energy, truncated_svd
+from livar_merge.lora_view import (
+    ADAPTER,
+    find_lora_parameters,
+    is_lora_parameter,
+    peft_scalings,
+    restart_lora,
+)
 
 
 def lora_factors(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer: (B [d, r], A [r, k])}`` of a peft LoRA model (the parameters, not copies)."""
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, module in model.named_modules():
-        factor_a = getattr(module, "lora_A", None)
-        if isinstance(factor_a, torch.nn.ModuleDict) and ADAPTER in factor_a:
-            b = module.get_parameter(f"lora_B.{ADAPTER}.weight")
-            out[name] = (b, module.get_parameter(f"lora_A.{ADAPTER}.weight"))
-    return out
+    return {layer: (b, a) for layer, (a, b) in find_lora_parameters(model).items()}
 
 
 def model_rank(model: torch.nn.Module) -> int:
@@ -177,8 +176,3 @@ class RankModels:
             cached = (round_index, snapshot_trainable(model))
             self._starts[rank] = cached
         return model, cached[1]
-
-
-def update_ranks(lora: Mapping[str, torch.Tensor]) -> set[int]:
-    """The ranks of a client's LoRA state (``<layer>.lora_A.weight [r, k]`` keys)."""
-    return {int(v.shape[0]) for k, v in lora.items() if ".lora_A." in k}

@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 from livar_merge._io import read_json_object, save_tensors, write_csv, write_json
 from livar_merge.aggregation.types import SVD_ENERGY_KEY
 from livar_merge.errors import RunFolderError
+from livar_merge.federated.global_state import global_tensors, load_global_tensors
 from livar_merge.federated.paired import paired_summary
-from livar_merge.federated.peft_keys import global_tensors, load_global_tensors
-from livar_merge.federated.ranks import update_ranks
 from livar_merge.federated.results import aggregation_rows, run_summary, write_run_header
 from livar_merge.federated.run_layout import OPTIONAL_TABLES, TABLES, RunLayout
 from livar_merge.federated.server import FederatedServer, RoundRecord
+from livar_merge.lora_view import factor_ranks
 
 if TYPE_CHECKING:
     from livar_merge.federated.federation import Federation
@@ -68,7 +68,7 @@ def client_rows(record: RoundRecord, *, lora_rank: bool = False) -> list[dict[st
             row["node_id"] = update.origin.node_id
         row["num_samples"] = update.num_samples
         if lora_rank:
-            row["lora_rank"] = max(update_ranks(update.lora), default=None)
+            row["lora_rank"] = max(factor_ranks(update.lora), default=None)
         for key, column in REPORT_COLUMNS.items():
             row[column] = update.report.get(key)
         if update.origin.node_id is not None:  # Flower: payload of the node's train message

@@ -29,13 +29,19 @@ from livar_merge.errors import ConfigError
 from livar_merge.fedavg import fedavg_lora
 from livar_merge.federated.data import derive_seed
 from livar_merge.federated.install import install_result
-from livar_merge.federated.model import frozen_weights, head_module, head_state
+from livar_merge.federated.model import head_state
 from livar_merge.federated.paired import PairedEvaluation, paired_from_config, with_differences
-from livar_merge.federated.peft_keys import check_lora_targets
-from livar_merge.federated.ranks import model_rank, start_truncation_energy, update_ranks
+from livar_merge.federated.ranks import model_rank, start_truncation_energy
 from livar_merge.federated.sampling import sample_participants
-from livar_merge.lora import LoraDelta, peft_scalings
-from livar_merge.signals import find_lora_parameters
+from livar_merge.lora import LoraDelta
+from livar_merge.lora_view import (
+    check_lora_targets,
+    factor_ranks,
+    find_lora_parameters,
+    frozen_weights,
+    head_module,
+    peft_scalings,
+)
 from livar_merge.tables import GShapTable
 
 Evaluate = Callable[[torch.nn.Module], tuple[float, float]]
@@ -232,7 +238,7 @@ class FederatedServer:
         (default: those of ``updates``).
         """
         previous = self.previous_head()
-        ranks = sorted(set().union(*(update_ranks(u.lora) for u in updates)))
+        ranks = sorted(set().union(*(factor_ranks(u.lora) for u in updates)))
         # the svd target only when a client's rank differs (methods without rank= still run)
         rank = self.rank if ranks != [self.rank] else None
         start_energy: dict[int, dict[str, float]] = {}

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from livar_merge.federated.data import BatchSource
-from livar_merge.federated.model import forward_with_features, head_module
-from livar_merge.federated.peft_keys import lora_key
+from livar_merge.federated.model import forward_with_features
+from livar_merge.lora_view import head_module, lora_key
 
 
 @contextlib.contextmanager

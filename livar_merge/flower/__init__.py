@@ -25,7 +25,7 @@ peft model), :func:`validate_reply`/:class:`ReplySpec` (what the strategy checks
 ``examples/custom_client_app.py`` is a runnable one.
 """
 
-from livar_merge.federated.peft_keys import load_global_tensors
+from livar_merge.federated.global_state import load_global_tensors
 from livar_merge.federated.server import FederatedServer
 from livar_merge.flower.messages import (
     PROTOCOL,

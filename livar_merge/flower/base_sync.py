@@ -34,9 +34,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from livar_merge.errors import NodeConfigError
-from livar_merge.federated.model import fold_into_base
 from livar_merge.flower.messages import ARRAYS, CONFIG, INFO, from_array_record, to_array_record
 from livar_merge.lora import LoraDelta
+from livar_merge.lora_view import base_parameters as frozen_base_parameters
+from livar_merge.lora_view import base_weight, fold_into_base, lora_layers
 
 if TYPE_CHECKING:
     from livar_merge.federated.server import FederatedServer
@@ -48,10 +49,8 @@ _UPDATE_KEY = re.compile(r"^(?P<round>\d+)/(?P<layer>.+)/(?P<part>B|A|scaling|de
 
 def base_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The frozen weights of the LoRA layers, ``{base/<parameter name>: tensor}`` (the
-    ``base/`` entries of :func:`~livar_merge.federated.peft_keys.global_tensors`)."""
-    return {
-        f"base/{name}": param for name, param in model.named_parameters() if ".base_layer." in name
-    }
+    ``base/`` entries of :func:`~livar_merge.federated.global_state.global_tensors`)."""
+    return {f"base/{name}": param for name, param in frozen_base_parameters(model).items()}
 
 
 def base_checksum(model: torch.nn.Module) -> str:
@@ -131,14 +130,14 @@ def parse_update(tensors: Mapping[str, torch.Tensor]) -> dict[int, dict[str, Lor
 @torch.no_grad()
 def fold_updates(model: torch.nn.Module, updates: Mapping[int, Mapping[str, LoraDelta]]) -> None:
     """Fold the round updates into the frozen weights in round order, as the server did."""
-    modules = dict(model.named_modules())
+    layers = lora_layers(model)
     for round_index in sorted(updates):
         for layer, delta in updates[round_index].items():
-            weight = getattr(modules.get(layer), "base_layer", None)
+            module = layers.get(layer)
             shape = None if delta.dense is None else tuple(delta.dense.shape)
             if delta.B is not None and delta.A is not None:
                 shape = (delta.B.shape[0], delta.A.shape[1])
-            if weight is None or tuple(weight.weight.shape) != shape:
+            if module is None or tuple(base_weight(module).shape) != shape:
                 raise NodeConfigError(
                     f"base update of round {round_index}: layer {layer!r} is not a LoRA layer "
                     f"of shape {shape} in this model"

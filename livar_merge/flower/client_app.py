@@ -25,8 +25,8 @@ from livar_merge.errors import NodeConfigError
 from livar_merge.federated.client import ClientMemory, train_client
 from livar_merge.federated.config import FedConfig, resolve_config
 from livar_merge.federated.federation import Federation, build_federation, client_id
+from livar_merge.federated.global_state import load_global_tensors
 from livar_merge.federated.model import restore_parameters
-from livar_merge.federated.peft_keys import frozen_checksum, load_global_tensors
 from livar_merge.federated.ranks import RankModels
 from livar_merge.flower.base_sync import sync_node_base
 from livar_merge.flower.messages import (
@@ -41,6 +41,7 @@ from livar_merge.flower.messages import (
     pack_moments,
     pack_reply,
 )
+from livar_merge.lora_view import frozen_checksum
 from livar_merge.tables import GShapTable
 
 MEMORY_KEY = "livar-memory"

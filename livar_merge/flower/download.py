@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from livar_merge.federated.peft_keys import global_tensors, load_global_tensors
+from livar_merge.federated.global_state import global_tensors, load_global_tensors
 from livar_merge.federated.server import FederatedServer
 from livar_merge.flower.base_sync import BaseSync, record_bytes
 from livar_merge.flower.messages import from_array_record, to_array_record

@@ -1,7 +1,7 @@
 """Wire format of LIVAR on Flower: the broadcast global model and a client's reply.
 
 Tensor keys of the global model and of a reply are those of
-:mod:`livar_merge.federated.peft_keys` (``lora/...``, ``head/...``; ``base/...`` only in the
+:mod:`livar_merge.federated.global_state` (``lora/...``, ``head/...``; ``base/...`` only in the
 broadcast global model, in ``product`` mode).
 
 Baselines' client statistics travel in the reply's ``arrays`` too (float64), only when the method
@@ -56,6 +56,7 @@ from livar_merge.aggregation import ClientUpdate
 from livar_merge.aggregation.needs import EXTRA_FIELDS, wire_field
 from livar_merge.aggregation.types import UpdateOrigin
 from livar_merge.errors import InvalidReplyError
+from livar_merge.lora_view import factor_key, is_factor_b, is_lora_parameter, parse_factor_key
 
 PROTOCOL = 1
 ARRAYS, METRICS, INFO, CONFIG = "arrays", "metrics", "info", "config"
@@ -319,7 +320,7 @@ def statistics_spec(
     classes, width = (int(n) for n in tensors["head/weight"].shape)
     if "gram" in needs:
         for layer in layer_names:
-            k = int(tensors[f"lora/{layer}.lora_A.weight"].shape[1])
+            k = int(tensors[f"lora/{factor_key(layer, 'A')}"].shape[1])
             spec[f"gram/{layer}"] = ((k, k), "float64")
         spec["head-gram"] = ((width + 1, width + 1), "float64")
     if "fisher" in needs:
@@ -415,7 +416,7 @@ def _check_lora_shape(
 ) -> None:
     """A LoRA factor of any rank ``r >= 1`` with the global layer size: ``lora_B [d, r]``
     keeps ``d``, ``lora_A [r, k]`` keeps ``k`` (mixed client ranks)."""
-    kept = 0 if ".lora_B." in key else 1  # the dimension that is not the rank
+    kept = 0 if is_factor_b(key) else 1  # the dimension that is not the rank
     if len(shape) != 2 or shape[kept] != expected[kept] or shape[1 - kept] < 1:
         form = "[d, r]" if kept == 0 else "[r, k]"
         raise _reject(
@@ -432,8 +433,11 @@ def _check_ranks(who: str, arrays: ArrayRecord, info: ConfigRecord, spec: ReplyS
     ranks: dict[str, int] = {}
     for key, array in arrays.items():
         if key.startswith("lora/"):
-            layer, which = key[len("lora/") :].rsplit(".lora_", 1)
-            rank = int(array.shape[1] if which.startswith("B") else array.shape[0])
+            parsed = parse_factor_key(key[len("lora/") :])
+            if parsed is None:
+                raise _reject(who, f"array {key!r} is no LoRA factor of a layer")
+            layer, which, _ = parsed
+            rank = int(array.shape[1] if which == "B" else array.shape[0])
             if ranks.setdefault(layer, rank) != rank:
                 raise _reject(
                     who,
@@ -441,7 +445,11 @@ def _check_ranks(who: str, arrays: ArrayRecord, info: ConfigRecord, spec: ReplyS
                     " (one rank r for both)",
                 )
     own = set(ranks.values())
-    global_ranks = {int(shape[0]) for key, (shape, _) in spec.arrays.items() if ".lora_A." in key}
+    global_ranks = {
+        int(shape[0])
+        for key, (shape, _) in spec.arrays.items()
+        if is_lora_parameter(key) and not is_factor_b(key)
+    }
     if own != global_ranks:
         if SCALING not in info:
             raise _reject(

@@ -32,10 +32,10 @@ from flwr.serverapp import Grid, ServerApp
 from livar_merge.errors import RunConfigError
 from livar_merge.federated.config import FedConfig, load_config_file, resolve_config
 from livar_merge.federated.federation import build_federation
-from livar_merge.federated.peft_keys import frozen_checksum
 from livar_merge.federated.run_folder import RunFolder, run_provenance
 from livar_merge.federated.server import FederatedServer
 from livar_merge.flower.strategy import DEFAULTS, FlowerSettings, LivarStrategy
+from livar_merge.lora_view import frozen_checksum
 
 log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
 SETTINGS_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(FlowerSettings))

@@ -30,7 +30,7 @@ from livar_merge.aggregation import ClientUpdate
 from livar_merge.aggregation.needs import NEEDS
 from livar_merge.aggregation.registry import method_spec
 from livar_merge.errors import ConfigError, RoundFailedError
-from livar_merge.federated.peft_keys import global_tensors
+from livar_merge.federated.global_state import global_tensors
 from livar_merge.federated.server import FederatedServer, RoundRecord
 from livar_merge.flower.client_query import FlowerClientQuery
 from livar_merge.flower.download import GlobalDownload

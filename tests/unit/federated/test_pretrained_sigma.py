@@ -14,8 +14,7 @@ from livar_merge.federated.client import TrainSettings
 from livar_merge.federated.collectors import collect_class_stats
 from livar_merge.federated.data import BatchSource
 from livar_merge.federated.datasets.images import InMemoryImages
-from livar_merge.federated.model import head_module
-from livar_merge.signals import find_lora_parameters
+from livar_merge.lora_view import find_lora_parameters, head_module
 from tests.helpers import tiny_peft_vit, tiny_vit
 
 CLASSES = 3

@@ -16,7 +16,8 @@ from livar_merge.federated.ranks import (
     start_lora,
     start_truncation_energy,
 )
-from livar_merge.lora import LoraDelta, peft_scalings
+from livar_merge.lora import LoraDelta
+from livar_merge.lora_view import peft_scalings
 from tests.helpers import NUM_CLASSES, tiny, tiny_peft_vit
 
 

@@ -7,9 +7,7 @@ import copy
 import pytest
 import torch
 
-from livar_merge.federated.peft_keys import (
-    global_tensors,
-)
+from livar_merge.federated.global_state import global_tensors
 from livar_merge.federated.run_folder import RunFolder, RunFolderError
 from livar_merge.federated.server import FederatedServer
 from tests.helpers import NUM_CLASSES

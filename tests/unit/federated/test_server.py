@@ -12,13 +12,9 @@ import torch
 from livar_merge.aggregation import make_aggregator
 from livar_merge.errors import ConfigError
 from livar_merge.federated.data import derive_seed
-from livar_merge.federated.model import head_module
-from livar_merge.federated.peft_keys import (
-    GlobalStateError,
-    global_tensors,
-)
+from livar_merge.federated.global_state import GlobalStateError, global_tensors
 from livar_merge.federated.server import FederatedServer
-from livar_merge.signals import find_lora_parameters
+from livar_merge.lora_view import find_lora_parameters, head_module
 from tests.helpers import NUM_CLASSES, tiny_vit
 from tests.helpers import fake_server_update as fake_update
 

@@ -23,12 +23,11 @@ pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a running
 from flwr.app import ConfigRecord, Error, RecordDict  # noqa: E402
 
 from livar_merge.errors import NodeConfigError  # noqa: E402
-from livar_merge.federated.peft_keys import load_global_tensors  # noqa: E402
+from livar_merge.federated.global_state import load_global_tensors  # noqa: E402
 from livar_merge.federated.server import FederatedServer  # noqa: E402
 from livar_merge.flower.base_sync import (  # noqa: E402
     BASE_STATE,
     BASE_UPDATE,
-    base_checksum,
     base_parameters,
     fold_updates,
     parse_update,
@@ -45,6 +44,7 @@ from livar_merge.flower.messages import (  # noqa: E402
 )
 from livar_merge.flower.strategy import FlowerSettings, LivarStrategy  # noqa: E402
 from livar_merge.lora import LoraDelta  # noqa: E402
+from livar_merge.lora_view import base_checksum  # noqa: E402
 from tests.helpers import (  # noqa: E402
     NUM_CLASSES,
     FakeGrid,
@@ -178,7 +178,7 @@ NODE_PROCESS = textwrap.dedent(
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
     from safetensors.torch import save_file
     from livar_merge.errors import NodeConfigError
-    from livar_merge.federated.peft_keys import load_global_tensors
+    from livar_merge.federated.global_state import load_global_tensors
     from livar_merge.flower.base_sync import base_parameters, sync_node_base
     from livar_merge.flower.messages import ARRAYS, CONFIG, from_array_record
     from tests.helpers import NUM_CLASSES, tiny_peft_vit

@@ -12,9 +12,9 @@ pytest.importorskip("flwr")
 pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a running task's identity
 
 from livar_merge.aggregation import make_aggregator  # noqa: E402
-from livar_merge.federated.peft_keys import global_tensors  # noqa: E402
+from livar_merge.federated.global_state import global_tensors  # noqa: E402
 from livar_merge.flower.messages import ReplySpec, validate_reply  # noqa: E402
-from livar_merge.signals import find_lora_parameters  # noqa: E402
+from livar_merge.lora_view import find_lora_parameters  # noqa: E402
 from tests.helpers import fake_flower_update as fake_update  # noqa: E402
 from tests.helpers import flower_table, packed  # noqa: E402
 

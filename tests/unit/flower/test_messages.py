@@ -15,14 +15,14 @@ pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a running
 from flwr.app import Array, RecordDict  # noqa: E402
 
 from livar_merge.aggregation import ClientUpdate  # noqa: E402
-from livar_merge.federated.peft_keys import global_tensors  # noqa: E402
+from livar_merge.federated.global_state import global_tensors  # noqa: E402
 from livar_merge.flower.messages import (  # noqa: E402
     InvalidReplyError,
     ReplySpec,
     unpack_reply,
     validate_reply,
 )
-from livar_merge.signals import find_lora_parameters  # noqa: E402
+from livar_merge.lora_view import find_lora_parameters  # noqa: E402
 from tests.helpers import (  # noqa: E402
     NUM_CLASSES,
     class_moments,

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("flwr")
 pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a running task's identity
 
-from livar_merge.federated.peft_keys import global_tensors, lora_state  # noqa: E402
+from livar_merge.federated.global_state import global_tensors  # noqa: E402
 from livar_merge.flower.messages import (  # noqa: E402
     INFO,
     SCALING,
@@ -18,7 +18,7 @@ from livar_merge.flower.messages import (  # noqa: E402
     ReplySpec,
     validate_reply,
 )
-from livar_merge.signals import find_lora_parameters  # noqa: E402
+from livar_merge.lora_view import find_lora_parameters, lora_state  # noqa: E402
 from tests.helpers import NUM_CLASSES, flower_table, packed, tiny_peft_vit  # noqa: E402
 from tests.helpers import fake_flower_update as fake_update  # noqa: E402
 

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a running
 from flwr.app import ConfigRecord, Error, Message, RecordDict  # noqa: E402
 
 from livar_merge.aggregation import make_aggregator  # noqa: E402
+from livar_merge.federated.global_state import global_tensors  # noqa: E402
 from livar_merge.federated.install import install_result  # noqa: E402
-from livar_merge.federated.peft_keys import global_tensors  # noqa: E402
 from livar_merge.federated.server import FederatedServer  # noqa: E402
 from livar_merge.flower.strategy import (  # noqa: E402
     FlowerSettings,

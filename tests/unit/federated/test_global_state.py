@@ -1,4 +1,4 @@
-"""The peft key conventions and the global state's checks (livar_merge.federated.peft_keys)."""
+"""The global state of a LoRA model (federated.global_state) and the target checks."""
 
 from __future__ import annotations
 
@@ -7,16 +7,14 @@ import copy
 import pytest
 import torch
 
-from livar_merge.federated.peft_keys import (
-    GlobalStateError,
+from livar_merge.federated.global_state import GlobalStateError, global_tensors, load_global_tensors
+from livar_merge.lora_view import (
     check_lora_targets,
-    global_tensors,
-    load_global_tensors,
+    find_lora_parameters,
     lora_key,
     lora_state,
     parameter_name,
 )
-from livar_merge.signals import find_lora_parameters
 from tests.helpers import tiny_peft_vit, tiny_vit
 
 
