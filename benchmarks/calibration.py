@@ -28,7 +28,7 @@ def shap_scaling(rows_list: list[int]) -> list[dict]:
     import pandas as pd
 
     from livar_calib.explain import shap_analysis
-    from livar_calib.forest import fit_forest
+    from livar_calib.forest import ForestSettings, fit_forest
 
     rng = np.random.default_rng(0)
     out = []
@@ -42,7 +42,7 @@ def shap_scaling(rows_list: list[int]) -> list[dict]:
                 "lam": 0.1 + 0.002 * q_b - 0.001 * q_a + rng.normal(0, 0.02, n),
             }
         )
-        forest = fit_forest(frame, holdout_repeats=[], n_jobs=2)
+        forest = fit_forest(frame, ForestSettings(n_jobs=2), holdout_repeats=[])
         start = time.perf_counter()
         shap_analysis(forest, frame.loc[:, ["q_a", "q_b"]])
         seconds = time.perf_counter() - start

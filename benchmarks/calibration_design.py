@@ -31,30 +31,27 @@ def cross_validated_r2(folder: Path, min_samples_leaf: int | None = None) -> dic
 
     from livar_calib.forest import cross_validated_r2 as score
 
+    return score(pd.read_csv(folder / "rows.csv"), forest_settings(folder, min_samples_leaf))
+
+
+def forest_settings(folder: Path, min_samples_leaf: int | None = None) -> Any:
+    """The :class:`~livar_calib.forest.ForestSettings` a calibration folder recorded."""
+    from livar_calib.forest import ForestSettings
+
     config = json.loads((folder / "config.json").read_text())["config"]
-    return score(
-        pd.read_csv(folder / "rows.csv"),
-        seed=config["seed"],
-        n_estimators=config["n_estimators"],
-        min_samples_leaf=min_samples_leaf or config["min_samples_leaf"],
-    )
+    leaf = min_samples_leaf or config["min_samples_leaf"]
+    return ForestSettings(config["seed"], config["n_estimators"], leaf)
 
 
 def ceiling_r2(folder: Path) -> float:
     """R^2 on its own rows of a forest fitted on every run of the folder (its forest options)."""
     import pandas as pd
-    from sklearn.ensemble import RandomForestRegressor
 
     from livar_calib.forest import DEFAULT_FEATURES
 
-    config = json.loads((folder / "config.json").read_text())["config"]
     rows = pd.read_csv(folder / "rows.csv")
     x, y = rows.loc[:, list(DEFAULT_FEATURES)], rows["lam"]
-    model = RandomForestRegressor(
-        n_estimators=config["n_estimators"],
-        min_samples_leaf=config["min_samples_leaf"],
-        random_state=config["seed"],
-    )
+    model = forest_settings(folder).regressor()
     return float(model.fit(x, y).score(x, y))
 
 

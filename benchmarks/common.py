@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -130,3 +131,27 @@ def statistics_steps_seconds(
         stats.result()
     sync(device)
     return time.perf_counter() - start
+
+
+def training_parser(doc: str | None, precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")):
+    """The arguments every training benchmark takes: ``--preset`` (its model and threads, with
+    random weights), ``--device`` and ``--precision``."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=list(precisions))
+    return parser
+
+
+def preset_on_device(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The preset's config (random weights) and the torch device, with the preset's CPU threads."""
+    import torch
+
+    from livar_merge.federated.config import resolve_config
+
+    config = resolve_config(args.preset, None, {"weights": "random"})
+    if config.threads and args.device == "cpu":
+        torch.set_num_threads(config.threads)
+    return config, torch.device(args.device)

@@ -13,7 +13,6 @@ size, one local epoch each, interleaved repeats. Variants:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -24,30 +23,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, save
+from common import machine, preset_on_device, save, training_parser
 
 
 def main() -> None:
     from livar_merge.federated.client import TrainSettings, train_client
-    from livar_merge.federated.config import resolve_config
     from livar_merge.federated.data import BatchSource
     from livar_merge.federated.datasets import InMemoryImages
     from livar_merge.federated.federation import build_seeded_model
     from livar_merge.federated.model import autocast_context, restore_parameters, snapshot_trainable
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32")
+    parser = training_parser(__doc__)
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    config = resolve_config(args.preset, None, {"weights": "random"})
-    if config.threads and args.device == "cpu":
-        torch.set_num_threads(config.threads)
-    device = torch.device(args.device)
+    config, device = preset_on_device(args)
     classes = 10
     model, info = build_seeded_model(config, classes, seed=0)
     model.to(device)

@@ -16,7 +16,6 @@ training; its cost relative to one training epoch is reported as ``final_pass_pe
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -29,30 +28,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import statistics_steps_seconds, sync
+from common import preset_on_device, statistics_steps_seconds, sync, training_parser
 
-from livar_merge.federated.config import resolve_config
 from livar_merge.federated.model import autocast_context, build_model, forward_with_features
 from livar_merge.signals import ClassFeatureStats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser = training_parser(__doc__, precisions=("fp32", "bf16"))
     parser.add_argument("--steps", type=int, default=30, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=7, help="blocks per variant")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-
-    config = resolve_config(args.preset, None, {"weights": "random"})
-    if config.threads and args.device == "cpu":
-        torch.set_num_threads(config.threads)
-    device = torch.device(args.device)
+    config, device = preset_on_device(args)
     torch.manual_seed(0)
     model, info = build_model(
         config.model,

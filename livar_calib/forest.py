@@ -29,6 +29,31 @@ DEFAULT_FEATURES = ("q_a", "q_b")
 WITH_SAMPLES = ("q_a", "q_b", "num_samples")
 
 
+@dataclass(frozen=True)
+class ForestSettings:
+    """The forest's hyper-parameters, one declaration for :func:`fit_forest` and
+    :func:`cross_validated_r2`: ``RandomForestRegressor(random_state=seed, ...)``; ``seed``
+    also draws the held-out runs; ``n_jobs``: 1 or 2 (the development machines have 2 cores;
+    predictions always run on one thread, in tree order, so results do not depend on it)."""
+
+    seed: int = 0
+    n_estimators: int = 200
+    min_samples_leaf: int = 20
+    max_depth: int | None = None
+    n_jobs: int = 1
+
+    def regressor(self) -> RandomForestRegressor:
+        from sklearn.ensemble import RandomForestRegressor
+
+        return RandomForestRegressor(
+            n_estimators=self.n_estimators,
+            min_samples_leaf=self.min_samples_leaf,
+            max_depth=self.max_depth,
+            random_state=self.seed,
+            n_jobs=self.n_jobs,
+        )
+
+
 @dataclass
 class ForestResult:
     """A fitted forest and its held-out error.
@@ -95,31 +120,24 @@ def _r2_by_run(repeats: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> d
 
 def fit_forest(
     rows: pd.DataFrame,
+    settings: ForestSettings = ForestSettings(),
     *,
     features: Sequence[str] = DEFAULT_FEATURES,
     target: str = "lam",
-    seed: int = 0,
-    n_estimators: int = 200,
-    min_samples_leaf: int = 20,
-    max_depth: int | None = None,
     holdout_repeats: Sequence[str] | None = None,
     holdout_fraction: float = 0.2,
-    n_jobs: int = 1,
 ) -> ForestResult:
-    """Fit ``RandomForestRegressor(random_state=seed)`` on the training repeats of ``rows``.
+    """Fit the forest of ``settings`` on the training repeats of ``rows``.
 
     Args:
         rows: one row per (repeat, client, layer) with ``repeat_id``, the features and target.
         features: feature columns (default ``("q_a", "q_b")``; ``WITH_SAMPLES`` adds
             ``num_samples`` as in Appendix B).
         holdout_repeats: repeat ids to hold out; ``None`` holds out ``holdout_fraction``
-            of the *runs* with ``seed`` (every round of a held-out run:
+            of the *runs* with ``settings.seed`` (every round of a held-out run:
             :func:`~livar_calib.intervals.split_runs`); ``[]`` trains on everything (metrics
             are then NaN).
-        n_jobs: 1 or 2 (the development machines have 2 cores).
     """
-    from sklearn.ensemble import RandomForestRegressor
-
     features = tuple(features)
     check_rows(rows, ("repeat_id", *features, target))
     table = rows.loc[:, ["repeat_id", *features, target]]
@@ -133,7 +151,9 @@ def fit_forest(
         )
     repeat = table["repeat_id"].astype(str).to_numpy()
     if holdout_repeats is None:
-        train_ids, test_ids, _ = split_runs(repeat, holdout_fraction=holdout_fraction, seed=seed)
+        train_ids, test_ids, _ = split_runs(
+            repeat, holdout_fraction=holdout_fraction, seed=settings.seed
+        )
     else:
         test_ids = sorted({str(r) for r in holdout_repeats})
         unknown = sorted(set(test_ids) - set(repeat))
@@ -145,13 +165,7 @@ def fit_forest(
     is_test = np.isin(repeat, test_ids)
     x = table.loc[:, list(features)]
     y = table[target].to_numpy(dtype=np.float64)
-    model = RandomForestRegressor(
-        n_estimators=n_estimators,
-        min_samples_leaf=min_samples_leaf,
-        max_depth=max_depth,
-        random_state=seed,
-        n_jobs=n_jobs,
-    )
+    model = settings.regressor()
     model.fit(x.loc[~is_test], y[~is_test])
     # predictions sum the trees; with n_jobs > 1 in the order threads finish, which changes the
     # last bits between runs (and the table's checksum): predict on one thread, in tree order
@@ -161,31 +175,21 @@ def fit_forest(
     metrics = _metrics(y[is_test], pred, constant)
     metrics.update(n_train=float((~is_test).sum()), n_test=float(is_test.sum()))
     metrics.update(_r2_by_run(repeat[is_test], y[is_test], pred))
-    return ForestResult(
-        model=model,
-        features=features,
-        target=target,
-        train_repeats=train_ids,
-        test_repeats=test_ids,
-        metrics=metrics,
-    )
+    return ForestResult(model, features, target, train_ids, test_ids, metrics)
 
 
 def cross_validated_r2(
     rows: pd.DataFrame,
+    settings: ForestSettings = ForestSettings(),
     *,
     features: Sequence[str] = DEFAULT_FEATURES,
     target: str = "lam",
     folds: int = 4,
-    seed: int = 0,
-    n_estimators: int = 200,
-    min_samples_leaf: int = 20,
 ) -> dict[str, float]:
     """Every run predicted by a forest fitted on the other folds of whole runs (``GroupKFold``
     over runs, at most one fold per run): the pooled R^2 over all rows (``cv_r2``) and the mean
     within-run R^2 with its t interval over all runs (``cv_r2_by_run``, ``_low``, ``_high``).
     Steadier than one split of a few held-out runs; NaN with fewer than 2 runs."""
-    from sklearn.ensemble import RandomForestRegressor
     from sklearn.metrics import r2_score
     from sklearn.model_selection import GroupKFold
 
@@ -204,10 +208,8 @@ def cross_validated_r2(
     y = rows[target].to_numpy(dtype=np.float64)
     prediction = np.empty_like(y)
     for train, test in GroupKFold(n_splits=min(folds, len(unique))).split(x, y, runs):
-        model = RandomForestRegressor(
-            n_estimators=n_estimators, min_samples_leaf=min_samples_leaf, random_state=seed
-        )
-        prediction[test] = model.fit(x[train], y[train]).predict(x[test])
+        model = settings.regressor().fit(x[train], y[train])
+        prediction[test] = model.set_params(n_jobs=1).predict(x[test])
     by_run = _r2_by_run(rows["repeat_id"].to_numpy(), y, prediction)
     return {
         "cv_r2": float(r2_score(y, prediction)),

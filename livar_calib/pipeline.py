@@ -31,7 +31,7 @@ from livar_calib.downstream import downstream_report, summarise_downstream
 from livar_calib.explain import shap_analysis
 from livar_calib.features import add_quantile_features
 from livar_calib.figures import plot_shap_summary
-from livar_calib.forest import WITH_SAMPLES, cross_validated_r2, fit_forest
+from livar_calib.forest import WITH_SAMPLES, ForestSettings, cross_validated_r2, fit_forest
 from livar_calib.intervals import (
     MIN_HELDOUT_RUNS,
     TOO_FEW,
@@ -162,6 +162,7 @@ def run_calibration(
         rows["repeat_id"], holdout_fraction=config.holdout_fraction, seed=config.seed
     )
     scored_ids, scope = (test_ids, "held-out") if test_ids else (train_ids, "in-sample")
+    settings = ForestSettings(config.seed, config.n_estimators, config.min_samples_leaf, n_jobs=2)
     forest_options: _ForestOptions = {
         "seed": config.seed,
         "n_estimators": config.n_estimators,
@@ -169,20 +170,13 @@ def run_calibration(
         "holdout_repeats": test_ids,
         "n_jobs": 2,
     }
-    forest = fit_forest(rows, **forest_options)
+    forest = fit_forest(rows, settings, holdout_repeats=test_ids)
     _save_forest(forest, root / "forest.skops")
-    forest.metrics.update(
-        cross_validated_r2(
-            rows,
-            seed=config.seed,
-            n_estimators=config.n_estimators,
-            min_samples_leaf=config.min_samples_leaf,
-        )
-    )
+    forest.metrics.update(cross_validated_r2(rows, settings))
     forests = {"q_a,q_b": forest.metrics}
     forest_samples = None
     if config.sample_feature:
-        forest_samples = fit_forest(rows, features=WITH_SAMPLES, **forest_options)
+        forest_samples = fit_forest(rows, settings, features=WITH_SAMPLES, holdout_repeats=test_ids)
         _save_forest(forest_samples, root / "forest_samples.skops")
         forests["q_a,q_b,num_samples"] = forest_samples.metrics
     write_json(

@@ -554,3 +554,12 @@ def write_sweep(root: Path) -> Path:
             write_run(root, "cifar100", method, 0.05, seed, [0.5, acc])
     write_run(root, "cifar100", "livar-sigma", 0.05, 0, [0.5], finished=False)
     return root
+
+
+def tiny_sweep_args(*methods: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """``livar-sweep`` arguments of a one-round, two-client tiny grid of ``methods`` at beta 0.5,
+    seed 0 (``extra``: more ``--set`` options)."""
+    return [
+        *("--preset", "tiny", "--methods", *methods, "--betas", "0.5", "--seeds", "0"),
+        *("--set", "rounds=1", "num_clients=2", "max_train=120", "max_test=40", *extra),
+    ]

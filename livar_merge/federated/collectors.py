@@ -143,15 +143,7 @@ class SigmaCollector(Collector):
 
     def after_training(self, model: torch.nn.Module) -> None:
         if self.stats is None:
-            data = self.data
-            self.stats = collect_class_stats(
-                model,
-                data.source,
-                data.indices,
-                data.num_classes,
-                data.settings,
-                pretrained_base=self.pretrained_base,
-            )
+            self.stats = collect_class_stats(model, self.data, self.pretrained_base)
 
     def contribute(self, update: ClientUpdate) -> None:
         if self.stats is None:
@@ -324,10 +316,7 @@ def trained_predictions(
 @torch.no_grad()
 def collect_class_stats(
     model: torch.nn.Module,
-    source: BatchSource,
-    indices: np.ndarray,
-    num_classes: int,
-    settings: TrainSettings,
+    data: ClientData,
     pretrained_base: Mapping[str, torch.Tensor] | None = None,
 ) -> ClassFeatureStats:
     """sigma^(c) from a pass over the client's data after training, or, for ``pretrained``,
@@ -338,7 +327,8 @@ def collect_class_stats(
     ``pretrained`` with ``sigma_samples="correct"`` takes two passes: which samples are
     correctly classified is decided by the trained model (:func:`trained_predictions`; W0's
     head is peft's untrained initial one), the features are W0's."""
-    stats = ClassFeatureStats(num_classes, only_correct=settings.sigma_samples == "correct")
+    source, indices, settings = data.source, data.indices, data.settings
+    stats = ClassFeatureStats(data.num_classes, only_correct=settings.sigma_samples == "correct")
     was_training = model.training
     model.eval()
     context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()

@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from livar_calib.cli import main as calibrate
 from livar_merge.federated.sweep import main as sweep
+from tests.helpers import tiny_sweep_args
 
 ray = pytest.importorskip("ray")
 
@@ -137,22 +138,7 @@ def test_interrupted_serial_calibration_is_finished_on_ray(
     assert_same_outputs(out, serial_calibration)
 
 
-SWEEP = [
-    "--preset",
-    "tiny",
-    "--methods",
-    "fedavg",
-    "livar",
-    "--betas",
-    "0.5",
-    "--seeds",
-    "0",
-    "--set",
-    "rounds=1",
-    "num_clients=2",
-    "max_train=120",
-    "max_test=40",
-]
+SWEEP = tiny_sweep_args("fedavg", "livar")
 
 
 def _summary(folder: Path) -> dict[str, Any]:

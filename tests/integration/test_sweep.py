@@ -13,29 +13,12 @@ from livar_merge.federated.sweep import (
     main,
 )
 from tests.helpers import cost_label as label
+from tests.helpers import tiny_sweep_args
 
 
 def test_sweep_runs_the_grid_skips_finished_runs_and_writes_tables(tmp_path: Path):
-    args = [
-        "--root",
-        str(tmp_path),
-        "--preset",
-        "tiny",
-        "--methods",
-        "fedavg",
-        "ccvr",
-        "--betas",
-        "0.5",
-        "--seeds",
-        "0",
-        "--set",
-        "rounds=1",
-        "num_clients=2",
-        "max_train=120",
-        "max_test=40",
-        "ccvr_samples=32",
-        "ccvr_epochs=1",
-    ]
+    extra = ("ccvr_samples=32", "ccvr_epochs=1")
+    args = ["--root", str(tmp_path), *tiny_sweep_args("fedavg", "ccvr", extra=extra)]
     assert main(args) == 0
     summaries = sorted(tmp_path.glob("*/summary.json"))
     assert [p.parent.name for p in summaries] == [

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from livar_calib.forest import fit_forest
+from livar_calib.forest import ForestSettings, cross_validated_r2, fit_forest
 from livar_calib.intervals import (
     MIN_HELDOUT_RUNS,
     per_run,
@@ -66,7 +66,9 @@ def test_forest_holds_out_runs_and_reports_r2_by_run():
                 )
             )
     rows = pd.concat(frames, ignore_index=True)
-    result = fit_forest(rows, n_estimators=20, min_samples_leaf=5, holdout_fraction=0.5)
+    result = fit_forest(
+        rows, ForestSettings(n_estimators=20, min_samples_leaf=5), holdout_fraction=0.5
+    )
     test_runs = {run_of(r) for r in result.test_repeats}
     assert len(test_runs) == 3 and len(result.test_repeats) == 6
     assert not test_runs & {run_of(r) for r in result.train_repeats}
@@ -164,8 +166,6 @@ def test_cross_validated_r2_predicts_every_run_from_the_others():
     from sklearn.metrics import r2_score
     from sklearn.model_selection import GroupKFold
 
-    from livar_calib.forest import cross_validated_r2
-
     rng = np.random.default_rng(2)
     frames = []
     for s in range(8):
@@ -178,7 +178,7 @@ def test_cross_validated_r2_predicts_every_run_from_the_others():
             )
         )
     rows = pd.concat(frames, ignore_index=True)
-    got = cross_validated_r2(rows, n_estimators=10, min_samples_leaf=5, folds=4)
+    got = cross_validated_r2(rows, ForestSettings(n_estimators=10, min_samples_leaf=5), folds=4)
     runs = rows["repeat_id"].map(run_of).to_numpy()
     x, y = rows[["q_a", "q_b"]].to_numpy(), rows["lam"].to_numpy()
     prediction = np.full(len(y), np.nan)

@@ -13,7 +13,7 @@ from livar_calib.discretise import build_table
 from livar_calib.explain import shap_analysis
 from livar_calib.features import add_quantile_features, pooled_percentile_rank
 from livar_calib.figures import plot_shap_summary
-from livar_calib.forest import WITH_SAMPLES, fit_forest
+from livar_calib.forest import WITH_SAMPLES, ForestSettings, fit_forest
 from livar_calib.nnls import (
     nnls_repeat,
 )
@@ -74,7 +74,7 @@ def planted():
     lam = pd.concat([nnls_repeat(d) for d in repeats], ignore_index=True)
     rows = rows.merge(lam, on=["repeat_id", "client", "layer"], validate="one_to_one")
     rows = add_quantile_features(rows)
-    forest = fit_forest(rows, seed=0, n_estimators=60, min_samples_leaf=20, n_jobs=2)
+    forest = fit_forest(rows, ForestSettings(0, n_estimators=60, min_samples_leaf=20, n_jobs=2))
     explained = shap_analysis(forest, rows.loc[:, list(forest.features)])
     return {"repeats": repeats, "rows": rows, "forest": forest, "shap": explained}
 
@@ -118,19 +118,19 @@ def test_planted_relation_is_recovered(planted, tmp_path):
 
 def test_forest_holds_out_whole_repeats(planted):
     rows = planted["rows"]
-    result = fit_forest(rows, seed=3, n_estimators=10, holdout_fraction=0.25, n_jobs=1)
+    result = fit_forest(rows, ForestSettings(3, n_estimators=10), holdout_fraction=0.25)
     train, test = set(result.train_repeats), set(result.test_repeats)
     assert not train & test and train | test == set(rows["repeat_id"])
     assert len(test) == round(0.25 * N_REPEATS)
     assert result.metrics["n_test"] == len(test) * N_CLIENTS * N_LAYERS
     assert result.model.n_features_in_ == 2
-    chosen = fit_forest(rows, seed=0, n_estimators=5, holdout_repeats=["rep01", "rep02"])
+    chosen = fit_forest(rows, ForestSettings(n_estimators=5), holdout_repeats=["rep01", "rep02"])
     assert chosen.test_repeats == ["rep01", "rep02"] and len(chosen.train_repeats) == N_REPEATS - 2
-    everything = fit_forest(rows, n_estimators=5, holdout_repeats=[])
+    everything = fit_forest(rows, ForestSettings(n_estimators=5), holdout_repeats=[])
     assert everything.test_repeats == [] and np.isnan(everything.metrics["r2"])
     with pytest.raises(CalibrationError, match="not in rows"):
-        fit_forest(rows, n_estimators=5, holdout_repeats=["nope"])
-    samples = fit_forest(rows, features=WITH_SAMPLES, n_estimators=5, seed=1)
+        fit_forest(rows, ForestSettings(n_estimators=5), holdout_repeats=["nope"])
+    samples = fit_forest(rows, ForestSettings(1, n_estimators=5), features=WITH_SAMPLES)
     assert samples.model.feature_names_in_.tolist() == ["q_a", "q_b", "num_samples"]
 
 
@@ -149,9 +149,8 @@ def test_shap_summary_figure(planted, tmp_path):
     assert fig.curves["q_a"]["mean_shap"].iloc[-1] < fig.curves["q_a"]["mean_shap"].iloc[0]
     # Figure A: with num_samples, three panels; num_samples plotted against its own quantile
     sub = rows.iloc[:300]
-    forest3 = fit_forest(
-        sub, features=WITH_SAMPLES, n_estimators=5, min_samples_leaf=5, holdout_repeats=[]
-    )
+    settings = ForestSettings(n_estimators=5, min_samples_leaf=5)
+    forest3 = fit_forest(sub, settings, features=WITH_SAMPLES, holdout_repeats=[])
     explained3 = shap_analysis(forest3, sub.loc[:, list(WITH_SAMPLES)])
     fig3 = plot_shap_summary(explained3, sub, tmp_path / "figureA.png")
     assert list(fig3.points) == ["q_a", "q_b", "num_samples"]

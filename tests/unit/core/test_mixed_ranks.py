@@ -194,29 +194,34 @@ def test_factors_mode_refuses_mixed_ranks():
     assert merged["blk.0.qkv"].rank == 6
 
 
-def test_validation_still_checks_layer_sizes_and_a_b_ranks():
+@pytest.mark.parametrize(
+    ("key", "shape", "ids", "message"),
+    [
+        (
+            "blk.0.fc2.lora_B.weight",
+            (5, 4),
+            ["x", "y"],
+            r"client 1 \('y'\), layer blk.0.fc2: lora_B has shape \(5, 4\), client 0 has "
+            r"\(6, 2\) \(layer size d differs\)",
+        ),
+        ("blk.0.qkv.lora_A.weight", (4, 8), None, r"client 1, layer blk.0.qkv: lora_A .*size k"),
+        (
+            "blk.0.qkv.lora_A.weight",
+            (3, 7),
+            None,
+            r"client 1, layer blk.0.qkv: lora_B has shape \(9, 4\) and lora_A \(3, 7\); "
+            r"expected B \[d, r\] and A \[r, k\]",
+        ),
+    ],
+)
+def test_validation_still_checks_layer_sizes_and_a_b_ranks(key, shape, ids, message):
     states = mixed_states((2, 4), 0)
-    states[1]["blk.0.fc2.lora_B.weight"] = torch.zeros(5, 4, dtype=torch.float64)
-    with pytest.raises(
-        ClientUpdateError,
-        match=r"client 1 \('y'\), layer blk.0.fc2: lora_B has shape \(5, 4\), client 0 has "
-        r"\(6, 2\) \(layer size d differs\)",
-    ):
-        client_factor_lists(states, client_ids=["x", "y"])
-    states = mixed_states((2, 4), 0)
-    states[1]["blk.0.qkv.lora_A.weight"] = torch.zeros(4, 8, dtype=torch.float64)
-    with pytest.raises(
-        ClientUpdateError, match=r"client 1, layer blk.0.qkv: lora_A .*layer size k"
-    ):
-        client_factor_lists(states)
-    states = mixed_states((2, 4), 0)
-    states[1]["blk.0.qkv.lora_A.weight"] = torch.zeros(3, 7, dtype=torch.float64)
-    with pytest.raises(
-        ClientUpdateError,
-        match=r"client 1, layer blk.0.qkv: lora_B has shape \(9, 4\) and lora_A \(3, 7\); "
-        r"expected B \[d, r\] and A \[r, k\]",
-    ):
-        client_factor_lists(states)
+    states[1][key] = torch.zeros(*shape, dtype=torch.float64)
+    with pytest.raises(ClientUpdateError, match=message):
+        client_factor_lists(states, client_ids=ids)
+
+
+def test_validation_names_client_0_and_dtypes_and_keeps_mixed_ranks():
     states = mixed_states((2, 4), 0)
     states[0]["blk.0.qkv.lora_B.weight"] = torch.zeros(9, 2, 1, dtype=torch.float64)
     with pytest.raises(ClientUpdateError, match="client 0, layer blk.0.qkv: lora_B has shape"):

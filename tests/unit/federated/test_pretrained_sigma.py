@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from livar_merge.federated.client import TrainSettings
-from livar_merge.federated.collectors import collect_class_stats
+from livar_merge.federated.collectors import ClientData, collect_class_stats
 from livar_merge.federated.data import BatchSource
 from livar_merge.federated.datasets.images import InMemoryImages
 from livar_merge.lora_view import find_lora_parameters, head_module
@@ -99,14 +99,10 @@ def test_correct_samples_come_from_the_trained_model_features_from_w0(folded):
         eval_batch_size=16,  # several batches in both passes
     )
     before = copy.deepcopy(model.state_dict())
-    got = collect_class_stats(
-        model,
-        source_of(images, labels),
-        np.arange(SAMPLES),
-        CLASSES,
-        settings,
-        pretrained_base=pretrained_base,
-    ).result()
+    data = ClientData(
+        source_of(images, labels), np.arange(SAMPLES), CLASSES, settings, lambda *_: 0
+    )
+    got = collect_class_stats(model, data, pretrained_base=pretrained_base).result()
     count, sigma = brute_force_sigma(features, labels, correct)
     np.testing.assert_array_equal(got.count, count)
     np.testing.assert_array_equal(got.present, count >= 2)
