@@ -24,7 +24,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from livar_merge.federated.export import BASE_FILE, REPORT_FILE, export_run, main
+from livar_merge.federated.export import ExportOptions, export_run, main
+from livar_merge.federated.export.peft_writer import BASE_FILE
+from livar_merge.federated.export.source import REPORT_FILE
 from livar_merge.federated.federation import build_federation
 from livar_merge.federated.run_folder import RunFolder
 from livar_merge.federated.runner import run_federated
@@ -147,7 +149,8 @@ def exported(tmp_path_factory):
         else:  # another rank than the run's: the trained update re-factorised (rank <= 4)
             outs["svd-peft-r8"] = ("peft", exports / "svd-peft-r8", 8)
         for name, (fmt, path, rank) in outs.items():
-            records[name] = export_run(run["folder"], fmt, path, rank=rank, check_samples=0)
+            options = ExportOptions(rank=rank, check_samples=0)
+            records[name] = export_run(run["folder"], fmt, path, options)
             meta = path.with_suffix(".json") if fmt == "timm" else path / REPORT_FILE
             job = {"format": fmt, "path": str(path), "meta": str(meta), "inputs": str(inputs)}
             jobs.append({**job, "name": name})

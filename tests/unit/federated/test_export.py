@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from livar_merge.errors import ExportError, LivarError
-from livar_merge.federated import export
-from livar_merge.federated.export import check_output, check_run_folder, export_run, main
+from livar_merge.federated.export import ExportOptions, cli, export_run, main, peft_writer
+from livar_merge.federated.export.source import check_output, check_run_folder
 from tests.helpers import tiny
 
 
@@ -37,7 +37,7 @@ def no_heavy_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("load_run was called: the refusal came too late")
 
-    monkeypatch.setattr(export, "load_run", refuse)
+    monkeypatch.setattr(cli, "load_run", refuse)
 
 
 def test_a_complete_folder_passes_the_checks(run_dir):
@@ -111,7 +111,7 @@ def test_refuses_bad_format_and_options(tmp_path, run_dir, no_heavy_work):
     with pytest.raises(ExportError, match=r"\.safetensors"):
         check_output("timm", tmp_path / "model.pt")
     with pytest.raises(ExportError, match="--rank"):
-        export_run(run_dir, "timm", tmp_path / "m.safetensors", rank=8)
+        export_run(run_dir, "timm", tmp_path / "m.safetensors", ExportOptions(rank=8))
     assert issubclass(ExportError, LivarError)
 
 
@@ -143,7 +143,7 @@ def test_help_does_not_import_torch_stack():
     import sys
 
     code = (
-        "import sys; from livar_merge.federated import export; export.build_parser(); "
+        "import sys; from livar_merge.federated.export import cli; cli.build_parser(); "
         "print(any(m in sys.modules for m in ('torch', 'timm', 'peft')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -154,7 +154,7 @@ def test_help_does_not_import_torch_stack():
 def test_svd_factors_exact_for_a_low_rank_update():
     gen = torch.Generator().manual_seed(0)
     delta = torch.randn(48, 3, generator=gen) @ torch.randn(3, 20, generator=gen)
-    factor_a, factor_b, stats = export.svd_factors(delta, 5)
+    factor_a, factor_b, stats = peft_writer.svd_factors(delta, 5)
     assert factor_a.shape == (5, 20) and factor_b.shape == (48, 5)
     torch.testing.assert_close(factor_b @ factor_a, delta, atol=1e-5, rtol=0)
     assert stats["update_rank"] == 3 and stats["relative_error"] < 1e-6
@@ -164,7 +164,7 @@ def test_svd_factors_exact_for_a_low_rank_update():
 def test_svd_factors_error_is_the_discarded_tail():
     gen = torch.Generator().manual_seed(1)
     delta = torch.randn(30, 12, generator=gen)
-    factor_a, factor_b, stats = export.svd_factors(delta, 4)
+    factor_a, factor_b, stats = peft_writer.svd_factors(delta, 4)
     s = np.linalg.svd(delta.double().numpy(), compute_uv=False)
     expected = np.sqrt((s[4:] ** 2).sum() / (s**2).sum())
     assert stats["relative_error"] == pytest.approx(expected, rel=1e-9)
@@ -175,11 +175,11 @@ def test_svd_factors_error_is_the_discarded_tail():
 
 def test_svd_factors_pads_beyond_the_layer_rank():
     delta = torch.eye(6)[:, :4] @ torch.ones(4, 4)
-    factor_a, factor_b, stats = export.svd_factors(delta, 10)
+    factor_a, factor_b, stats = peft_writer.svd_factors(delta, 10)
     assert factor_a.shape == (10, 4) and factor_b.shape == (6, 10)
     assert torch.all(factor_b[:, 4:] == 0) and torch.all(factor_a[4:] == 0)
     torch.testing.assert_close(factor_b @ factor_a, delta, atol=1e-5, rtol=0)
     assert stats["update_rank"] == 1 and stats["relative_error"] < 1e-12
-    zero_a, zero_b, zero = export.svd_factors(torch.zeros(5, 3), 2)
+    zero_a, zero_b, zero = peft_writer.svd_factors(torch.zeros(5, 3), 2)
     assert zero["relative_error"] == 0.0 and zero["update_rank"] == 0
     assert not zero_a.any() and not zero_b.any()

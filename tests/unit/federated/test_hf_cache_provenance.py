@@ -75,7 +75,8 @@ def test_random_weights_have_no_provenance():
 def test_export_records_the_cached_checkpoint(hub_cache, tmp_path):
     import json
 
-    from livar_merge.federated.export import REPORT_FILE, export_run, sidecar_path
+    from livar_merge.federated.export import ExportOptions, export_run
+    from livar_merge.federated.export.source import REPORT_FILE, sidecar_path
     from livar_merge.federated.runner import run_federated
     from tests.helpers import tiny
 
@@ -86,7 +87,7 @@ def test_export_records_the_cached_checkpoint(hub_cache, tmp_path):
     expected = hashlib.sha256(hub_cache.read_bytes()).hexdigest()
     written = {}
     for fmt, out in (("peft", tmp_path / "adapter"), ("timm", tmp_path / "model.safetensors")):
-        export_run(tmp_path / "run", fmt, out, check_samples=16, say=lambda _: None)
+        export_run(tmp_path / "run", fmt, out, ExportOptions(check_samples=16), say=lambda _: None)
         report = out / REPORT_FILE if fmt == "peft" else sidecar_path(out)
         written[fmt] = json.loads(report.read_text())
         record = written[fmt]["run"]["weights_provenance"]
