@@ -9,7 +9,11 @@
     figures             figures/figure2.{png,pdf}, figures/figureA.{png,pdf}
 
 Stages 2-6 are deterministic functions of stage 1 and the seed, so ``--resume`` after an
-interruption at any point produces the same table.
+interruption at any point produces the same table. They are cached: ``stages.json``
+(:class:`~livar_calib.stages.StageLedger`) records each stage's inputs (options, and the
+checksums of the files it reads) and the checksums of the files it wrote, and a resumed run
+skips a stage whose inputs and outputs are unchanged and loads its outputs instead; the
+discretisation reuses a table version written with the same options. The figures are redrawn.
 """
 
 from __future__ import annotations
@@ -28,10 +32,17 @@ from livar_calib.config import ANALYSIS_OPTIONS, CalibConfig, training_hash
 from livar_calib.deltas import load_repeat
 from livar_calib.discretise import EdgeSpec, build_table
 from livar_calib.downstream import downstream_report, summarise_downstream
-from livar_calib.explain import shap_analysis
+from livar_calib.explain import ShapResult, shap_analysis
 from livar_calib.features import add_quantile_features
 from livar_calib.figures import plot_shap_summary
-from livar_calib.forest import WITH_SAMPLES, ForestSettings, cross_validated_r2, fit_forest
+from livar_calib.forest import (
+    DEFAULT_FEATURES,
+    WITH_SAMPLES,
+    ForestResult,
+    ForestSettings,
+    cross_validated_r2,
+    fit_forest,
+)
 from livar_calib.intervals import (
     MIN_HELDOUT_RUNS,
     TOO_FEW,
@@ -43,7 +54,8 @@ from livar_calib.intervals import (
 from livar_calib.nnls import nnls_repeat
 from livar_calib.proxy import completed_rounds, proxy_runs, run_proxy_training
 from livar_calib.quality import reconstruction_report, summarise_report, verdict
-from livar_merge._io import write_csv, write_json
+from livar_calib.stages import StageLedger
+from livar_merge._io import atomic_write, read_json_object, write_csv, write_json
 from livar_merge.errors import CalibrationError, MissingHeadsError, RunFolderError, TableError
 from livar_merge.federated import pretrained
 from livar_merge.federated.datasets import load_dataset
@@ -110,7 +122,28 @@ def load_repeats(config: CalibConfig, root: Path, repeat_ids: list[str]) -> list
 def _save_forest(result: Any, path: Path) -> None:
     import skops.io as sio
 
-    sio.dump(result.model, path)
+    atomic_write(path, lambda tmp: sio.dump(result.model, tmp))
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    """``array`` as ``.npy`` (no pickle), atomically."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+# the only types a forest file may hold beyond skops' defaults (anything else is refused)
+FOREST_TYPES = ["sklearn.tree._tree.Tree"]
+
+
+def _load_forest(path: Path) -> Any:
+    """A forest written by :func:`_save_forest` (skops, never pickle: :data:`FOREST_TYPES`)."""
+    import skops.io as sio
+
+    return sio.load(path, trusted=FOREST_TYPES)
 
 
 def preflight(config: CalibConfig) -> None:
@@ -134,10 +167,12 @@ def run_calibration(
 ) -> dict[str, Any]:
     """Run (or resume) every stage; returns the summary written to ``summary.json``. ``engine``
     runs the proxy training's (beta, seed) runs serially (default) or as Ray tasks; the
-    results are the same either way."""
+    results are the same either way. Stages 2-6 whose recorded inputs are unchanged are
+    skipped (:class:`~livar_calib.stages.StageLedger`)."""
 
     root.mkdir(parents=True, exist_ok=True)
     _check_config(config, root, log)
+    ledger = StageLedger(root)
     timings: dict[str, float] = {}
     weights_record = weights_provenance(config.weights)  # hashes the cached file once
 
@@ -149,8 +184,7 @@ def run_calibration(
     log(f"machine: {describe(machine)}" + _training_rate(machine))
 
     start = time.perf_counter()
-    rows = collect_rows(config, root)
-    write_csv(root / "rows.csv", rows)
+    rows = _nnls_stage(config, root, ledger)
     timings["nnls"] = time.perf_counter() - start
     log(
         f"NNLS: {rows['repeat_id'].nunique()} repeats, {len(rows)} rows; "
@@ -158,60 +192,19 @@ def run_calibration(
     )
 
     start = time.perf_counter()
-    train_ids, test_ids, test_runs = split_runs(
+    split = split_runs(
         rows["repeat_id"], holdout_fraction=config.holdout_fraction, seed=config.seed
     )
+    train_ids, test_ids, test_runs = split
     scored_ids, scope = (test_ids, "held-out") if test_ids else (train_ids, "in-sample")
-    settings = ForestSettings(config.seed, config.n_estimators, config.min_samples_leaf, n_jobs=2)
-    forest_options: _ForestOptions = {
-        "seed": config.seed,
-        "n_estimators": config.n_estimators,
-        "min_samples_leaf": config.min_samples_leaf,
-        "holdout_repeats": test_ids,
-        "n_jobs": 2,
-    }
-    forest = fit_forest(rows, settings, holdout_repeats=test_ids)
-    _save_forest(forest, root / "forest.skops")
-    forest.metrics.update(cross_validated_r2(rows, settings))
-    forests = {"q_a,q_b": forest.metrics}
-    forest_samples = None
-    if config.sample_feature:
-        forest_samples = fit_forest(rows, settings, features=WITH_SAMPLES, holdout_repeats=test_ids)
-        _save_forest(forest_samples, root / "forest_samples.skops")
-        forests["q_a,q_b,num_samples"] = forest_samples.metrics
-    write_json(
-        root / "forest.json",
-        {
-            "resampling_unit": UNIT,
-            "train_repeats": train_ids,
-            "test_repeats": test_ids,
-            "test_runs": test_runs,
-            "metrics": forests,
-            "options": forest_options,
-        },
-    )
+    forest, forest_samples, forests = _forest_stage(config, root, ledger, rows, split)
     timings["forest"] = time.perf_counter() - start
     log(_forest_line(forest.metrics, len(test_runs)))
 
     start = time.perf_counter()
-    explained = shap_analysis(
-        forest, rows.loc[:, list(forest.features)], interactions=config.discretise == "interaction"
+    explained, explained_samples, shap_info = _shap_stage(
+        config, root, ledger, rows, forest, forest_samples
     )
-    write_csv(root / "shap_values.csv", explained.values)
-    shap_info: dict[str, Any] = {
-        "base_value": explained.base_value,
-        "features": list(explained.feature_names),
-    }
-    explained_samples = None
-    if forest_samples is not None:
-        explained_samples = shap_analysis(forest_samples, rows.loc[:, list(WITH_SAMPLES)])
-        write_csv(root / "shap_values_samples.csv", explained_samples.values)
-        shap_info["base_value_samples"] = explained_samples.base_value
-        shap_info["mean_abs_shap_samples"] = {
-            k: float(v) for k, v in explained_samples.values.abs().mean().items()
-        }
-    shap_info["trend_spearman"] = shap_trends(explained)
-    write_json(root / "shap.json", shap_info)
     timings["shap"] = time.perf_counter() - start
     log(
         "SHAP trend (Spearman rank correlation of each feature with its SHAP value): "
@@ -244,8 +237,7 @@ def run_calibration(
 
     start = time.perf_counter()
     tables = {"calibrated": table, "paper-table-a": GShapTable.load("paper-table-a")}
-    report = reconstruction_report(load_repeats(config, root, scored_ids), rows, tables)
-    write_csv(root / "quality.csv", report)
+    report = _quality_stage(config, root, ledger, rows, scored_ids, tables)
     summary_report = summarise_report(report)
     write_csv(root / "quality_summary.csv", summary_report, index=True)
     timings["quality"] = time.perf_counter() - start
@@ -261,7 +253,7 @@ def run_calibration(
     downstream_summary = None
     if config.downstream:
         start = time.perf_counter()
-        downstream_summary = _downstream(config, root, rows, scored_ids, tables, log, scope)
+        downstream_summary = _downstream(config, root, ledger, rows, scored_ids, tables, log, scope)
         timings["downstream"] = time.perf_counter() - start
 
     figures = root / "figures"
@@ -269,6 +261,9 @@ def run_calibration(
     plot_shap_summary(explained, rows, figures / "figure2")
     if explained_samples is not None:
         plot_shap_summary(explained_samples, rows, figures / "figureA")
+    reused = sorted(s for s, how in ledger.outcome.items() if how == "reused")
+    if reused:
+        log(f"stages whose recorded inputs were unchanged, skipped: {', '.join(reused)}")
 
     summary = {
         "table": str(table_path),
@@ -286,6 +281,7 @@ def run_calibration(
         "quality_summary": json.loads(summary_report.to_json(orient="index")),
         "quality_verdict": quality_verdict,
         "downstream": downstream_summary,
+        "stages": dict(ledger.outcome),
         "timings_seconds": timings,
         "machine": machine,
     }
@@ -303,6 +299,175 @@ def run_calibration(
         ),
     )
     return summary
+
+
+# ------------------------------------------------------------------------------ stages 2-6
+def _nnls_stage(config: CalibConfig, root: Path, ledger: StageLedger) -> pd.DataFrame:
+    """Stage 2 (rows.csv), from the proxy runs of this training (stage 1's options)."""
+    inputs = {
+        "training": training_hash(config.to_dict()),
+        "runs": [run.run_id for run in proxy_runs(config)],
+        "rounds": config.rounds,
+    }
+
+    def compute() -> pd.DataFrame:
+        rows = collect_rows(config, root)
+        write_csv(root / "rows.csv", rows)
+        return rows
+
+    return ledger.run("nnls", inputs, ["rows.csv"], compute, lambda: pd.read_csv(root / "rows.csv"))
+
+
+def _forest_stage(
+    config: CalibConfig,
+    root: Path,
+    ledger: StageLedger,
+    rows: pd.DataFrame,
+    split: tuple[list[str], list[str], list[str]],
+) -> tuple[ForestResult, ForestResult | None, dict[str, Any]]:
+    """Stage 3: the forest (and the one with the sample count), its metrics in forest.json."""
+    train_ids, test_ids, test_runs = split
+    settings = ForestSettings(config.seed, config.n_estimators, config.min_samples_leaf, n_jobs=2)
+    forest_options: _ForestOptions = {
+        "seed": config.seed,
+        "n_estimators": config.n_estimators,
+        "min_samples_leaf": config.min_samples_leaf,
+        "holdout_repeats": test_ids,
+        "n_jobs": 2,
+    }
+    files = ["forest.skops", "forest.json"] + (
+        ["forest_samples.skops"] if config.sample_feature else []
+    )
+    inputs = {"rows": ledger.checksum("rows.csv"), "options": forest_options, "files": files}
+
+    def compute() -> tuple[ForestResult, ForestResult | None, dict[str, Any]]:
+        forest = fit_forest(rows, settings, holdout_repeats=test_ids)
+        _save_forest(forest, root / "forest.skops")
+        forest.metrics.update(cross_validated_r2(rows, settings))
+        forests = {"q_a,q_b": forest.metrics}
+        forest_samples = None
+        if config.sample_feature:
+            forest_samples = fit_forest(
+                rows, settings, features=WITH_SAMPLES, holdout_repeats=test_ids
+            )
+            _save_forest(forest_samples, root / "forest_samples.skops")
+            forests["q_a,q_b,num_samples"] = forest_samples.metrics
+        record = {
+            "resampling_unit": UNIT,
+            "train_repeats": train_ids,
+            "test_repeats": test_ids,
+            "test_runs": test_runs,
+            "metrics": forests,
+            "options": forest_options,
+        }
+        write_json(root / "forest.json", record)
+        return forest, forest_samples, forests
+
+    def load() -> tuple[ForestResult, ForestResult | None, dict[str, Any]]:
+        forests = read_json_object(root / "forest.json")["metrics"]
+
+        def result(file: str, features: tuple[str, ...], key: str) -> ForestResult:
+            model = _load_forest(root / file)
+            return ForestResult(model, features, "lam", train_ids, test_ids, forests[key])
+
+        forest = result("forest.skops", DEFAULT_FEATURES, "q_a,q_b")
+        samples = None
+        if config.sample_feature:
+            samples = result("forest_samples.skops", WITH_SAMPLES, "q_a,q_b,num_samples")
+        return forest, samples, forests
+
+    return ledger.run("forest", inputs, files, compute, load)
+
+
+def _shap_stage(
+    config: CalibConfig,
+    root: Path,
+    ledger: StageLedger,
+    rows: pd.DataFrame,
+    forest: ForestResult,
+    forest_samples: ForestResult | None,
+) -> tuple[ShapResult, ShapResult | None, dict[str, Any]]:
+    """Stage 4: SHAP values (and interactions for the ``interaction`` rule), shap.json."""
+    interactions = config.discretise == "interaction"
+    files = ["shap_values.csv", "shap.json"]
+    files += ["shap_values_samples.csv"] if forest_samples is not None else []
+    files += ["shap_interactions.npy"] if interactions else []
+    inputs = {
+        "rows": ledger.checksum("rows.csv"),
+        "forests": [ledger.checksum("forest.skops"), ledger.checksum("forest_samples.skops")],
+        "files": files,
+    }
+
+    def compute() -> tuple[ShapResult, ShapResult | None, dict[str, Any]]:
+        data = rows.loc[:, list(forest.features)]
+        explained = shap_analysis(forest, data, interactions=interactions)
+        write_csv(root / "shap_values.csv", explained.values)
+        if explained.interactions is not None:
+            _save_array(root / "shap_interactions.npy", explained.interactions)
+        shap_info: dict[str, Any] = {
+            "base_value": explained.base_value,
+            "features": list(explained.feature_names),
+        }
+        explained_samples = None
+        if forest_samples is not None:
+            explained_samples = shap_analysis(forest_samples, rows.loc[:, list(WITH_SAMPLES)])
+            write_csv(root / "shap_values_samples.csv", explained_samples.values)
+            shap_info["base_value_samples"] = explained_samples.base_value
+            shap_info["mean_abs_shap_samples"] = {
+                k: float(v) for k, v in explained_samples.values.abs().mean().items()
+            }
+        shap_info["trend_spearman"] = shap_trends(explained)
+        write_json(root / "shap.json", shap_info)
+        return explained, explained_samples, shap_info
+
+    def load() -> tuple[ShapResult, ShapResult | None, dict[str, Any]]:
+        shap_info = read_json_object(root / "shap.json")
+        pairs = None
+        if interactions:
+            pairs = np.load(root / "shap_interactions.npy", allow_pickle=False)
+        explained = ShapResult(
+            pd.read_csv(root / "shap_values.csv"),
+            float(shap_info["base_value"]),
+            forest.features,
+            rows.loc[:, list(forest.features)],
+            pairs,
+        )
+        explained_samples = None
+        if forest_samples is not None:
+            explained_samples = ShapResult(
+                pd.read_csv(root / "shap_values_samples.csv"),
+                float(shap_info["base_value_samples"]),
+                WITH_SAMPLES,
+                rows.loc[:, list(WITH_SAMPLES)],
+            )
+        return explained, explained_samples, shap_info
+
+    return ledger.run("shap", inputs, files, compute, load)
+
+
+def _quality_stage(
+    config: CalibConfig,
+    root: Path,
+    ledger: StageLedger,
+    rows: pd.DataFrame,
+    scored_ids: list[str],
+    tables: dict[str, GShapTable],
+) -> pd.DataFrame:
+    """Stage 6: the reconstruction error of the joint delta per scored repeat (quality.csv)."""
+    inputs = {
+        "rows": ledger.checksum("rows.csv"),
+        "scored": scored_ids,
+        "tables": {name: table.identity() for name, table in tables.items()},
+    }
+
+    def compute() -> pd.DataFrame:
+        report = reconstruction_report(load_repeats(config, root, scored_ids), rows, tables)
+        write_csv(root / "quality.csv", report)
+        return report
+
+    return ledger.run(
+        "quality", inputs, ["quality.csv"], compute, lambda: pd.read_csv(root / "quality.csv")
+    )
 
 
 def machine_throughput(
@@ -401,21 +566,40 @@ def _check_config(config: CalibConfig, root: Path, log: Any = print) -> None:
 def _downstream(
     config: CalibConfig,
     root: Path,
+    ledger: StageLedger,
     rows: Any,
     repeat_ids: list[str],
     tables: dict[str, GShapTable],
     log: Any,
     scope: str = "held-out",
 ) -> dict[str, Any] | None:
-    """The downstream check (:mod:`livar_calib.downstream`): ``downstream.csv``,
+    """The downstream check (:mod:`livar_calib.downstream`): ``downstream.csv`` (a ledger
+    stage: its inputs are every option, the rows, the scored repeats and the tables),
     ``downstream_summary.csv`` and the summary's entry; None when the proxy training saved
     no heads (a calibration from before the check)."""
-    try:
+    inputs = {
+        "config": config.config_hash(),
+        "rows": ledger.checksum("rows.csv"),
+        "scored": repeat_ids,
+        "tables": {name: table.identity() for name, table in tables.items()},
+    }
+
+    def compute() -> pd.DataFrame:
         frame = downstream_report(config, root, rows, repeat_ids, tables, log=log)
+        write_csv(root / "downstream.csv", frame)
+        return frame
+
+    try:
+        frame = ledger.run(
+            "downstream",
+            inputs,
+            ["downstream.csv"],
+            compute,
+            lambda: pd.read_csv(root / "downstream.csv"),
+        )
     except MissingHeadsError as err:
         log(f"downstream check skipped: {err}")
         return None
-    write_csv(root / "downstream.csv", frame)
     summary = summarise_downstream(frame)
     write_csv(root / "downstream_summary.csv", summary, index=True)
     table = summary.loc["calibrated"]

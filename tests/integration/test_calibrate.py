@@ -290,3 +290,57 @@ def test_resume_with_another_discretisation_reruns_only_the_analysis(calibrated,
     )
     assert len(list((out / "table").glob("*.json"))) == 2
     assert main(["--preset", "tiny", "--out", str(out), "--resume", "--rounds", "3"]) != 0
+
+
+def _outputs(folder, names):
+    return {name: (folder / name).read_bytes() for name in names}
+
+
+STAGE_FILES = ["rows.csv", "forest.skops", "forest.json", "shap_values.csv", "shap.json"]
+STAGE_FILES += ["quality.csv", "downstream.csv"]
+
+
+def test_a_resumed_calibration_skips_the_stages_whose_inputs_are_unchanged(
+    calibrated, tmp_path, monkeypatch
+):
+    """The docstring's promise, checked: an unchanged resume computes no stage (their
+    functions are made to fail) and rewrites no output; another forest option recomputes the
+    forest and everything after it, not the NNLS; a changed output is recomputed."""
+    import shutil
+
+    import livar_calib.pipeline as pipeline
+
+    out = tmp_path / "copy"
+    shutil.copytree(calibrated, out)
+    first = json.loads((out / "summary.json").read_text())
+    assert set(first["stages"].values()) == {"computed"}
+    before = _outputs(out, STAGE_FILES)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a stage ran although its inputs were unchanged")
+
+    for name in ("collect_rows", "fit_forest", "shap_analysis", "reconstruction_report"):
+        monkeypatch.setattr(pipeline, name, fail)
+    monkeypatch.setattr(pipeline, "downstream_report", fail)
+    assert main(["--preset", "tiny", "--out", str(out), "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"] == dict.fromkeys(
+        ["nnls", "forest", "shap", "quality", "downstream"], "reused"
+    )
+    assert _outputs(out, STAGE_FILES) == before
+    for key in ("table_identity", "forest_metrics", "shap_trend_spearman", "quality_summary"):
+        assert summary[key] == first[key], key
+    assert summary["downstream"] == first["downstream"]
+    monkeypatch.undo()
+
+    # a forest option: NNLS reused, the forest and everything downstream of it recomputed
+    assert main(["--preset", "tiny", "--out", str(out), "--resume", "--min-samples-leaf", "5"]) == 0
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    assert stages["nnls"] == "reused" and stages["forest"] == stages["shap"] == "computed"
+
+    # an output changed by hand is not trusted: its stage runs again and restores it
+    rows = (out / "rows.csv").read_text()
+    (out / "rows.csv").write_text(rows + "\n")
+    assert main(["--preset", "tiny", "--out", str(out), "--resume", "--min-samples-leaf", "5"]) == 0
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    assert stages["nnls"] == "computed" and (out / "rows.csv").read_text() == rows
