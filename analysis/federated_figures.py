@@ -174,7 +174,7 @@ def plot_accuracy_vs_beta(
     ``rows``: finished runs as :func:`analysis.tables.collect_sweeps` returns them. ``data``:
     ``stats`` (DataFrame ``method, beta, mean, std, n`` in percent), ``methods``, ``betas``.
     """
-    from livar_merge.federated.grid_results import results_table
+    from livar_merge.apps.grid_results import results_table
 
     subset = [r for r in rows if r["dataset"] == dataset]
     if not subset:
@@ -209,11 +209,11 @@ def plot_paired_vs_beta(
 ) -> FigureOutput:
     """``method - reference`` on the same client updates against beta, with 95 % intervals.
 
-    ``rows``: :func:`livar_merge.federated.grid_results.collect_paired` rows. ``data``: ``table``
-    (:func:`livar_merge.federated.grid_results.paired_table` rows of ``reference``), ``methods``,
+    ``rows``: :func:`livar_merge.apps.grid_results.collect_paired` rows. ``data``: ``table``
+    (:func:`livar_merge.apps.grid_results.paired_table` rows of ``reference``), ``methods``,
     ``betas``.
     """
-    from livar_merge.federated.grid_results import paired_table
+    from livar_merge.apps.grid_results import paired_table
 
     subset = [r for r in rows if r["dataset"] == dataset and r["paired"] == reference]
     if not subset:

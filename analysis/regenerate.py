@@ -51,7 +51,7 @@ from analysis.tables import (
     write_costs,
     write_table,
 )
-from livar_merge.federated.grid_results import collect_paired, paired_markdown, paired_table
+from livar_merge.apps.grid_results import collect_paired, paired_markdown, paired_table
 from livar_merge.federated.run_layout import RunReader, run_folders
 
 # a posteriori datasets of the paper (Sec. 5.4, Appendix C): normalised name -> (file, label)

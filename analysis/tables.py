@@ -1,8 +1,8 @@
 """Tables 1-4 of the paper from sweep roots: methods x beta, "mean (std)" over seeds, in percent.
 
-The cells come from :func:`livar_merge.federated.grid_results.results_table` (mean and sample
+The cells come from :func:`livar_merge.apps.grid_results.results_table` (mean and sample
 std over seeds of the final test accuracy; "—" for a missing combination, "[n=1]" for a single
-seed) on the runs found by :func:`livar_merge.federated.grid_results.collect_results`. This
+seed) on the runs found by :func:`livar_merge.apps.grid_results.collect_results`. This
 module only lays them out as the paper does:
 
 * Tables 1-3: one block of beta columns per dataset (``CIFAR-100 β=1.0``, ...), rows methods.
@@ -23,7 +23,7 @@ import pandas as pd
 
 from analysis.artifacts import ArtifactError, unique_paths
 from analysis.style import dataset_name, format_beta, method_name, sort_methods
-from livar_merge.federated.grid_results import (
+from livar_merge.apps.grid_results import (
     MISSING_CELL,
     collect_costs,
     collect_results,
@@ -295,7 +295,7 @@ def describe(result: TableResult) -> str:
 
 
 def write_costs(roots: Iterable[str | Path], dataset: str, directory: Path) -> list[Path]:
-    """Cost table of ``dataset`` over the sweep roots (:func:`livar_merge.federated.grid_results.
+    """Cost table of ``dataset`` over the sweep roots (:func:`livar_merge.apps.grid_results.
     cost_table`: medians per method of server aggregation time, client work, statistics and
     upload) as ``costs-<dataset>.csv`` and ``.md``."""
     rows = [r for root in unique_paths([Path(r) for r in roots]) for r in collect_costs(root)]

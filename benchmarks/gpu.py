@@ -899,7 +899,7 @@ def fed(args: argparse.Namespace) -> int:
     rest = list(args.rest)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    from livar_merge.federated.cli import main as livar_fed
+    from livar_merge.apps.fed_cli import main as livar_fed
 
     try:
         return livar_fed(rest)

@@ -22,8 +22,8 @@ from livar_merge._options import (
     collect_overrides,
     report_error,
 )
+from livar_merge.engines.ray_engine import EngineOptions, engine_options, import_ray
 from livar_merge.errors import LivarError
-from livar_merge.federated.ray_engine import EngineOptions, engine_options, import_ray
 
 EXAMPLES = """examples:
   livar-calibrate                                         # embedded default, ~5 min on 2 cores

@@ -56,11 +56,11 @@ from livar_calib.proxy import completed_rounds, proxy_runs, run_proxy_training
 from livar_calib.quality import reconstruction_report, summarise_report, verdict
 from livar_calib.stages import StageLedger
 from livar_merge._io import atomic_write, read_json_object, write_csv, write_json
+from livar_merge.engines.ray_engine import EngineOptions
 from livar_merge.errors import CalibrationError, MissingHeadsError, RunFolderError, TableError
 from livar_merge.federated import pretrained
 from livar_merge.federated.datasets import load_dataset
 from livar_merge.federated.machine import describe, machine_record
-from livar_merge.federated.ray_engine import EngineOptions
 from livar_merge.federated.results import provenance
 from livar_merge.tables import GShapTable, existing_versions, table_file_name
 

@@ -37,12 +37,12 @@ from livar_calib.intervals import repeat_id
 from livar_merge._io import save_tensors, write_csv, write_text
 from livar_merge.aggregation import ClientUpdate
 from livar_merge.aggregation.common import client_head_biases
+from livar_merge.engines.ray_engine import EngineOptions, FolderTask, run_folder_tasks
 from livar_merge.fedavg import fedavg_head, fedavg_lora
 from livar_merge.federated.client import train_client
 from livar_merge.federated.data import derive_seed
 from livar_merge.federated.federation import build_federation, client_id
 from livar_merge.federated.model import restore_parameters, snapshot_trainable
-from livar_merge.federated.ray_engine import EngineOptions, FolderTask, run_folder_tasks
 from livar_merge.lora_view import (
     factor_key,
     fold_into_base,
@@ -247,7 +247,7 @@ class ProxyTrainer:
 
 def train_proxy_run(config: CalibConfig, run: ProxyRun, folder: Path) -> Iterator[int]:
     """The remaining rounds of one (beta, seed) in ``folder``; yields each completed round (a
-    task of the ray engine: :mod:`livar_merge.federated.ray_engine`)."""
+    task of the ray engine: :mod:`livar_merge.engines.ray_engine`)."""
     yield from ProxyTrainer(config, run, folder).rounds()
 
 

@@ -435,7 +435,7 @@ def write_tiny_folder(root: Path, per_class: int = 4, val_per_class: int = 2) ->
 # ----------------------------------------------------------------------------- run folders
 def cost_label(column: str) -> str:
     """The livar-sweep cost table's label of a metrics/clients column."""
-    from livar_merge.federated.grid_results import COST_COLUMNS
+    from livar_merge.apps.grid_results import COST_COLUMNS
 
     return next(lab for _, col, lab, _ in COST_COLUMNS if col == column)
 

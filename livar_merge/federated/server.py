@@ -7,7 +7,7 @@ the pre-round model, aggregation, installation
 the method's ``after_install`` step (given the engine's
 :class:`~livar_merge.aggregation.types.ClientQuery`) and the timing. It names no method: what a
 method keeps, broadcasts or asks of clients goes through the aggregator's lifecycle hooks. The
-in-process driver (:mod:`livar_merge.federated.runner`) and the Flower strategy
+in-process driver (:mod:`livar_merge.engines.inprocess`) and the Flower strategy
 (:mod:`livar_merge.flower.strategy`) only move updates and client queries to it.
 """
 

@@ -51,7 +51,7 @@ def test_run_folder_and_table(calibrated):
 
 
 def test_table_drives_a_federated_run(calibrated, tmp_path):
-    from livar_merge.federated.cli import main as fed_main
+    from livar_merge.apps.fed_cli import main as fed_main
 
     table = json.loads((calibrated / "summary.json").read_text())["table"]
     assert (

@@ -24,12 +24,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from livar_merge.federated.export import ExportOptions, export_run, main
-from livar_merge.federated.export.peft_writer import BASE_FILE
-from livar_merge.federated.export.source import REPORT_FILE
+from livar_merge.apps.export import ExportOptions, export_run, main
+from livar_merge.apps.export.peft_writer import BASE_FILE
+from livar_merge.apps.export.source import REPORT_FILE
+from livar_merge.engines.inprocess import run_federated
 from livar_merge.federated.federation import build_federation
 from livar_merge.federated.run_folder import RunFolder
-from livar_merge.federated.runner import run_federated
 from tests.helpers import tiny
 
 TOLERANCE = 1e-4

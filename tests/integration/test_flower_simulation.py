@@ -17,7 +17,7 @@ from tests.helpers import assert_accuracies_match, load_checkpoint  # noqa: E402
 
 @pytest.mark.slow
 def test_simulation_engine_matches_the_inprocess_run(tmp_path, inprocess_run):
-    from livar_merge.federated.cli import main
+    from livar_merge.apps.fed_cli import main
 
     reference_out, reference = inprocess_run
     out = tmp_path / "flower"
@@ -51,7 +51,7 @@ def test_simulation_engine_matches_the_inprocess_run(tmp_path, inprocess_run):
 def test_simulation_engine_runs_the_baselines_as_livar_fed(tmp_path, method):
     """Grams, Fisher and prototypes travel in the replies, FedProto's prototypes back to the
     clients, CCVR's moments through a QUERY round: the same global model as in-process."""
-    from livar_merge.federated.cli import main
+    from livar_merge.apps.fed_cli import main
 
     args = ["--preset", "tiny", "--method", method, "--fisher-samples", "16"]
     args += ["--ccvr-samples", "32", "--ccvr-epochs", "1"]
@@ -77,7 +77,7 @@ def test_released_protocol_on_both_engines(tmp_path, inprocess_run):
     """--protocol released: the same reported accuracies and global factors on both engines;
     against the paper default on the same seed, the factors are kept (no fold) and the
     reported model is the sample-weighted product, so the accuracies differ."""
-    from livar_merge.federated.cli import main
+    from livar_merge.apps.fed_cli import main
 
     args = ["--preset", "tiny", "--protocol", "released"]
     assert main([*args, "--out", str(tmp_path / "inprocess")]) == 0

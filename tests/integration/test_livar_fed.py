@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+from livar_merge.engines.inprocess import run_federated
 from livar_merge.errors import ConfigError
 from livar_merge.federated.config import resolve_config
 from livar_merge.federated.run_folder import RunFolderError
-from livar_merge.federated.runner import run_federated
 from tests.helpers import tiny
 
 
@@ -128,7 +128,7 @@ def test_every_method_and_merge_mode_runs(tmp_path, method, mode):
 
 
 def test_cli_end_to_end_and_errors(tmp_path):
-    from livar_merge.federated.cli import main
+    from livar_merge.apps.fed_cli import main
 
     config = tmp_path / "run.toml"
     config.write_text('method = "fedavg"\nrounds = 1\nnum-clients = 2\nmax-train = 100\n')

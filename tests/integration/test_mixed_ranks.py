@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from livar_merge.federated.cli import main
-from livar_merge.federated.runner import FederatedRun, run_federated
+from livar_merge.apps.fed_cli import main
+from livar_merge.engines.inprocess import FederatedRun, run_federated
 from livar_merge.federated.server import FederatedServer
 from tests.helpers import load_checkpoint, tiny
 

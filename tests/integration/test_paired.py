@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from livar_merge.federated.cli import main
-from livar_merge.federated.runner import run_federated
+from livar_merge.apps.fed_cli import main
+from livar_merge.engines.inprocess import run_federated
 from tests.helpers import load_checkpoint, tiny
 
 

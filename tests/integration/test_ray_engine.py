@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from livar_calib.cli import main as calibrate
-from livar_merge.federated.sweep import main as sweep
+from livar_merge.apps.sweep import main as sweep
 from tests.helpers import tiny_sweep_args
 
 ray = pytest.importorskip("ray")

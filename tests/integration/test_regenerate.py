@@ -13,7 +13,7 @@ import pytest
 from analysis.__main__ import main as analysis_main
 from analysis.__main__ import parse_named_path
 from analysis.regenerate import regenerate
-from livar_merge.federated.grid_results import MISSING_CELL
+from livar_merge.apps.grid_results import MISSING_CELL
 from tests.helpers import (
     alpha_frame,
     write_calibration,
@@ -150,7 +150,7 @@ def test_paired_vs_beta_hand_computed_intervals(tmp_path: Path):
     from scipy import stats
 
     from analysis.federated_figures import plot_paired_vs_beta
-    from livar_merge.federated.grid_results import collect_paired
+    from livar_merge.apps.grid_results import collect_paired
 
     root = tmp_path / "sweep"
     gains = {0.05: [[0.02, 0.05], [0.01, 0.04]], 0.5: [[0.00, -0.01], [0.01, 0.02]]}

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from livar_merge.federated.runner import run_federated
+from livar_merge.engines.inprocess import run_federated
 from livar_merge.federated.sampling import sample_participants
 from livar_merge.tables import GShapTable
 from tests.helpers import assert_accuracies_match, brute_force_alpha, load_checkpoint, tiny
@@ -83,7 +83,7 @@ def test_stateful_methods_run_over_the_participants(tmp_path, method):
 @pytest.mark.slow
 def test_the_simulation_engine_samples_the_same_clients(sampled_run, tmp_path):
     pytest.importorskip("flwr")
-    from livar_merge.federated.cli import main
+    from livar_merge.apps.fed_cli import main
 
     out, summary = sampled_run
     flower = tmp_path / "flower"

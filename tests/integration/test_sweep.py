@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from livar_merge.federated.sweep import (
+from livar_merge.apps.sweep import (
     main,
 )
 from tests.helpers import cost_label as label

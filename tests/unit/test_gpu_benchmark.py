@@ -169,7 +169,7 @@ def test_the_livar_fed_command_is_the_paired_pretrained_run(gpu, tmp_path):
     assert value("--max-test") == "500" and "--max-train" not in options
     assert "--threads" not in options and value("--out") == str(out)
     # every option is one livar-fed accepts
-    from livar_merge.federated.cli import build_parser
+    from livar_merge.apps.fed_cli import build_parser
 
     build_parser().parse_args(options)
     args.block = []

@@ -14,8 +14,8 @@ from analysis.tables import (
     override_specs,
     write_table,
 )
+from livar_merge.apps.grid_results import MISSING_CELL
 from livar_merge.errors import ArtifactError
-from livar_merge.federated.grid_results import MISSING_CELL
 from tests.helpers import (
     write_sweep,
 )

@@ -1,9 +1,20 @@
-"""Which package each layer may import, read from the source with ``ast`` (imports inside
-functions count too).
+"""Which layer may import which, read from the source with ``ast`` (imports inside functions
+count too).
 
-Layers, bottom up: the merging core (``livar_merge``'s top-level modules and
-``livar_merge.aggregation``), the flwr-free runtime (``livar_merge.federated``), the Flower
-package (``livar_merge.flower``), then the applications (``livar_calib``, ``analysis``).
+Layers, bottom up (the top-level packages ``livar_merge`` and ``livar_calib`` keep their names):
+
+============  ===============================================================================
+peft view     ``livar_merge/lora_view.py``: peft's names and LoRA operations (torch only)
+core          ``livar_merge``'s other top-level modules: the merging maths, tables, signals
+methods       ``livar_merge/aggregation``: the aggregation methods and their registry
+runtime       ``livar_merge/federated``: flwr-free config, data, model, client, server, runs
+engines       ``livar_merge/engines`` (in process, Ray) and ``livar_merge/flower`` (Flower)
+apps          ``livar_merge/apps`` (livar-fed, livar-sweep, livar-export), ``livar_calib``,
+              ``analysis``
+============  ===============================================================================
+
+A layer imports only the layers below it; flwr only in the Flower engine, Ray only in the Ray
+engine (lazily).
 """
 
 from __future__ import annotations
@@ -15,16 +26,27 @@ import pytest
 
 from tests.helpers import REPO as ROOT
 
+PACKAGE = ROOT / "livar_merge"
+PEFT_VIEW = [PACKAGE / "lora_view.py"]
 CORE = [
     p
-    for p in (ROOT / "livar_merge").glob("*.py")
-    if p.name != "__init__.py"  # the package's public API re-exports every layer lazily
-] + sorted((ROOT / "livar_merge" / "aggregation").rglob("*.py"))
-RUNTIME = sorted((ROOT / "livar_merge" / "federated").rglob("*.py"))
-FLOWER = sorted((ROOT / "livar_merge" / "flower").rglob("*.py"))
+    for p in PACKAGE.glob("*.py")
+    if p.name not in ("__init__.py", "lora_view.py")  # __init__: the lazy public API
+]
+METHODS = sorted((PACKAGE / "aggregation").rglob("*.py"))
+RUNTIME = sorted((PACKAGE / "federated").rglob("*.py"))
+ENGINES = sorted((PACKAGE / "engines").rglob("*.py"))
+FLOWER = sorted((PACKAGE / "flower").rglob("*.py"))
+APPS = sorted((PACKAGE / "apps").rglob("*.py"))
 CALIB = sorted((ROOT / "livar_calib").rglob("*.py"))
 ANALYSIS = sorted((ROOT / "analysis").rglob("*.py"))
-ALL = [*CORE, *RUNTIME, *FLOWER, *CALIB, *ANALYSIS]
+ALL = [*PEFT_VIEW, *CORE, *METHODS, *RUNTIME, *ENGINES, *FLOWER, *APPS, *CALIB, *ANALYSIS]
+# module prefixes of each layer
+M_PEFT_VIEW = ("livar_merge.lora_view",)
+M_METHODS = ("livar_merge.aggregation",)
+M_RUNTIME = ("livar_merge.federated",)
+M_ENGINES = ("livar_merge.engines", "livar_merge.flower")
+M_APPS = ("livar_merge.apps", "livar_calib", "analysis")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -59,31 +81,41 @@ def offenders(paths: list[Path], forbidden: tuple[str, ...], allow: set[str] = f
 
 
 def test_the_layers_exist():
-    assert len(CORE) >= 8 and len(RUNTIME) >= 10 and len(FLOWER) >= 4 and CALIB and ANALYSIS
+    assert len(CORE) >= 8 and len(METHODS) >= 6 and len(RUNTIME) >= 10
+    assert len(ENGINES) >= 2 and len(FLOWER) >= 4 and len(APPS) >= 5 and CALIB and ANALYSIS
+    assert len(ALL) == len(set(ALL))  # no module in two layers
+    every = {p for p in PACKAGE.rglob("*.py")} - {PACKAGE / "__init__.py"}
+    assert every <= set(ALL)  # and none outside a layer
 
 
-def test_merging_core_imports_no_runtime_or_application():
-    forbidden = ("livar_merge.federated", "livar_merge.flower", "livar_calib", "analysis", "flwr")
-    assert offenders(CORE, forbidden) == []
+def test_the_peft_view_imports_nothing_of_livar_but_its_errors():
+    livar = tuple(f"livar_merge.{m}" for m in ("aggregation", "federated", "engines", "flower"))
+    assert offenders(PEFT_VIEW, (*livar, "livar_merge.apps", "livar_merge.lora")) == []
 
 
-def test_nothing_outside_the_flower_package_imports_flwr():
-    assert offenders([*CORE, *RUNTIME, *CALIB, *ANALYSIS], ("flwr",)) == []
-    # Ray has one home outside Flower: the Ray engine of livar-calibrate/livar-sweep (lazily)
-    allow = {"livar_merge/federated/ray_engine.py"}
-    assert offenders([*CORE, *RUNTIME, *CALIB, *ANALYSIS], ("ray",), allow) == []
+def test_the_core_and_the_methods_import_no_runtime_engine_or_app():
+    forbidden = (*M_RUNTIME, *M_ENGINES, *M_APPS, "flwr", "ray")
+    assert offenders([*CORE, *METHODS], forbidden) == []
+    assert offenders(CORE, M_METHODS) == []  # the methods build on the core, not back
 
 
-def test_runtime_imports_the_flower_package_only_from_the_cli():
-    # livar-fed --engine flower starts the Simulation Engine; nothing else may reach Flower
-    allow = {"livar_merge/federated/cli.py"}
-    assert offenders(RUNTIME, ("livar_merge.flower",), allow) == []
-    assert offenders(RUNTIME, ("livar_calib", "analysis")) == []
+def test_the_runtime_imports_no_engine_or_app():
+    assert offenders(RUNTIME, (*M_ENGINES, *M_APPS, "flwr", "ray")) == []
 
 
-def test_calibration_and_analysis_stay_above_the_runtime():
-    assert offenders(CALIB, ("analysis", "livar_merge.flower")) == []
-    assert offenders([*CORE, *RUNTIME, *FLOWER], ("livar_calib", "analysis")) == []
+def test_the_engines_import_no_app():
+    assert offenders([*ENGINES, *FLOWER], M_APPS) == []
+    assert offenders(ENGINES, ("livar_merge.flower", "flwr")) == []  # Flower is its own engine
+
+
+def test_flwr_and_ray_have_one_home_each():
+    assert offenders([p for p in ALL if p not in FLOWER], ("flwr",)) == []
+    assert offenders(ALL, ("ray",), allow={"livar_merge/engines/ray_engine.py"}) == []
+
+
+def test_the_apps_stay_apart():
+    assert offenders(CALIB, ("analysis",)) == []
+    assert offenders([*APPS, *CALIB], ("analysis",)) == []
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(ROOT)))

@@ -1,4 +1,4 @@
-"""The livar-fed command line (livar_merge.federated.cli): help and refusals."""
+"""The livar-fed command line (livar_merge.apps.fed_cli): help and refusals."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from tests.helpers import fresh_imports
 
 
 def test_cli_help_is_light_and_documents_options():
-    from livar_merge.federated.cli import build_parser
+    from livar_merge.apps.fed_cli import build_parser
 
-    code = "from livar_merge.federated.cli import build_parser; build_parser().format_help()"
+    code = "from livar_merge.apps.fed_cli import build_parser; build_parser().format_help()"
     assert fresh_imports(code, ["torch"]) == []
     text = build_parser().format_help()
     assert "--lora-merge" in text and "--sigma-pass" in text
 
 
 def test_cli_engine_option_and_refusals(capsys, tmp_path):
-    from livar_merge.federated.cli import main
+    from livar_merge.apps.fed_cli import main
 
     with pytest.raises(SystemExit):
         main(["--preset", "tiny", "--engine", "flower", "--resume"])

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from livar_merge.apps import fed_cli as cli
 from livar_merge.errors import ConfigError
-from livar_merge.federated import cli
 from livar_merge.federated.config import resolve_config
 
 

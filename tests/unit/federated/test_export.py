@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from livar_merge.apps.export import ExportOptions, cli, export_run, main, peft_writer
+from livar_merge.apps.export.source import check_output, check_run_folder
 from livar_merge.errors import ExportError, LivarError
-from livar_merge.federated.export import ExportOptions, cli, export_run, main, peft_writer
-from livar_merge.federated.export.source import check_output, check_run_folder
 from tests.helpers import tiny
 
 
@@ -143,7 +143,7 @@ def test_help_does_not_import_torch_stack():
     import sys
 
     code = (
-        "import sys; from livar_merge.federated.export import cli; cli.build_parser(); "
+        "import sys; from livar_merge.apps.export import cli; cli.build_parser(); "
         "print(any(m in sys.modules for m in ('torch', 'timm', 'peft')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -75,9 +75,9 @@ def test_random_weights_have_no_provenance():
 def test_export_records_the_cached_checkpoint(hub_cache, tmp_path):
     import json
 
-    from livar_merge.federated.export import ExportOptions, export_run
-    from livar_merge.federated.export.source import REPORT_FILE, sidecar_path
-    from livar_merge.federated.runner import run_federated
+    from livar_merge.apps.export import ExportOptions, export_run
+    from livar_merge.apps.export.source import REPORT_FILE, sidecar_path
+    from livar_merge.engines.inprocess import run_federated
     from tests.helpers import tiny
 
     arch = dict.fromkeys(("patch_size", "embed_dim", "depth", "num_heads"))  # the model's own

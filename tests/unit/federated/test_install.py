@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
+from livar_merge.engines.inprocess import FederatedRun
 from livar_merge.federated.install import install_result
-from livar_merge.federated.runner import FederatedRun
 from livar_merge.lora import merge_lora
 from tests.helpers import tiny
 

@@ -13,8 +13,8 @@ from livar_merge.aggregation import (
     register_method,
     unregister_method,
 )
+from livar_merge.apps import fed_cli as fed_cli
 from livar_merge.errors import ConfigError, TableError
-from livar_merge.federated import cli as fed_cli
 from livar_merge.federated.config import FedConfig, resolve_config, validate_config
 
 CONFIGS = [(FedConfig, fed_cli.build_parser), (CalibConfig, calib_cli.build_parser)]
@@ -110,7 +110,7 @@ def test_registry_config_and_clis_do_not_import_torch():
     code = (
         "import sys\n"
         "import livar_merge.aggregation.registry\n"
-        "from livar_merge.federated import cli\n"
+        "from livar_merge.apps import fed_cli as cli\n"
         "from livar_calib import cli as calib\n"
         "from livar_merge.federated.config import resolve_config\n"
         "c = resolve_config('tiny', None, {'method': 'livar', 'paired': ['regmean']})\n"

@@ -5,10 +5,10 @@ import json
 import pytest
 from scipy import stats
 
+from livar_merge.apps.fed_cli import main
 from livar_merge.errors import (
     LivarError,
 )
-from livar_merge.federated.cli import main
 from livar_merge.federated.paired import mean_interval, paired_summary, with_differences
 from tests.helpers import tiny
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from livar_merge._options import add_dataclass_options
-from livar_merge.errors import EngineUnavailableError, LivarError
-from livar_merge.federated.ray_engine import (
+from livar_merge.engines.ray_engine import (
     EngineOptions,
     FolderTracker,
     apply_change,
@@ -19,6 +18,7 @@ from livar_merge.federated.ray_engine import (
     folder_files,
     import_ray,
 )
+from livar_merge.errors import EngineUnavailableError, LivarError
 
 
 def test_tracked_changes_rebuild_the_folder(tmp_path: Path):

@@ -64,8 +64,8 @@ def test_run_folders_of_a_run_and_of_a_sweep_root(tmp_path: Path):
 def test_written_run_has_every_path_of_its_layout(tmp_path: Path):
     """A real (tiny, 1 round) livar-fed run holds the header, tables, summary and checkpoint
     at the paths of its layout, and the reader reads it."""
+    from livar_merge.engines.inprocess import run_federated
     from livar_merge.federated.config import resolve_config
-    from livar_merge.federated.runner import run_federated
 
     config = resolve_config("tiny", None, {"rounds": 1, "method": "livar", "paired": ["fedavg"]})
     run_federated(config, tmp_path / "run")

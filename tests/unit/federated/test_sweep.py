@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from livar_merge.federated.grid_results import (
+from livar_merge.apps.grid_results import (
     MISSING_CELL,
     collect_costs,
     collect_results,
@@ -88,8 +88,8 @@ def test_run_grid_refuses_a_finished_run_of_other_options(tmp_path: Path, monkey
     options (here another local_epochs) is refused before any run starts, naming the folder."""
     import json
 
+    from livar_merge.apps import sweep
     from livar_merge.errors import RunFolderError
-    from livar_merge.federated import sweep
     from livar_merge.federated.config import resolve_config
     from livar_merge.federated.run_folder import write_run_header
 

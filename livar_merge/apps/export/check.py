@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from livar_merge.apps.export.source import LoadedRun, Say
 from livar_merge.errors import LivarError
-from livar_merge.federated.export.source import LoadedRun, Say
 
 if TYPE_CHECKING:
     import torch

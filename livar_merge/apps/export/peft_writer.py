@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from livar_merge._io import write_json, write_text
-from livar_merge.federated.export.check import EXACT_RELATIVE_ERROR, CheckData, compare, logits_of
-from livar_merge.federated.export.source import (
+from livar_merge.apps.export.check import EXACT_RELATIVE_ERROR, CheckData, compare, logits_of
+from livar_merge.apps.export.source import (
     PEFT_FILES,
     REPORT_FILE,
     LoadedRun,

@@ -1,6 +1,6 @@
 """Grids of ``livar-fed`` runs (methods x betas x seeds) and their mean/std tables.
 
-    python -m livar_merge.federated.sweep --preset cpu --dataset fashion-mnist \\
+    python -m livar_merge.apps.sweep --preset cpu --dataset fashion-mnist \\
         --methods fedavg livar-alpha livar-sigma livar --betas 0.05 0.5 --seeds 0 1 2 \\
         --root runs/fashion-table
 
@@ -18,7 +18,7 @@ aggregated from the run's own client updates and evaluated (``paired.csv`` of th
 independent), and over seeds of the final round.
 
 ``--engine ray`` runs the grid's unfinished runs as Ray tasks (``--ray-address``,
-``--ray-cpus-per-task``, ``--ray-gpus-per-task``: :mod:`livar_merge.federated.ray_engine`); each
+``--ray-cpus-per-task``, ``--ray-gpus-per-task``: :mod:`livar_merge.engines.ray_engine`); each
 task's run folder comes back through Ray, so worker nodes need no shared filesystem.
 """
 
@@ -33,17 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from livar_merge._options import add_dataclass_options
-from livar_merge.errors import ConfigError, LivarError, RunFolderError
-from livar_merge.federated.cli import run_with_engine
-from livar_merge.federated.config import resolve_config
-from livar_merge.federated.grid_results import write_table
-from livar_merge.federated.ray_engine import (
+from livar_merge.apps.fed_cli import run_with_engine
+from livar_merge.apps.grid_results import write_table
+from livar_merge.engines.ray_engine import (
     EngineOptions,
     FolderTask,
     engine_options,
     import_ray,
     run_folder_tasks,
 )
+from livar_merge.errors import ConfigError, LivarError, RunFolderError
+from livar_merge.federated.config import resolve_config
 from livar_merge.federated.run_folder import RunFolder
 from livar_merge.federated.run_layout import RunLayout
 

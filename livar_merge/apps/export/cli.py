@@ -19,17 +19,17 @@ from livar_merge._options import (
     option,
     report_error,
 )
-from livar_merge.errors import ExportError, LivarError
-from livar_merge.federated.export.check import DEFAULT_CHECK_SAMPLES, check_data
-from livar_merge.federated.export.peft_writer import export_peft
-from livar_merge.federated.export.source import (
+from livar_merge.apps.export.check import DEFAULT_CHECK_SAMPLES, check_data
+from livar_merge.apps.export.peft_writer import export_peft
+from livar_merge.apps.export.source import (
     FORMATS,
     Say,
     check_output,
     check_run_folder,
     load_run,
 )
-from livar_merge.federated.export.timm_writer import export_timm
+from livar_merge.apps.export.timm_writer import export_timm
+from livar_merge.errors import ExportError, LivarError
 
 EXAMPLES = """examples:
   livar-export runs/my-run --to timm exported/my-run.safetensors
@@ -71,7 +71,7 @@ class ExportOptions:
 
 def build_parser() -> argparse.ArgumentParser:
     """``livar-export RUN_DIR --to FORMAT OUT`` and the :class:`ExportOptions` flags."""
-    doc = importlib.import_module("livar_merge.federated.export").__doc__
+    doc = importlib.import_module("livar_merge.apps.export").__doc__
     parser = cli_parser("livar-export", doc, EXAMPLES)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="results folder of a livar-fed run")
     parser.add_argument(

@@ -29,6 +29,6 @@ Either format is then loaded back from the written files as a user would (fresh 
 the whole test set is checked); the result goes into the JSON written beside the output.
 """
 
-from livar_merge.federated.export.cli import ExportOptions, export_run, main
+from livar_merge.apps.export.cli import ExportOptions, export_run, main
 
 __all__ = ["ExportOptions", "export_run", "main"]

@@ -77,7 +77,7 @@ def run_with_engine(
     """Run ``config`` on its engine (``inprocess``: :func:`run_federated`; ``flower``: the
     Flower Simulation Engine, which neither resumes nor stops early). Returns the summary."""
     if config.engine != "flower":
-        from livar_merge.federated.runner import run_federated
+        from livar_merge.engines.inprocess import run_federated
 
         return run_federated(config, out, resume=resume, stop_after=stop_after)
     if resume or stop_after is not None:

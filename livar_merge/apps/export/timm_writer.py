@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from livar_merge._io import save_tensors, write_json
-from livar_merge.federated.export.check import CheckData, compare, logits_of
-from livar_merge.federated.export.source import (
+from livar_merge.apps.export.check import CheckData, compare, logits_of
+from livar_merge.apps.export.source import (
     LoadedRun,
     Say,
     create_timm,
