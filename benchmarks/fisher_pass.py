@@ -38,7 +38,7 @@ def main() -> None:
     from livar_merge.federated.federation import build_federation
 
     config = resolve_config(args.preset, None, {"method": "fisher"})
-    fed = build_federation(config)
+    fed = build_federation(config, dataset=config.dataset, seed=config.seed, beta=config.beta)
     model = fed.model.eval()
     torch.manual_seed(0)
     for name, param in model.named_parameters():  # a trained-looking adapter (B != 0)

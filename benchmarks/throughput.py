@@ -27,7 +27,8 @@ from common import machine, preset_on_device, save, training_parser
 
 
 def main() -> None:
-    from livar_merge.federated.client import TrainSettings, train_client
+    from livar_merge.federated.client import train_client
+    from livar_merge.federated.config import TrainSettings
     from livar_merge.federated.data import BatchSource
     from livar_merge.federated.datasets import InMemoryImages
     from livar_merge.federated.federation import build_seeded_model

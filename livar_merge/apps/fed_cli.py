@@ -72,7 +72,7 @@ def list_available(what: str) -> None:
 
 
 def run_with_engine(
-    config: Any, out: Path, *, resume: bool = False, stop_after: int | None = None
+    config: FedConfig, out: Path, *, resume: bool = False, stop_after: int | None = None
 ) -> dict[str, Any]:
     """Run ``config`` on its engine (``inprocess``: :func:`run_federated`; ``flower``: the
     Flower Simulation Engine, which neither resumes nor stops early). Returns the summary."""

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from livar_merge._options import add_dataclass_options
 from livar_merge.apps.fed_cli import run_with_engine
@@ -46,6 +46,9 @@ from livar_merge.errors import ConfigError, LivarError, RunFolderError
 from livar_merge.federated.config import resolve_config
 from livar_merge.federated.run_folder import RunFolder
 from livar_merge.federated.run_layout import RunLayout
+
+if TYPE_CHECKING:
+    from livar_merge.federated.config import FedConfig
 
 
 def run_grid(
@@ -96,7 +99,7 @@ def run_grid(
     return folders
 
 
-def check_finished_run(folder: Path, config: Any) -> None:
+def check_finished_run(folder: Path, config: FedConfig) -> None:
     """Refuse a finished run in ``folder`` whose options differ from the grid's ``config``
     (it would be skipped and counted as this grid's cell)."""
     try:
@@ -108,7 +111,7 @@ def check_finished_run(folder: Path, config: Any) -> None:
         ) from err
 
 
-def run_in_folder(config: Any, folder: Path) -> Iterator[tuple[str, float, float]]:
+def run_in_folder(config: FedConfig, folder: Path) -> Iterator[tuple[str, float, float]]:
     """One grid run in ``folder``, resumed from its checkpoint if it has one; yields
     ``(run name, final accuracy, seconds)`` once finished (a task of the ray engine)."""
     start = time.perf_counter()

@@ -35,7 +35,9 @@ class FederatedRun:
         self.config = config
         self.folder = RunFolder(out, config)
         self.resume = self.folder.check(resume=resume)  # before anything is built or written
-        self.federation = build_federation(config)
+        self.federation = build_federation(
+            config, dataset=config.dataset, seed=config.seed, beta=config.beta
+        )
         self.model = self.federation.model
         self.server = FederatedServer.from_config(
             self.model, config, evaluate=self.federation.evaluate

@@ -21,6 +21,7 @@ import torch
 from livar_merge.aggregation import ClientUpdate
 from livar_merge.errors import ClientUpdateError
 from livar_merge.federated.collectors import ClientData, Collector, build_collectors
+from livar_merge.federated.config import TrainSettings
 from livar_merge.federated.data import BatchSource, derive_seed
 from livar_merge.federated.model import (
     autocast_context,
@@ -29,27 +30,6 @@ from livar_merge.federated.model import (
     peft_view,
 )
 from livar_merge.lora_view import frozen_weights, lora_state
-from livar_merge.signals import Reduction
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """What local training needs from the run configuration."""
-
-    local_epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    augment: str = "off"  # "off", "pad-crop", "rrc" (livar_merge.federated.data)
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    omega_reduction: Reduction = "matrix"
-    omega_cumulative: bool = False
-    sigma_samples: str = "correct"
-    sigma_pass: str = "final"
-    sigma_inputs: str = "normalised"  # or "raw" [0, 1] pixels (released code)
-    eval_batch_size: int = 256
-    proto_weight: float = 1.0  # FedProto's lambda (used when prototypes are given)
-    fisher_samples: int = 256  # samples of the diagonal Fisher (Fisher averaging)
 
 
 @dataclass

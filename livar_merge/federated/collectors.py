@@ -45,7 +45,8 @@ from livar_merge.lora_view import find_lora_parameters, frozen_weights
 from livar_merge.signals import ClassFeatureStats, ImportanceTracker
 
 if TYPE_CHECKING:
-    from livar_merge.federated.client import ClientMemory, TrainSettings
+    from livar_merge.federated.client import ClientMemory
+    from livar_merge.federated.config import TrainSettings
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,26 @@ def legacy_augment(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """What local training needs from the run configuration."""
+
+    local_epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    augment: str = "off"  # "off", "pad-crop", "rrc" (livar_merge.federated.data)
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    omega_reduction: OmegaReduction = "matrix"
+    omega_cumulative: bool = False
+    sigma_samples: str = "correct"
+    sigma_pass: str = "final"
+    sigma_inputs: str = "normalised"  # or "raw" [0, 1] pixels (released code)
+    eval_batch_size: int = 256
+    proto_weight: float = 1.0  # FedProto's lambda (used when prototypes are given)
+    fisher_samples: int = 256  # samples of the diagonal Fisher (Fisher averaging)
+
+
 ARCH_OVERRIDE = "(random init only)"
 # the datasets livar_merge.federated.datasets.sources registers (a test keeps the two equal), so
 # that a wrong --dataset/--proxy name fails before torch and the loaders are imported
@@ -247,6 +267,25 @@ class FedConfig(ArchitectureOverrides):
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def train_settings(self, precision: str) -> TrainSettings:
+        """The local-training settings of this run, with the resolved ``precision``."""
+        return TrainSettings(
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            augment=self.augment,
+            precision=precision,
+            omega_reduction=self.omega_reduction,
+            omega_cumulative=self.omega_cumulative,
+            sigma_samples=self.sigma_samples,
+            sigma_pass=self.sigma_pass,
+            sigma_inputs=self.sigma_inputs,
+            eval_batch_size=self.eval_batch_size,
+            proto_weight=self.proto_weight,
+            fisher_samples=self.fisher_samples,
+        )
 
     def method_options(self, *methods: str) -> dict[str, Any]:
         """The options the given methods declare (default: the run's own ``method``), with this

@@ -2,24 +2,23 @@
 Dirichlet split, the seeded peft model and its batch sources. One builder for ``livar-fed``
 (in-process), both Flower apps and ``livar-calibrate``'s proxy training.
 
-``livar-fed``'s FedConfig and ``livar-calibrate``'s CalibConfig name these options alike
-(data_root, image_size, max_train, max_test, model, weights, patch_size, embed_dim, depth,
-num_heads, lora_rank, lora_alpha, lora_dropout, device, precision, threads, and the local-training
-options of :class:`~livar_merge.federated.client.TrainSettings`), so the builder reads them by
-attribute; the dataset, seed and beta are passed explicitly (a calibration has several).
+The builders read a run's options through :class:`FederationOptions`, which ``livar-fed``'s
+FedConfig and ``livar-calibrate``'s CalibConfig both satisfy (each builds its own
+:class:`~livar_merge.federated.config.TrainSettings`); the dataset, seed and beta are passed
+explicitly (a calibration has several).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 
-from livar_merge.federated.client import TrainSettings, evaluate
+from livar_merge.federated.client import evaluate
+from livar_merge.federated.config import TrainSettings
 from livar_merge.federated.data import BatchSource, derive_seed
 from livar_merge.federated.datasets import (
     LabeledImages,
@@ -31,6 +30,59 @@ from livar_merge.federated.model import ModelInfo, build_model
 from livar_merge.federated.partition import class_count_table, dirichlet_partition
 from livar_merge.federated.statistics import feature_moments
 from livar_merge.lora_view import base_weight, peft_scalings
+
+
+class ModelOptions(Protocol):
+    """The options of the seeded peft model (:func:`build_seeded_model`)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def weights(self) -> str: ...
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def lora_rank(self) -> int: ...
+    @property
+    def lora_alpha(self) -> float: ...
+    @property
+    def lora_dropout(self) -> float: ...
+
+    def architecture_overrides(self) -> dict[str, int]: ...
+
+
+class DataOptions(Protocol):
+    """The options of a run's data (:func:`load_train_test`)."""
+
+    @property
+    def data_root(self) -> str | None: ...
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def max_train(self) -> int | None: ...
+    @property
+    def max_test(self) -> int | None: ...
+
+
+class FederationOptions(ModelOptions, DataOptions, Protocol):
+    """Everything :func:`build_federation` reads of a run's config."""
+
+    @property
+    def num_clients(self) -> int: ...
+    @property
+    def min_client_samples(self) -> int: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def precision(self) -> str: ...
+    @property
+    def threads(self) -> int | None: ...
+    @property
+    def num_workers(self) -> int: ...
+    @property
+    def lora_merge(self) -> str: ...
+
+    def train_settings(self, precision: str) -> TrainSettings: ...
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -48,22 +100,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def settings_from(config: Any, precision: str) -> TrainSettings:
-    """Local-training settings from any config naming the same options; options a config lacks
-    keep TrainSettings' defaults."""
-    names = {f.name for f in dataclasses.fields(TrainSettings)} - {"precision"}
-    given = {name: getattr(config, name) for name in names if hasattr(config, name)}
-    return TrainSettings(**given, precision=precision)
-
-
 # -------------------------------------------------------------------------------- data
 def load_train_test(
-    dataset: str, config: Any, seed: int
+    dataset: str, config: DataOptions, seed: int, *, data_root: str | None = None
 ) -> tuple[Any, LabeledImages, LabeledImages]:
-    """``(splits, train, test)`` with the stratified subsamples ``max_train``/``max_test``."""
-    splits = load_dataset(dataset, config.data_root, image_size=config.image_size, seed=seed)
+    """``(splits, train, test)`` with the stratified subsamples ``max_train``/``max_test``;
+    ``data_root`` overrides the config's dataset folder (e.g. on a Flower node)."""
+    root = data_root if data_root else config.data_root
+    splits = load_dataset(dataset, root, image_size=config.image_size, seed=seed)
     train, test = splits.train, splits.test
-    max_train, max_test = getattr(config, "max_train", None), getattr(config, "max_test", None)
+    max_train, max_test = config.max_train, config.max_test
     if max_train is not None and max_train < len(train):
         train = subset(train, stratified_subsample(np.asarray(train.labels), max_train, seed))
     if max_test is not None and max_test < len(test):
@@ -72,7 +118,7 @@ def load_train_test(
 
 
 def build_seeded_model(
-    config: Any, num_classes: int, seed: int
+    config: ModelOptions, num_classes: int, seed: int
 ) -> tuple[torch.nn.Module, ModelInfo]:
     """The peft LoRA ViT of ``config``, initialised from ``seed`` (same seed, same weights)."""
     torch.manual_seed(derive_seed(seed, "model-init"))
@@ -83,7 +129,7 @@ def build_seeded_model(
         image_size=config.image_size,
         rank=config.lora_rank,
         alpha=config.lora_alpha,
-        dropout=getattr(config, "lora_dropout", 0.0),
+        dropout=config.lora_dropout,
         overrides=config.architecture_overrides(),
     )
 
@@ -154,41 +200,37 @@ def client_id(index: int) -> str:
 
 
 def build_federation(
-    config: Any,
+    config: FederationOptions,
     *,
-    dataset: str | None = None,
-    seed: int | None = None,
-    beta: float | None = None,
+    dataset: str,
+    seed: int,
+    beta: float,
     data_root: str | None = None,
     threads: int | None = None,
 ) -> Federation:
-    """Build the federation of ``config`` (``dataset``/``seed``/``beta`` default to the config's;
-    ``data_root`` overrides the dataset folder, e.g. on a Flower node; ``threads`` the torch CPU
-    threads, default ``config.threads``)."""
-    dataset = dataset if dataset is not None else config.dataset
-    seed = seed if seed is not None else config.seed
-    beta = beta if beta is not None else config.beta
-    threads = threads if threads is not None else getattr(config, "threads", None)
+    """Build the federation of ``config`` on ``dataset`` split with ``beta`` and ``seed``
+    (``data_root`` overrides the dataset folder, e.g. on a Flower node; ``threads`` the torch
+    CPU threads, default ``config.threads``)."""
+    threads = threads if threads is not None else config.threads
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    local = replace(config, data_root=data_root) if data_root else config
-    splits, train, test = load_train_test(dataset, local, seed)
+    splits, train, test = load_train_test(dataset, config, seed, data_root=data_root)
     labels = np.asarray(train.labels)
     parts = dirichlet_partition(
         labels, config.num_clients, beta, seed=seed, min_samples=config.min_client_samples
     )
     model, info = build_seeded_model(config, splits.num_classes, seed)
     model.to(device)
-    workers = getattr(config, "num_workers", 0)
+    workers = config.num_workers
 
     def batch_source(images: LabeledImages) -> BatchSource:
         return BatchSource(images, mean=info.mean, std=info.std, device=device, num_workers=workers)
 
-    settings = settings_from(config, precision)
+    settings = config.train_settings(precision)
     pretrained_base = None
-    if settings.sigma_pass == "pretrained" and getattr(config, "lora_merge", "") == "product":
+    if settings.sigma_pass == "pretrained" and config.lora_merge == "product":
         modules = dict(model.named_modules())
         pretrained_base = {
             layer: base_weight(modules[layer]).detach().clone() for layer in info.lora_layers

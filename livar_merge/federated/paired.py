@@ -19,7 +19,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from livar_merge.aggregation.types import Aggregator
 from livar_merge.errors import PairedMethodError as PairedMethodError  # re-exported
 from livar_merge.federated.config import check_paired_methods
 from livar_merge.federated.install import install_result
+
+if TYPE_CHECKING:
+    from livar_merge.federated.config import FedConfig
 
 Evaluate = Callable[[torch.nn.Module], tuple[float, float]]
 
@@ -118,7 +121,7 @@ class PairedEvaluation:
         return rows
 
 
-def paired_from_config(config: Any) -> PairedEvaluation | None:
+def paired_from_config(config: FedConfig) -> PairedEvaluation | None:
     """The :class:`PairedEvaluation` of a ``FedConfig`` (None without ``paired``)."""
     if not config.paired:
         return None

@@ -27,7 +27,7 @@ to the round's start (:func:`start_lora`):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,6 +42,9 @@ from livar_merge.lora_view import (
     peft_scalings,
     restart_lora,
 )
+
+if TYPE_CHECKING:
+    from livar_merge.federated.config import FedConfig
 
 
 def lora_factors(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -130,7 +133,7 @@ class RankModels:
     """The client models of LoRA ranks other than the global model's, one per rank, built on
     first use from ``config`` (a FedConfig) as the global model was, on ``device``."""
 
-    def __init__(self, config: Any, num_classes: int, device: torch.device) -> None:
+    def __init__(self, config: FedConfig, num_classes: int, device: torch.device) -> None:
         self.config = config
         self.num_classes = num_classes
         self.device = device

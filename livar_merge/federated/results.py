@@ -10,10 +10,13 @@ import sys
 from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from livar_merge._io import write_json
 from livar_merge.federated.run_layout import LAYOUT_VERSION, RunLayout
+
+if TYPE_CHECKING:
+    from livar_merge.federated.config import FedConfig
 
 PACKAGES = (
     "livar",
@@ -80,7 +83,7 @@ def provenance(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 
 def write_run_header(
-    out: Path, config: Any, provenance_extra: Mapping[str, Any], **config_extra: Any
+    out: Path, config: FedConfig, provenance_extra: Mapping[str, Any], **config_extra: Any
 ) -> None:
     """``config.json`` (resolved options, their hash, ``config_extra``) and ``provenance.json``
     of a run folder; ``config`` is a FedConfig."""
@@ -98,7 +101,7 @@ def write_run_header(
 
 
 def run_summary(
-    config: Any,
+    config: FedConfig,
     metrics: list[dict[str, Any]],
     model_info: Any,
     wall_seconds: float,

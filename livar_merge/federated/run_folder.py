@@ -27,6 +27,7 @@ from livar_merge.federated.server import FederatedServer, RoundRecord
 from livar_merge.lora_view import factor_ranks
 
 if TYPE_CHECKING:
+    from livar_merge.federated.config import FedConfig
     from livar_merge.federated.federation import Federation
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def run_provenance(federation: Federation, server: FederatedServer) -> dict[str,
 class RunFolder:
     """The results folder ``out`` of a run of ``config`` (a FedConfig)."""
 
-    def __init__(self, out: Path | str, config: Any) -> None:
+    def __init__(self, out: Path | str, config: FedConfig) -> None:
         self.out = Path(out)
         self.layout = RunLayout(self.out)
         self.config = config

@@ -18,7 +18,7 @@ import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from livar_merge.lora_view import (
     peft_scalings,
 )
 from livar_merge.tables import GShapTable
+
+if TYPE_CHECKING:
+    from livar_merge.federated.config import FedConfig
 
 Evaluate = Callable[[torch.nn.Module], tuple[float, float]]
 STATE_PREFIX = "server/"  # checkpoint keys of the method's state: server/<name>
@@ -86,7 +89,7 @@ class RoundRecord:
     start_energy: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
-def server_options(config: Any) -> dict[str, Any]:
+def server_options(config: FedConfig) -> dict[str, Any]:
     """The :class:`FederatedServer` options of a ``FedConfig`` run, for both engines."""
     return {
         "method": config.method,
@@ -179,7 +182,7 @@ class FederatedServer:
 
     @classmethod
     def from_config(
-        cls, model: torch.nn.Module, config: Any, evaluate: Evaluate | None = None
+        cls, model: torch.nn.Module, config: FedConfig, evaluate: Evaluate | None = None
     ) -> FederatedServer:
         """The server of a ``FedConfig`` run."""
         return cls(model, **server_options(config), evaluate=evaluate)

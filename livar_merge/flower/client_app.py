@@ -75,7 +75,14 @@ def client_runtime(config: FedConfig, data_root: str | None = None) -> ClientRun
     if key in _RUNTIMES:
         return _RUNTIMES[key]
     _RUNTIMES.clear()
-    federation = build_federation(config, data_root=data_root, threads=_thread_count(config))
+    federation = build_federation(
+        config,
+        dataset=config.dataset,
+        seed=config.seed,
+        beta=config.beta,
+        data_root=data_root,
+        threads=_thread_count(config),
+    )
     runtime = ClientRuntime(
         federation=federation,
         table=GShapTable.load(config.table).identity(),

@@ -92,7 +92,9 @@ class ServerRun:
         self.settings = settings or DEFAULTS
         self.folder = RunFolder(config.out_dir(), self.config)
         self.folder.check(resume=False, resumable=False)
-        self.federation = build_federation(config)
+        self.federation = build_federation(
+            config, dataset=config.dataset, seed=config.seed, beta=config.beta
+        )
         self.model = self.federation.model
         self.strategy = LivarStrategy(
             FederatedServer.from_config(self.model, config, self.federation.evaluate),

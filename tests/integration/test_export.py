@@ -103,7 +103,9 @@ def perturbed(w0: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def train(out: Path, lora_merge: str) -> dict:
     config = tiny(rounds=2, lora_merge=lora_merge)
     run_federated(config, out)
-    federation = build_federation(config)  # the run's own builder and checkpoint reader
+    federation = build_federation(
+        config, dataset=config.dataset, seed=config.seed, beta=config.beta
+    )  # the run's own builder and checkpoint reader
     RunFolder(out, config).load_checkpoint(federation.model)
     model = federation.model.eval()
     xs, ys = zip(*federation.test_source.batches(np.arange(federation.test_size), 64), strict=True)
@@ -212,7 +214,8 @@ def test_the_w0_written_beside_the_adapter_is_the_runs(exported):
             for key, value in w0.items():
                 assert torch.equal(written[key], value), (folder.name, key)
         # the run's model as its builder seeds it: the same W0 outside the LoRA layers
-        seeded = build_federation(run["config"]).model.state_dict()
+        c = run["config"]
+        seeded = build_federation(c, dataset=c.dataset, seed=c.seed, beta=c.beta).model.state_dict()
         for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"):
             assert torch.equal(seeded[f"base_model.model.{key}"], w0[key]), key
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from livar_merge.federated.client import TrainSettings
 from livar_merge.federated.collectors import ClientData, collect_class_stats
+from livar_merge.federated.config import TrainSettings
 from livar_merge.federated.data import BatchSource
 from livar_merge.federated.datasets.images import InMemoryImages
 from livar_merge.lora_view import find_lora_parameters, head_module
