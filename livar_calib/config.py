@@ -20,6 +20,7 @@ from livar_merge.federated.config import (
     TrainSettings,
     check_dataset_name,
 )
+from livar_merge.federated.migrations import legacy_training_hash_body
 
 DISCRETISE_HELP = (
     "how SHAP values become table cells: 'cell-mean' (mean forest prediction per cell), "
@@ -169,16 +170,10 @@ ANALYSIS_OPTIONS = frozenset(
 )
 
 
-TRAINING_HASH_OMITS_DEFAULT: dict[str, Any] = {"augment": "off"}
-
-
 def training_hash(config: dict[str, Any]) -> str:
     """SHA-256 of a calibration config's training options (not analysis, progress, threads)."""
     skip = ANALYSIS_OPTIONS | {"progress", "threads"}
-    body = {k: v for k, v in config.items() if k not in skip}
-    for name, default in TRAINING_HASH_OMITS_DEFAULT.items():  # added later: earlier
-        if body.get(name, default) == default:  # calibrations keep their hash
-            body.pop(name, None)
+    body = legacy_training_hash_body({k: v for k, v in config.items() if k not in skip})
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

@@ -23,6 +23,7 @@ from livar_merge.errors import ClientUpdateError
 from livar_merge.federated.collectors import ClientData, Collector, build_collectors
 from livar_merge.federated.config import TrainSettings
 from livar_merge.federated.data import BatchSource, derive_seed
+from livar_merge.federated.migrations import upgrade_memory_record
 from livar_merge.federated.model import (
     autocast_context,
     forward_with_features,
@@ -59,9 +60,7 @@ class ClientMemory:
         """Inverse of :meth:`to_record` (None or empty: a fresh memory)."""
         if not record:
             return cls()
-        if "tracker_state" in record:  # state.json of checkpoints written before the codec
-            legacy = record["tracker_state"]
-            record = {**legacy, "layer-names": legacy["layer_names"]}
+        record = upgrade_memory_record(record)  # checkpoints of earlier versions
         return cls(
             tracker_state={
                 "omega": torch.tensor(list(record["omega"]), dtype=torch.float64),

@@ -23,6 +23,7 @@ from livar_merge._options import check_dataclass, coerce_option, option
 from livar_merge.aggregation.needs import PASSIVE_NEEDS
 from livar_merge.aggregation.registry import MethodSpec, available_methods, method_spec
 from livar_merge.errors import ConfigError, DatasetError, PairedMethodError, TableError
+from livar_merge.federated.migrations import legacy_hash_body, upgrade_options
 from livar_merge.federated.sampling import clients_per_round
 
 # choices shared with livar-calibrate's CalibConfig
@@ -35,19 +36,6 @@ AUGMENT_HELP = (
     "(random crop after reflect-padding by 1/8, horizontal flip) or 'rrc' (RandomResizedCrop, "
     "scale 0.08-1, ratio 3/4-4/3, back to the input size, horizontal flip: the released code)"
 )
-# before 'rrc' existed, augment was a boolean (true: pad-crop); files, run configs and the
-# hashes of earlier runs still read that way
-LEGACY_AUGMENT = {True: "pad-crop", False: "off"}
-
-
-def legacy_augment(value: Any) -> Any:
-    """``augment`` given as the boolean it once was (``true``/``false``/``1``/``0``/``yes``/
-    ``no``) as its choice; any other value unchanged."""
-    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-        value = value.lower() in ("true", "yes", "1")
-    if isinstance(value, bool | int) and value in (0, 1):
-        return LEGACY_AUGMENT[bool(value)]
-    return value
 
 
 @dataclass(frozen=True)
@@ -301,9 +289,6 @@ class FedConfig(ArchitectureOverrides):
                 options[key] = getattr(self, key)
         return options
 
-    def __post_init__(self) -> None:
-        self.augment = legacy_augment(self.augment)
-
     def client_rank(self, index: int) -> int:
         """LoRA rank of client ``index``: ``client_ranks`` cycled, else ``lora_rank``."""
         return cycled_rank(self.client_ranks, index, self.lora_rank)
@@ -324,12 +309,7 @@ class FedConfig(ArchitectureOverrides):
         """SHA-256 of the options that change results (not out/progress/threads/workers)."""
         ignore = {"out", "progress", "threads", "num_workers", "eval_batch_size"}
         ignore |= {"engine", "client_cpus", "client_gpus"}  # same results on either engine
-        body = {k: v for k, v in self.to_dict().items() if k not in ignore}
-        legacy = {choice: flag for flag, choice in LEGACY_AUGMENT.items()}
-        body["augment"] = legacy.get(body["augment"], body["augment"])
-        for name, default in HASH_OMITS_DEFAULT.items():  # options added later: old runs keep
-            if body.get(name) == default:  # their hash (and resume) while at the default
-                body.pop(name)
+        body = legacy_hash_body({k: v for k, v in self.to_dict().items() if k not in ignore})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def out_dir(self) -> Path:
@@ -447,9 +427,7 @@ def resolve_config(
         raise ConfigError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
     merged: dict[str, Any] = {}
     for layer in (PRESETS.get(preset or "paper", {}), file_options or {}, overrides or {}):
-        for key, value in layer.items():
-            if key == "augment":
-                value = legacy_augment(value)
+        for key, value in upgrade_options(layer).items():  # earlier versions' forms
             merged[key] = coerce_option(FedConfig, key, value)
     if merged.get("protocol") == "released":
         given = {**(file_options or {}), **(overrides or {})}
@@ -458,17 +436,6 @@ def resolve_config(
     validate_config(config)
     return config
 
-
-# options added after results folders existed, left out of the hash at their default value
-HASH_OMITS_DEFAULT: dict[str, Any] = {
-    "clients_per_round": None,
-    "fraction_train": None,
-    "ccvr_rounds": "all",
-    "paired": [],
-    "protocol": "paper",
-    "sigma_inputs": "normalised",
-    "client_ranks": [],
-}
 
 # what --protocol released sets (unless the file or command line gives the option itself);
 # lora_alpha follows lora_rank (scale 1). lora_merge must be factors: the evaluated model and

@@ -10,19 +10,28 @@ def test_cpu_preset_is_the_pretrained_backbone_and_cpu_random_the_control():
 
 
 def test_legacy_boolean_augment_and_the_hash_of_an_earlier_run():
-    """``augment`` was a boolean before 'rrc': files, run configs and constructors still read
-    it, and a config.json written then (tests/data, by commit d090cb9) keeps its hash."""
+    """``augment`` was a boolean before 'rrc': files and run configs still read it (through
+    livar_merge.federated.migrations), and a config.json written then (tests/data, by commit
+    d090cb9) keeps its hash; the dataclass itself takes today's form only."""
     import json
 
+    import pytest
+
+    from livar_merge._options import check_dataclass
+    from livar_merge.errors import ConfigError
     from livar_merge.federated.config import FedConfig, resolve_config
+    from livar_merge.federated.migrations import upgrade_options
     from tests.helpers import REPO
 
     for value, choice in ((True, "pad-crop"), ("true", "pad-crop"), ("no", "off"), (0, "off")):
         assert resolve_config("tiny", {"augment": value}).augment == choice
-    assert FedConfig(augment=True).augment == "pad-crop"  # type: ignore[arg-type]
+    assert upgrade_options({"augment": True, "lr": 0.1}) == {"augment": "pad-crop", "lr": 0.1}
+    with pytest.raises(ConfigError, match="augment"):
+        check_dataclass(FedConfig(augment=True))  # type: ignore[arg-type]
     saved = json.loads((REPO / "tests" / "data" / "legacy_fed_config.json").read_text())
     assert saved["config"]["augment"] is False
-    assert FedConfig(**saved["config"]).config_hash() == saved["config_hash"]
+    upgraded = FedConfig(**upgrade_options(saved["config"]))
+    assert upgraded.augment == "off" and upgraded.config_hash() == saved["config_hash"]
 
 
 def test_released_protocol_sets_its_options_and_refuses_contradictions():
@@ -45,3 +54,21 @@ def test_released_protocol_sets_its_options_and_refuses_contradictions():
         resolve_config("tiny", None, {"protocol": "released", "paired": ["fedavg"]})
     paper = resolve_config("tiny")
     assert paper.protocol == "paper" and paper.lora_merge == "product"
+
+
+def test_earlier_formats_have_one_home():
+    """The names of earlier formats appear only in livar_merge/federated/migrations.py."""
+    from tests.helpers import REPO
+
+    markers = ("tracker_state", "LEGACY_AUGMENT", "OMITS_DEFAULT", "legacy_augment")
+    home = REPO / "livar_merge" / "federated" / "migrations.py"
+    found = [
+        f"{path.relative_to(REPO)}: {marker}"
+        for package in ("livar_merge", "livar_calib", "analysis")
+        for path in sorted((REPO / package).rglob("*.py"))
+        if path != home
+        for marker in markers
+        if marker in path.read_text()
+    ]
+    assert found == []
+    assert all(marker in home.read_text() for marker in markers[:3])
