@@ -60,7 +60,7 @@ def test_earlier_formats_have_one_home():
     """The names of earlier formats appear only in livar_merge/federated/migrations.py."""
     from tests.helpers import REPO
 
-    markers = ("tracker_state", "LEGACY_AUGMENT", "OMITS_DEFAULT", "legacy_augment")
+    markers = ('"tracker_state" in', "LEGACY_AUGMENT", "OMITS_DEFAULT", "legacy_augment")
     home = REPO / "livar_merge" / "federated" / "migrations.py"
     found = [
         f"{path.relative_to(REPO)}: {marker}"
