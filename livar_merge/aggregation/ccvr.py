@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from livar_merge.aggregation.options import CCVROptions
 from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
@@ -152,12 +153,12 @@ class CCVRAggregator(Aggregator):
         self,
         base: Aggregator,
         *,
-        ccvr_samples: int = 256,
-        ccvr_epochs: int = 5,
-        ccvr_lr: float = 0.01,
-        ccvr_temperature: float = 0.1,
-        ccvr_covariance: Literal["full", "diag"] = "full",
-        ccvr_rounds: Literal["all", "last"] = "all",
+        ccvr_samples: int = CCVROptions.ccvr_samples,
+        ccvr_epochs: int = CCVROptions.ccvr_epochs,
+        ccvr_lr: float = CCVROptions.ccvr_lr,
+        ccvr_temperature: float = CCVROptions.ccvr_temperature,
+        ccvr_covariance: Literal["full", "diag"] = CCVROptions.ccvr_covariance,
+        ccvr_rounds: Literal["all", "last"] = CCVROptions.ccvr_rounds,
         name: str = "ccvr",
     ) -> None:
         if ccvr_covariance not in ("full", "diag"):
@@ -243,7 +244,7 @@ class CCVRAggregator(Aggregator):
         )
 
 
-# The registered factories (registry.BUILTIN_METHODS); defaults are FedConfig's. Both pass
+# The registered factories (registry.BUILTIN_METHODS); defaults are CCVROptions'. Both pass
 # ``ccvr_options`` (``ccvr_samples``, ..., ``ccvr_covariance``) on to CCVRAggregator.
 def ccvr(*, lora_merge: MergeMode = "product", **ccvr_options: Any) -> CCVRAggregator:
     """FedAvg, then CCVR's head calibration."""

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from livar_merge.aggregation.options import FedProtoOptions
 from livar_merge.aggregation.types import AggregationResult, ClientUpdate, MergeContext
 from livar_merge.aggregation.weighted import WeightedAggregator
 from livar_merge.lora import MergeMode
@@ -42,7 +43,12 @@ class FedProtoAggregator(WeightedAggregator):
     classes no client saw), whose loss then adds ``proto_weight * ||f(x) - P_y||^2``.
     """
 
-    def __init__(self, *, lora_merge: MergeMode = "product", proto_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        lora_merge: MergeMode = "product",
+        proto_weight: float = FedProtoOptions.proto_weight,
+    ) -> None:
         super().__init__("fedproto", "samples", "samples", lora_merge=lora_merge)
         self.needs = frozenset({"prototypes"})
         self.proto_weight = proto_weight

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from livar_merge.aggregation.common import client_head_biases, client_scalings, unweighted_result
+from livar_merge.aggregation.options import FisherOptions
 from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
@@ -54,7 +55,7 @@ class FisherAggregator(Aggregator):
     name = "fisher"
     needs = frozenset({"fisher"})
 
-    def __init__(self, *, fisher_floor: float = 1e-8) -> None:
+    def __init__(self, *, fisher_floor: float = FisherOptions.fisher_floor) -> None:
         self.floor = fisher_floor
 
     def describe(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The aggregation-method registry: what each method is called, takes and needs (torch-free).
 
 A :class:`MethodSpec` names a method's factory (``"module:attr"``, imported on first use, or a
-callable), the options it declares (for the built-ins: names of ``FedConfig`` fields, whose
-defaults are the one source of the methods' defaults), the client statistics it ``needs``,
+callable), the options it declares (for the built-ins: the fields of the method's options
+dataclass in :mod:`livar_merge.aggregation.options`, one declaration of their help, bounds and
+defaults, which ``FedConfig`` is composed of), the client statistics it ``needs``,
 whether it reads a G_SHAP table and whether it merges clients of different LoRA ranks
 (``mixed_ranks``; :meth:`MethodSpec.check_client_ranks`). A run's method, options, table and
 paired methods are so checked before torch, data or a model is loaded, and
@@ -24,6 +25,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from livar_merge.aggregation.needs import check_needs
+from livar_merge.aggregation.options import (
+    CCVROptions,
+    FedProtoOptions,
+    FisherOptions,
+    RegMeanOptions,
+    option_names,
+)
 from livar_merge.errors import MethodOptionError, RegistrationError, UnknownMethodError
 
 if TYPE_CHECKING:
@@ -190,15 +198,25 @@ def make_aggregator(name: str, **options: Any) -> Aggregator:
 
 
 # ----------------------------------------------------------------------------- built-ins
-CCVR_OPTIONS = "ccvr_samples ccvr_epochs ccvr_lr ccvr_temperature ccvr_covariance ccvr_rounds"
-BUILTIN_METHODS = {  # name: (factory in livar_merge.aggregation.<module>:<attr>, options, needs)
+CCVR_OPTIONS = option_names(CCVROptions)
+# name: (factory in livar_merge.aggregation.<module>:<attr>, options, needs); the methods'
+# own options are the fields of their dataclass in livar_merge.aggregation.options
+BUILTIN_METHODS = {
     "fedavg": ("weighted:fedavg", "table lora_merge", ""),
     "livar": ("weighted:livar", "table lora_merge", "omega sigma"),
     "livar-alpha": ("weighted:livar_alpha", "table lora_merge", "omega"),
     "livar-sigma": ("weighted:livar_sigma", "table lora_merge", "sigma"),
-    "regmean": ("regmean:RegMeanAggregator", "lora_merge regmean_shrinkage", "gram"),
-    "fisher": ("fisher:FisherAggregator", "fisher_floor", "fisher"),
-    "fedproto": ("fedproto:FedProtoAggregator", "lora_merge proto_weight", "prototypes"),
+    "regmean": (
+        "regmean:RegMeanAggregator",
+        f"lora_merge {option_names(RegMeanOptions)}",
+        "gram",
+    ),
+    "fisher": ("fisher:FisherAggregator", option_names(FisherOptions), "fisher"),
+    "fedproto": (
+        "fedproto:FedProtoAggregator",
+        f"lora_merge {option_names(FedProtoOptions)}",
+        "prototypes",
+    ),
     "ccvr": ("ccvr:ccvr", f"lora_merge {CCVR_OPTIONS}", "moments"),
     "livar+ccvr": ("ccvr:livar_ccvr", f"table lora_merge {CCVR_OPTIONS}", "omega sigma moments"),
 }

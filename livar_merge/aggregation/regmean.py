@@ -26,6 +26,7 @@ from livar_merge.aggregation.common import (
     client_scalings,
     unweighted_result,
 )
+from livar_merge.aggregation.options import RegMeanOptions
 from livar_merge.aggregation.types import (
     AggregationResult,
     Aggregator,
@@ -136,7 +137,12 @@ class RegMeanAggregator(Aggregator):
     name = "regmean"
     needs = frozenset({"gram"})
 
-    def __init__(self, *, lora_merge: MergeMode = "product", regmean_shrinkage: float = 0.5):
+    def __init__(
+        self,
+        *,
+        lora_merge: MergeMode = "product",
+        regmean_shrinkage: float = RegMeanOptions.regmean_shrinkage,
+    ) -> None:
         if lora_merge == "factors":
             raise MethodOptionError(
                 "regmean merges dense deltas: use lora_merge 'product' or 'svd'"

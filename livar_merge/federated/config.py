@@ -21,6 +21,12 @@ from typing import Any, Literal
 
 from livar_merge._options import check_dataclass, coerce_option, option
 from livar_merge.aggregation.needs import PASSIVE_NEEDS
+from livar_merge.aggregation.options import (
+    CCVROptions,
+    FedProtoOptions,
+    FisherOptions,
+    RegMeanOptions,
+)
 from livar_merge.aggregation.registry import MethodSpec, available_methods, method_spec
 from livar_merge.errors import ConfigError, DatasetError, PairedMethodError, TableError
 from livar_merge.federated.migrations import legacy_hash_body, upgrade_options
@@ -105,7 +111,7 @@ class ArchitectureOverrides:
 
 
 @dataclass
-class FedConfig(ArchitectureOverrides):
+class FedConfig(CCVROptions, FedProtoOptions, FisherOptions, RegMeanOptions, ArchitectureOverrides):
     """Every option of a ``livar-fed`` run; defaults reproduce the paper (Section 5.1) and are
     the aggregation methods' defaults too (their options are fields here)."""
 
@@ -211,23 +217,8 @@ class FedConfig(ArchitectureOverrides):
         "all samples, RandomResizedCrop + flip; options it sets are listed in the README)",
     )
     # baselines (each method declares the options it takes: aggregation.registry)
-    regmean_shrinkage: float = option(
-        0.5, "RegMean: scale of the Gram off-diagonals (1: none)", ge=0, le=1
-    )
-    fisher_floor: float = option(1e-8, "Fisher averaging: floor added to every Fisher entry", ge=0)
     fisher_samples: int = option(
         256, "Fisher averaging: local samples of the diagonal Fisher", ge=1
-    )
-    proto_weight: float = option(1.0, "FedProto: weight lambda of the prototype term", ge=0)
-    ccvr_samples: int = option(256, "CCVR: virtual features sampled per class", ge=1)
-    ccvr_epochs: int = option(5, "CCVR: epochs of head re-training", ge=1)
-    ccvr_lr: float = option(0.01, "CCVR: SGD learning rate (momentum 0.9, cosine schedule)", gt=0)
-    ccvr_temperature: float = option(0.1, "CCVR: temperature of the logit-normalised loss", gt=0)
-    ccvr_covariance: Literal["full", "diag"] = option("full", "CCVR: class covariances")
-    ccvr_rounds: Literal["all", "last"] = option(
-        "all",
-        "CCVR: calibrate the head after 'all' rounds (the next round starts from it) or only "
-        "after the 'last' (post-hoc, as the CCVR paper)",
     )
     paired: list[str] = option(
         [],

@@ -169,3 +169,43 @@ def test_aggregate_hands_merge_one_context():
     assert Recorder().aggregate([update], rank=8) == "merged"
     assert seen[0] == MergeContext(previous_head=head, scaling={"l": 2.0}, rank=None)
     assert seen[1] == MergeContext(previous_head=None, scaling=1.0, rank=8)
+
+
+def test_each_method_declares_its_options_once():
+    """The built-ins' own options are the fields of their dataclass: the registry lists them,
+    FedConfig is composed of them and the factories' defaults are theirs."""
+    import dataclasses
+    import inspect
+
+    from livar_merge.aggregation.options import (
+        CCVROptions,
+        FedProtoOptions,
+        FisherOptions,
+        RegMeanOptions,
+    )
+    from livar_merge.aggregation.registry import method_spec
+    from livar_merge.federated.config import FedConfig
+
+    declared = {
+        "regmean": RegMeanOptions,
+        "fisher": FisherOptions,
+        "fedproto": FedProtoOptions,
+        "ccvr": CCVROptions,
+        "livar+ccvr": CCVROptions,
+    }
+    for name, options in declared.items():
+        assert issubclass(FedConfig, options)
+        spec = method_spec(name)
+        defaults = {f.name: f.default for f in dataclasses.fields(options)}
+        assert set(defaults) <= set(spec.options), name
+        factory = spec.load()
+        target = factory.__init__ if inspect.isclass(factory) else factory
+        params = inspect.signature(target).parameters
+        for option, default in defaults.items():
+            if option in params:  # the factory's own default
+                assert params[option].default == default, (name, option)
+            else:  # passed on to CCVRAggregator
+                from livar_merge.aggregation.ccvr import CCVRAggregator
+
+                own = inspect.signature(CCVRAggregator.__init__).parameters[option].default
+                assert own == default, (name, option)
