@@ -242,3 +242,37 @@ def test_pretrained_sigma_uses_w0_after_a_product_fold(model):
     assert (stale - expected).abs().max() > 1e-3
     for layer, weight in w0.items():  # restored: the folded weights are back
         assert not torch.equal(dict(folded.named_modules())[layer].base_layer.weight, weight)
+
+
+def test_the_server_names_no_method():
+    """FederatedServer reaches methods only through the Aggregator hooks: no identifier or
+    string of federated/server.py (docstrings and comments aside) names a method or its state."""
+    import ast
+    import re
+
+    from tests.helpers import REPO
+
+    source = (REPO / "livar_merge" / "federated" / "server.py").read_text()
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+    }
+    names = re.compile(r"ccvr|fedproto|prototype|regmean|fisher|calibrate", re.I)
+    found = []
+    for node in ast.walk(tree):
+        text = None
+        if isinstance(node, ast.Name):
+            text = node.id
+        elif isinstance(node, ast.Attribute):
+            text = node.attr
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = None if id(node) in docstrings else node.value
+        elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+            text = node.name
+        if text and names.search(text):
+            found.append((getattr(node, "lineno", 0), text))
+    assert found == []
