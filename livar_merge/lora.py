@@ -333,6 +333,18 @@ def discarded_energy(singular_values: torch.Tensor, rank: int) -> float:
     return float(energy[rank:].sum()) / total if total > 0.0 else 0.0
 
 
+def balanced_factors(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B [d, r], A [r, k])`` with ``B A`` the rank-``r`` truncation of ``u diag(s) vh``
+    (an SVD, ``s`` descending), the singular values split evenly: ``B = U_r sqrt(S_r)``,
+    ``A = sqrt(S_r) V_r^T``; ``r`` is ``rank`` capped at ``len(s)``. The one SVD split of the
+    package (``svd`` merges, ``livar-export``'s re-factorisation)."""
+    rank = min(rank, s.shape[0])
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
 def truncated_svd(b: torch.Tensor, a: torch.Tensor, rank: int) -> TruncatedSvd:
     """Truncated SVD of ``b @ a`` without forming it (``b [d, R]``, ``a [R, k]``).
 
@@ -346,11 +358,10 @@ def truncated_svd(b: torch.Tensor, a: torch.Tensor, rank: int) -> TruncatedSvd:
     q_a, r_a = torch.linalg.qr(a.T)
     core = r_b.double() @ r_a.double().T
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    rank = min(rank, s.shape[0])
-    root = s[:rank].sqrt()
-    new_b = q_b @ (u[:, :rank] * root).to(q_b.dtype)
-    new_a = (root[:, None] * vh[:rank]).to(q_a.dtype) @ q_a.T
-    return TruncatedSvd(new_b, new_a, s, discarded_energy(s, rank))
+    small_b, small_a = balanced_factors(u, s, vh, rank)
+    new_b = q_b @ small_b.to(q_b.dtype)
+    new_a = small_a.to(q_a.dtype) @ q_a.T
+    return TruncatedSvd(new_b, new_a, s, discarded_energy(s, small_a.shape[0]))
 
 
 def truncated_svd_factors(

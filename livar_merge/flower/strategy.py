@@ -19,7 +19,7 @@ import functools
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -97,6 +97,15 @@ class RoundInFlight:
     sent_at: float
 
 
+@dataclass
+class RoundLog:
+    """The strategy's rounds: the train round in flight (sent, its replies pending) and the
+    records of the finished ones (what the ServerApp writes)."""
+
+    in_flight: RoundInFlight | None = None
+    history: list[RoundRecord] = field(default_factory=list)
+
+
 class LivarStrategy(Strategy):
     """LIVAR as a Flower strategy.
 
@@ -153,8 +162,12 @@ class LivarStrategy(Strategy):
         self.config_hash = config_hash
         self.frozen_checksum = frozen_checksum
         self.download = GlobalDownload(server)
-        self.history: list[RoundRecord] = []
-        self.in_flight: RoundInFlight | None = None
+        self.rounds = RoundLog()
+
+    @property
+    def history(self) -> list[RoundRecord]:
+        """The records of the finished rounds."""
+        return self.rounds.history
 
     def initial_arrays(self) -> ArrayRecord:
         """The global model to pass to ``start(initial_arrays=...)``."""
@@ -213,7 +226,7 @@ class LivarStrategy(Strategy):
             )
             for node, content in self.download.contents(nodes, config, extra).items()
         ]
-        self.in_flight = RoundInFlight(
+        self.rounds.in_flight = RoundInFlight(
             server_round, grid, config, messages, participants, time.perf_counter()
         )
         log.info("round %d: sent the global model to %d nodes", server_round, len(nodes))
@@ -257,7 +270,7 @@ class LivarStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, drop, sort by client id, aggregate, install; returns the new global."""
-        flight, self.in_flight = self.in_flight, None
+        flight, self.rounds.in_flight = self.rounds.in_flight, None
         train_seconds = time.perf_counter() - flight.sent_at if flight is not None else 0.0
         replies = list(replies)
         sent = flight.messages if flight is not None else []
@@ -277,7 +290,7 @@ class LivarStrategy(Strategy):
             participants=flight.participants if flight is not None else None,
         )
         outcomes.sort(key=lambda o: (not o["accepted"], str(o["client"]), o["node_id"]))
-        self.history.append(record)
+        self.rounds.history.append(record)
         return self.download.refresh(), _train_metrics(updates, len(outcomes) - len(updates))
 
     def client_query(

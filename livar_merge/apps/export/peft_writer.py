@@ -64,14 +64,16 @@ def svd_factors(
     numerical rank, its Frobenius norm and the relative Frobenius error of the truncation."""
     import torch
 
+    from livar_merge.lora import balanced_factors
+
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     d, k = delta.shape
-    keep = min(rank, s.shape[0])
-    root = s[:keep].sqrt()
+    small_b, small_a = balanced_factors(u, s, vh, rank)  # the package's one SVD split
+    keep = small_a.shape[0]
     factor_b = torch.zeros(d, rank, dtype=torch.float64)
     factor_a = torch.zeros(rank, k, dtype=torch.float64)
-    factor_b[:, :keep] = u[:, :keep] * root
-    factor_a[:keep] = root[:, None] * vh[:keep]
+    factor_b[:, :keep] = small_b
+    factor_a[:keep] = small_a
     total = float(s.square().sum())
     tail = float(s[keep:].square().sum())
     tol = float(s[0]) * max(d, k) * float(torch.finfo(torch.float32).eps) if len(s) else 0.0

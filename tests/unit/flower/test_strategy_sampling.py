@@ -54,7 +54,7 @@ def test_sampled_nodes_are_those_of_the_inprocess_draw_and_identified_once():
         )
         expected = sample_participants(NODES.values(), 2, seed=42, round_index=r)
         assert train_destinations(messages) == [node_of[c] for c in expected]
-        assert strategy.in_flight.participants == expected
+        assert strategy.rounds.in_flight.participants == expected
         assert all(m.metadata.message_type == "train" for m in messages)
     identity_queries = [m for m in grid.sent if m.metadata.message_type == IDENTIFY]
     assert sorted(m.metadata.dst_node_id for m in identity_queries) == sorted(NODES)  # once each
@@ -67,13 +67,13 @@ def test_a_node_that_fails_to_identify_is_left_out_of_the_draw(caplog):
         strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid)
     assert "node 905" in caplog.text and "node fell over" in caplog.text
     available = [c for n, c in NODES.items() if n != 905]
-    assert strategy.in_flight.participants == sample_participants(
+    assert strategy.rounds.in_flight.participants == sample_participants(
         available, 2, seed=42, round_index=1
     )
     # asked again next round, and then in the draw
     grid.respond = identity_grid(NODES).respond
     strategy.configure_train(2, strategy.initial_arrays(), ConfigRecord(), grid)
-    assert strategy.in_flight.participants == sample_participants(
+    assert strategy.rounds.in_flight.participants == sample_participants(
         NODES.values(), 2, seed=42, round_index=2
     )
 
@@ -98,7 +98,7 @@ def test_a_client_served_by_two_nodes_is_sent_to_the_lowest_node():
     node_of = {c: n for n, c in NODES.items()} | {"client_2": 3}  # the lowest of 3 and 905
     assert destinations == [node_of[c] for c in expected]
     assert 3 in destinations and 905 not in destinations
-    assert strategy.in_flight.participants == expected
+    assert strategy.rounds.in_flight.participants == expected
 
 
 def test_min_replies_counts_among_the_sampled_nodes():
