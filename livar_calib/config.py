@@ -9,14 +9,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from livar_merge._options import check_dataclass, option
+from livar_merge._options import check_dataclass, option, option_like
 from livar_merge.errors import ConfigError
 from livar_merge.federated.config import (
-    AUGMENT_HELP,
-    ArchitectureOverrides,
-    Augment,
-    OmegaReduction,
-    Precision,
+    DataOptions,
+    ModelOptions,
+    RuntimeOptions,
+    TrainingOptions,
     TrainSettings,
     check_dataset_name,
 )
@@ -30,7 +29,7 @@ DISCRETISE_HELP = (
 
 
 @dataclass
-class CalibConfig(ArchitectureOverrides):
+class CalibConfig(RuntimeOptions, TrainingOptions, DataOptions, ModelOptions):
     """Every option of ``livar-calibrate``. Defaults: the embedded default proxy, sized for a slow
     2-core laptop: Fashion-MNIST at 42 px on the offline pretrained DINOv2 ViT-S/14
     (``dinov2-s14-imgfocus``: a saliency fine-tune of DINOv2, not the paper's in21k ViT-B/16),
@@ -39,13 +38,22 @@ class CalibConfig(ArchitectureOverrides):
     paper's set-up (Tiny-ImageNet, ViT-B/16 in21k, 5 clients); ``--preset random-init`` the
     earlier digits / random-init control."""
 
+    # the shared option groups at the calibration's defaults (help and bounds: the groups')
+    image_size: int = option_like(DataOptions, "image_size", 42)
+    max_train: int | None = option_like(DataOptions, "max_train", 500)
+    max_test: int | None = option_like(DataOptions, "max_test", 500)
+    model: str = option_like(ModelOptions, "model", "vit_small_patch14_dinov2")
+    weights: str = option_like(ModelOptions, "weights", "dinov2-s14-imgfocus")
+    lora_rank: int = option_like(ModelOptions, "lora_rank", 8)
+    lora_alpha: float = option_like(ModelOptions, "lora_alpha", 8.0)
+    lr: float = option_like(TrainingOptions, "lr", 1e-3)
+    local_epochs: int = option_like(TrainingOptions, "local_epochs", 1)
+    threads: int | None = option_like(RuntimeOptions, "threads", 2)
+
     # proxy data and federation
     proxy: str = option(
         "fashion-mnist", "proxy dataset of the runtime's registry (paper: tiny-imagenet)"
     )
-    data_root: str | None = option(None, "folder holding the proxy dataset")
-    image_size: int = option(42, "input resolution", ge=1)
-    max_train: int | None = option(500, "stratified subsample of the proxy training set", ge=1)
     num_clients: int = option(5, "federated clients per repeat (paper: 5)", ge=1)
     min_client_samples: int = option(10, "minimum samples per client of the Dirichlet split")
     betas: list[float] = option(
@@ -59,25 +67,6 @@ class CalibConfig(ArchitectureOverrides):
         "sample-weighted merge of the clients)",
     )
     # model and training (as livar-fed)
-    model: str = option("vit_small_patch14_dinov2", "timm model name")
-    weights: str = option(
-        "dinov2-s14-imgfocus",
-        "'random', 'auto', 'hf-cache', 'dinov2-s14-imgfocus' (needs --model "
-        "vit_small_patch14_dinov2) or a weights file",
-    )
-    lora_rank: int = option(8, "LoRA rank", ge=1)
-    lora_alpha: float = option(8.0, "LoRA alpha", gt=0)
-    lr: float = option(1e-3, "AdamW learning rate", gt=0)
-    weight_decay: float = option(0.1, "AdamW weight decay", ge=0)
-    batch_size: int = option(16, "batch size", ge=1)
-    local_epochs: int = option(
-        1, "local epochs per round, for clients and the joint model alike", ge=1
-    )
-    omega_reduction: OmegaReduction = option("matrix", "omega per step")
-    augment: Augment = option("off", AUGMENT_HELP)
-    precision: Precision = option("auto", "'auto': bf16 on GPU, fp32 on CPU")
-    device: str = option("auto", "'auto', 'cpu', 'cuda'")
-    threads: int | None = option(2, "torch CPU threads", ge=1)
     # analysis
     sample_feature: bool = option(
         True, "also fit a forest with the sample count (paper's Figure A)"
@@ -102,9 +91,6 @@ class CalibConfig(ArchitectureOverrides):
     cell_resamples: int = option(
         200, "bootstrap resamples of training runs for the per-cell intervals (0: none)", ge=0
     )
-    max_test: int | None = option(
-        500, "stratified subsample of the proxy test set scored by the downstream check", ge=1
-    )
     downstream: bool = option(
         True,
         "score the merged model of each scheme (tables, FedAvg, oracle) on the proxy test set "
@@ -112,7 +98,6 @@ class CalibConfig(ArchitectureOverrides):
     )
     table_name: str | None = option(None, "table name (default <proxy>-<model>)")
     seed: int = option(0, "seed of the forest and the hold-out split")
-    progress: bool = option(True, "progress bars")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

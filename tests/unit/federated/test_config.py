@@ -72,3 +72,28 @@ def test_earlier_formats_have_one_home():
     ]
     assert found == []
     assert all(marker in home.read_text() for marker in markers[:3])
+
+
+def test_option_groups_are_declared_once_and_composed():
+    """FedConfig and CalibConfig are composed of the same option groups: a shared option's help
+    and bounds are the group's; CalibConfig only chooses other defaults (option_like)."""
+    import dataclasses
+
+    from livar_calib.config import CalibConfig
+    from livar_merge._options import option_specs
+    from livar_merge.federated.config import (
+        DataOptions,
+        FedConfig,
+        ModelOptions,
+        RuntimeOptions,
+        TrainingOptions,
+    )
+
+    for group in (DataOptions, ModelOptions, RuntimeOptions, TrainingOptions):
+        assert issubclass(FedConfig, group) and issubclass(CalibConfig, group)
+        for f in dataclasses.fields(group):
+            own, fed, calib = (option_specs(c)[f.name] for c in (group, FedConfig, CalibConfig))
+            assert own.help == fed.help == calib.help, f.name
+            assert own.bounds == fed.bounds == calib.bounds, f.name
+            assert own.default == fed.default, f.name  # FedConfig keeps the groups' defaults
+    assert CalibConfig().image_size == 42 and FedConfig().image_size == 224
