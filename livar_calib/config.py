@@ -13,10 +13,10 @@ from livar_merge._options import check_dataclass, option, option_like
 from livar_merge.errors import ConfigError
 from livar_merge.federated.config import (
     DataOptions,
+    LoraMerge,
     ModelOptions,
     RuntimeOptions,
     TrainingOptions,
-    TrainSettings,
     check_dataset_name,
 )
 from livar_merge.federated.migrations import legacy_training_hash_body
@@ -110,25 +110,12 @@ class CalibConfig(RuntimeOptions, TrainingOptions, DataOptions, ModelOptions):
         """SHA-256 of the options the proxy training depends on (:func:`training_hash`)."""
         return training_hash(self.to_dict())
 
-    def train_settings(self, precision: str) -> TrainSettings:
-        """The proxy clients' local-training settings (LIVAR's statistics as ``livar-fed``'s
-        defaults), with the resolved ``precision``."""
-        return TrainSettings(
-            local_epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            augment=self.augment,
-            precision=precision,
-            omega_reduction=self.omega_reduction,
-        )
-
     # what the federation builder reads beyond the declared options: the proxy training uses
     # no LoRA dropout and no data-loader workers, and folds each round's delta into the frozen
     # weights (:meth:`livar_calib.proxy.ProxyTrainer.run_round`), as lora_merge "product"
     lora_dropout: ClassVar[float] = 0.0
     num_workers: ClassVar[int] = 0
-    lora_merge: ClassVar[str] = "product"
+    lora_merge: ClassVar[LoraMerge] = "product"
 
     def default_table_name(self) -> str:
         name = f"{self.proxy}-{self.model}".lower()

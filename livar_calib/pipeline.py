@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -184,7 +184,8 @@ def run_calibration(
     log(f"machine: {describe(machine)}" + _training_rate(machine))
 
     start = time.perf_counter()
-    rows = _nnls_stage(config, root, ledger)
+    cal = Calibration(config, root, ledger)
+    rows = _nnls_stage(cal)
     timings["nnls"] = time.perf_counter() - start
     log(
         f"NNLS: {rows['repeat_id'].nunique()} repeats, {len(rows)} rows; "
@@ -197,14 +198,12 @@ def run_calibration(
     )
     train_ids, test_ids, test_runs = split
     scored_ids, scope = (test_ids, "held-out") if test_ids else (train_ids, "in-sample")
-    forest, forest_samples, forests = _forest_stage(config, root, ledger, rows, split)
+    forest, forest_samples, forests = _forest_stage(cal, rows, split)
     timings["forest"] = time.perf_counter() - start
     log(_forest_line(forest.metrics, len(test_runs)))
 
     start = time.perf_counter()
-    explained, explained_samples, shap_info = _shap_stage(
-        config, root, ledger, rows, forest, forest_samples
-    )
+    explained, explained_samples, shap_info = _shap_stage(cal, rows, forest, forest_samples)
     timings["shap"] = time.perf_counter() - start
     log(
         "SHAP trend (Spearman rank correlation of each feature with its SHAP value): "
@@ -237,7 +236,7 @@ def run_calibration(
 
     start = time.perf_counter()
     tables = {"calibrated": table, "paper-table-a": GShapTable.load("paper-table-a")}
-    report = _quality_stage(config, root, ledger, rows, scored_ids, tables)
+    report = _quality_stage(cal, rows, scored_ids, tables)
     summary_report = summarise_report(report)
     write_csv(root / "quality_summary.csv", summary_report, index=True)
     timings["quality"] = time.perf_counter() - start
@@ -253,7 +252,7 @@ def run_calibration(
     downstream_summary = None
     if config.downstream:
         start = time.perf_counter()
-        downstream_summary = _downstream(config, root, ledger, rows, scored_ids, tables, log, scope)
+        downstream_summary = _downstream(cal, rows, scored_ids, tables, log, scope)
         timings["downstream"] = time.perf_counter() - start
 
     figures = root / "figures"
@@ -302,8 +301,18 @@ def run_calibration(
 
 
 # ------------------------------------------------------------------------------ stages 2-6
-def _nnls_stage(config: CalibConfig, root: Path, ledger: StageLedger) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Calibration:
+    """What every analysis stage reads: the options, the folder and its stage ledger."""
+
+    config: CalibConfig
+    root: Path
+    ledger: StageLedger
+
+
+def _nnls_stage(cal: Calibration) -> pd.DataFrame:
     """Stage 2 (rows.csv), from the proxy runs of this training (stage 1's options)."""
+    config, root, ledger = cal.config, cal.root, cal.ledger
     inputs = {
         "training": training_hash(config.to_dict()),
         "runs": [run.run_id for run in proxy_runs(config)],
@@ -319,13 +328,12 @@ def _nnls_stage(config: CalibConfig, root: Path, ledger: StageLedger) -> pd.Data
 
 
 def _forest_stage(
-    config: CalibConfig,
-    root: Path,
-    ledger: StageLedger,
+    cal: Calibration,
     rows: pd.DataFrame,
     split: tuple[list[str], list[str], list[str]],
 ) -> tuple[ForestResult, ForestResult | None, dict[str, Any]]:
     """Stage 3: the forest (and the one with the sample count), its metrics in forest.json."""
+    config, root, ledger = cal.config, cal.root, cal.ledger
     train_ids, test_ids, test_runs = split
     settings = ForestSettings(config.seed, config.n_estimators, config.min_samples_leaf, n_jobs=2)
     forest_options: _ForestOptions = {
@@ -380,14 +388,13 @@ def _forest_stage(
 
 
 def _shap_stage(
-    config: CalibConfig,
-    root: Path,
-    ledger: StageLedger,
+    cal: Calibration,
     rows: pd.DataFrame,
     forest: ForestResult,
     forest_samples: ForestResult | None,
 ) -> tuple[ShapResult, ShapResult | None, dict[str, Any]]:
     """Stage 4: SHAP values (and interactions for the ``interaction`` rule), shap.json."""
+    config, root, ledger = cal.config, cal.root, cal.ledger
     interactions = config.discretise == "interaction"
     files = ["shap_values.csv", "shap.json"]
     files += ["shap_values_samples.csv"] if forest_samples is not None else []
@@ -446,14 +453,13 @@ def _shap_stage(
 
 
 def _quality_stage(
-    config: CalibConfig,
-    root: Path,
-    ledger: StageLedger,
+    cal: Calibration,
     rows: pd.DataFrame,
     scored_ids: list[str],
     tables: dict[str, GShapTable],
 ) -> pd.DataFrame:
     """Stage 6: the reconstruction error of the joint delta per scored repeat (quality.csv)."""
+    config, root, ledger = cal.config, cal.root, cal.ledger
     inputs = {
         "rows": ledger.checksum("rows.csv"),
         "scored": scored_ids,
@@ -564,9 +570,7 @@ def _check_config(config: CalibConfig, root: Path, log: Any = print) -> None:
 
 
 def _downstream(
-    config: CalibConfig,
-    root: Path,
-    ledger: StageLedger,
+    cal: Calibration,
     rows: Any,
     repeat_ids: list[str],
     tables: dict[str, GShapTable],
@@ -577,6 +581,7 @@ def _downstream(
     stage: its inputs are every option, the rows, the scored repeats and the tables),
     ``downstream_summary.csv`` and the summary's entry; None when the proxy training saved
     no heads (a calibration from before the check)."""
+    config, root, ledger = cal.config, cal.root, cal.ledger
     inputs = {
         "config": config.config_hash(),
         "rows": ledger.checksum("rows.csv"),

@@ -154,6 +154,14 @@ class TrainingOptions:
         "matrix", "omega per step: 'matrix' |sum g*dtheta| or 'elementwise'"
     )
 
+    def train_settings(self, precision: str) -> TrainSettings:
+        """The local-training settings of the :class:`TrainSettings` options this config
+        declares (the others keep their defaults there), with the resolved ``precision``."""
+        declared = {f.name for f in dataclasses.fields(self)}
+        names = [f.name for f in dataclasses.fields(TrainSettings) if f.name != "precision"]
+        given = {name: getattr(self, name) for name in names if name in declared}
+        return TrainSettings(**given, precision=precision)
+
 
 @dataclass
 class RuntimeOptions:
@@ -279,25 +287,6 @@ class FedConfig(
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def train_settings(self, precision: str) -> TrainSettings:
-        """The local-training settings of this run, with the resolved ``precision``."""
-        return TrainSettings(
-            local_epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            augment=self.augment,
-            precision=precision,
-            omega_reduction=self.omega_reduction,
-            omega_cumulative=self.omega_cumulative,
-            sigma_samples=self.sigma_samples,
-            sigma_pass=self.sigma_pass,
-            sigma_inputs=self.sigma_inputs,
-            eval_batch_size=self.eval_batch_size,
-            proto_weight=self.proto_weight,
-            fisher_samples=self.fisher_samples,
-        )
 
     def method_options(self, *methods: str) -> dict[str, Any]:
         """The options the given methods declare (default: the run's own ``method``), with this

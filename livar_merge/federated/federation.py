@@ -2,7 +2,7 @@
 Dirichlet split, the seeded peft model and its batch sources. One builder for ``livar-fed``
 (in-process), both Flower apps and ``livar-calibrate``'s proxy training.
 
-The builders read a run's options through :class:`FederationOptions`, which ``livar-fed``'s
+The builders read a run's options through :class:`FederationInputs`, which ``livar-fed``'s
 FedConfig and ``livar-calibrate``'s CalibConfig both satisfy (each builds its own
 :class:`~livar_merge.federated.config.TrainSettings`); the dataset, seed and beta are passed
 explicitly (a calibration has several).
@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from livar_merge.federated.client import evaluate
-from livar_merge.federated.config import TrainSettings
+from livar_merge.federated.config import LoraMerge, Precision, TrainSettings
 from livar_merge.federated.data import BatchSource, derive_seed
 from livar_merge.federated.datasets import (
     LabeledImages,
@@ -32,55 +32,43 @@ from livar_merge.federated.statistics import feature_moments
 from livar_merge.lora_view import base_weight, peft_scalings
 
 
-class ModelOptions(Protocol):
+class ModelInputs(Protocol):
     """The options of the seeded peft model (:func:`build_seeded_model`)."""
 
-    @property
-    def model(self) -> str: ...
-    @property
-    def weights(self) -> str: ...
-    @property
-    def image_size(self) -> int: ...
-    @property
-    def lora_rank(self) -> int: ...
-    @property
-    def lora_alpha(self) -> float: ...
+    model: str
+    weights: str
+    image_size: int
+    lora_rank: int
+    lora_alpha: float
+
     @property
     def lora_dropout(self) -> float: ...
 
     def architecture_overrides(self) -> dict[str, int]: ...
 
 
-class DataOptions(Protocol):
+class DataInputs(Protocol):
     """The options of a run's data (:func:`load_train_test`)."""
 
-    @property
-    def data_root(self) -> str | None: ...
-    @property
-    def image_size(self) -> int: ...
-    @property
-    def max_train(self) -> int | None: ...
-    @property
-    def max_test(self) -> int | None: ...
+    data_root: str | None
+    image_size: int
+    max_train: int | None
+    max_test: int | None
 
 
-class FederationOptions(ModelOptions, DataOptions, Protocol):
+class FederationInputs(ModelInputs, DataInputs, Protocol):
     """Everything :func:`build_federation` reads of a run's config."""
 
-    @property
-    def num_clients(self) -> int: ...
-    @property
-    def min_client_samples(self) -> int: ...
-    @property
-    def device(self) -> str: ...
-    @property
-    def precision(self) -> str: ...
-    @property
-    def threads(self) -> int | None: ...
+    num_clients: int
+    min_client_samples: int
+    device: str
+    precision: Precision
+    threads: int | None
+
     @property
     def num_workers(self) -> int: ...
     @property
-    def lora_merge(self) -> str: ...
+    def lora_merge(self) -> LoraMerge: ...
 
     def train_settings(self, precision: str) -> TrainSettings: ...
 
@@ -102,7 +90,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 # -------------------------------------------------------------------------------- data
 def load_train_test(
-    dataset: str, config: DataOptions, seed: int, *, data_root: str | None = None
+    dataset: str, config: DataInputs, seed: int, *, data_root: str | None = None
 ) -> tuple[Any, LabeledImages, LabeledImages]:
     """``(splits, train, test)`` with the stratified subsamples ``max_train``/``max_test``;
     ``data_root`` overrides the config's dataset folder (e.g. on a Flower node)."""
@@ -118,7 +106,7 @@ def load_train_test(
 
 
 def build_seeded_model(
-    config: ModelOptions, num_classes: int, seed: int
+    config: ModelInputs, num_classes: int, seed: int
 ) -> tuple[torch.nn.Module, ModelInfo]:
     """The peft LoRA ViT of ``config``, initialised from ``seed`` (same seed, same weights)."""
     torch.manual_seed(derive_seed(seed, "model-init"))
@@ -200,7 +188,7 @@ def client_id(index: int) -> str:
 
 
 def build_federation(
-    config: FederationOptions,
+    config: FederationInputs,
     *,
     dataset: str,
     seed: int,

@@ -6,7 +6,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from livar_merge.apps.export.source import LoadedRun, Say
+from livar_merge.apps.export.source import (
+    LoadedRun,
+    Say,
+    export_provenance,
+    protocol_warning,
+    run_record,
+)
 from livar_merge.errors import LivarError
 
 if TYPE_CHECKING:
@@ -116,3 +122,17 @@ def compare(
         record["tolerance"] = EXACT_LOGIT_TOLERANCE * scale
         record["passed"] = diff <= EXACT_LOGIT_TOLERANCE * scale
     return record
+
+
+def checked_record(
+    run: LoadedRun, exported: torch.nn.Module, data: CheckData, *, exact: bool
+) -> dict[str, Any]:
+    """The entries every export record ends with: the check of ``exported`` against the run
+    model (:func:`compare`), the run's protocol warning, the run and the export's provenance."""
+    check = compare(run, logits_of(run.model, data), exported, data, exact=exact)
+    return {
+        "check": check,
+        "warning": protocol_warning(run),
+        "run": run_record(run),
+        "provenance": export_provenance(),
+    }

@@ -8,17 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from livar_merge._io import write_json, write_text
-from livar_merge.apps.export.check import EXACT_RELATIVE_ERROR, CheckData, compare, logits_of
+from livar_merge.apps.export.check import EXACT_RELATIVE_ERROR, CheckData, checked_record
 from livar_merge.apps.export.source import (
     PEFT_FILES,
     REPORT_FILE,
     LoadedRun,
     Say,
     create_timm,
-    export_provenance,
     model_record,
-    protocol_warning,
-    run_record,
     sha256_label,
 )
 
@@ -287,8 +284,6 @@ def export_peft(
         load_file(str(out / BASE_FILE)) if include else run.pretrained, strict=True
     )
     loaded = peft.PeftModel.from_pretrained(fresh, str(out))
-    reference = logits_of(run.model, data)
-    check = compare(run, reference, loaded, data, exact=adapter.exact)
     if adapter.exact:
         exactness = (
             "the adapter's update equals the run's (LoRA factors as trained)"
@@ -317,10 +312,7 @@ def export_peft(
         "max_relative_error": adapter.max_relative_error,
         "max_update_rank": max_update_rank(adapter),
         "layers": adapter.layers,
-        "check": check,
-        "warning": protocol_warning(run),
-        "run": run_record(run),
-        "provenance": export_provenance(),
+        **checked_record(run, loaded, data, exact=adapter.exact),
     }
     write_text(out / "README.md", readme_text(record))
     write_json(out / REPORT_FILE, record)

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from livar_merge._io import save_tensors, write_json
-from livar_merge.apps.export.check import CheckData, compare, logits_of
+from livar_merge.apps.export.check import CheckData, checked_record
 from livar_merge.apps.export.source import (
     LoadedRun,
     Say,
     create_timm,
-    export_provenance,
     model_record,
-    protocol_warning,
-    run_record,
     sha256_label,
     sidecar_path,
     timm_state,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 # ------------------------------------------------------------------------------- timm
@@ -35,8 +29,6 @@ def export_timm(run: LoadedRun, file: Path, data: CheckData, say: Say = print) -
     say(f"wrote {file} ({len(state)} tensors); loading it back into a fresh timm model")
     fresh = create_timm(run)
     fresh.load_state_dict(load_file(str(file)), strict=True)
-    reference = logits_of(run.model, data)
-    check = compare(run, reference, fresh, data, exact=True)
     record = {
         "format": "timm",
         "exact": True,
@@ -48,10 +40,7 @@ def export_timm(run: LoadedRun, file: Path, data: CheckData, say: Say = print) -
             "timm.create_model(model, pretrained=False, num_classes=num_classes, "
             "**create_kwargs).load_state_dict(safetensors.torch.load_file(file), strict=True)"
         ),
-        "check": check,
-        "warning": protocol_warning(run),
-        "run": run_record(run),
-        "provenance": export_provenance(),
+        **checked_record(run, fresh, data, exact=True),
     }
     write_json(sidecar_path(file), record)
     return record
