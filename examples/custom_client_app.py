@@ -105,7 +105,7 @@ def local_update(model: torch.nn.Module, partition: int, epochs: int = 1) -> Cli
         class_sigma=classes.sigma,
         class_present=classes.present,
         class_counts=classes.count,
-        extras={"train_loss": float(loss.detach())},  # sent as the reply's train-loss metric
+        report={"train_loss": float(loss.detach())},  # sent as the reply's train-loss metric
     )
 
 

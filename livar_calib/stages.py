@@ -40,6 +40,12 @@ class StageLedger:
         path = self.root / name
         return file_sha256(path) if path.exists() else None
 
+    def inputs_of(self, stage: str) -> str | None:
+        """The recorded input digest of ``stage``: the identity of its results for a later
+        stage whose outputs are not byte-reproducible (skops zips carry timestamps)."""
+        entry = self.entries.get(stage)
+        return entry.get("inputs") if isinstance(entry, dict) else None
+
     def fresh(self, stage: str, inputs: Mapping[str, Any]) -> bool:
         """Whether ``stage`` ran with these inputs and its outputs are unchanged."""
         entry = self.entries.get(stage)

@@ -148,6 +148,13 @@ def pack_reply(
 
     ``train_metrics`` (``train-loss``, ...) default to the update's ``report``
     (:meth:`~livar_merge.federated.client.TrainReport.metrics`)."""
+    unknown = sorted(set(update.extras) - EXTRA_FIELDS.keys())
+    if unknown:
+        raise InvalidReplyError(
+            f"client {update.client_id!r}: ClientUpdate.extras holds {unknown}, which are no "
+            f"client statistics ({sorted(EXTRA_FIELDS)}); a training report (train_loss, ...) "
+            "goes in ClientUpdate.report"
+        )
     tensors = {f"lora/{k}": v for k, v in update.lora.items()}
     tensors["head/weight"] = update.head_weight
     if update.head_bias is not None:

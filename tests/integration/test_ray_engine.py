@@ -28,7 +28,9 @@ from tests.helpers import tiny_sweep_args
 ray = pytest.importorskip("ray")
 
 CALIB = ["--preset", "tiny", "--betas", "0.5", "1.0", "--seeds", "0", "--rounds", "2"]
-SKIPPED = {"provenance.json"}  # versions, argv, git: the machine's, not the run's
+# provenance.json: versions, argv, git (the machine's, not the run's); stages.json: checksums of
+# the .skops files (zip timestamps), its input digests are compared on their own
+SKIPPED = {"provenance.json", "stages.json"}
 UNORDERED_SUFFIXES = {".skops", ".pdf"}  # zip / PDF timestamps differ between serial runs
 IGNORED_KEYS = {"timings_seconds", "machine", "checksum", "table", "published"}  # timings, paths
 
@@ -102,6 +104,10 @@ def test_calibration_on_ray_matches_serial(local_ray, serial_calibration, tmp_pa
     assert calibrate([*CALIB, "--out", str(out), "--engine", "ray"]) == 0
     assert_same_outputs(out, serial_calibration)
     assert (out / "config.json").read_bytes() == (serial_calibration / "config.json").read_bytes()
+    ledgers = [json.loads((f / "stages.json").read_text()) for f in (out, serial_calibration)]
+    assert [{k: e["inputs"] for k, e in ledger.items()} for ledger in ledgers] == [
+        {k: e["inputs"] for k, e in ledgers[1].items()}
+    ] * 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["repeats"] == 4  # 2 betas x 1 seed x 2 rounds
 

@@ -260,3 +260,12 @@ def test_every_statistic_of_the_vocabulary_round_trips_the_wire():
     assert isinstance(back["proto_mean"], np.ndarray)
     np.testing.assert_array_equal(back["proto_mean"], proto)
     np.testing.assert_array_equal(back["proto_count"], extras["proto_count"])
+
+
+def test_pack_reply_refuses_extras_that_are_no_statistic(model):
+    """A training report put in ``extras`` (where earlier versions kept it) fails loudly
+    instead of silently dropping the reply's train metrics."""
+    update = fake_update(model, "client_1", seed=1)
+    update.extras["train_loss"] = 0.3
+    with pytest.raises(InvalidReplyError, match=r"extras holds \['train_loss'\].*report"):
+        packed(update)
