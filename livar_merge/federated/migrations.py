@@ -6,8 +6,11 @@ read through these functions; no other module knows an old format. Each entry sa
 =======================  =====================================================================
 what                     earlier form -> current form
 =======================  =====================================================================
-run options              ``augment`` was a boolean (true: ``pad-crop``) before ``rrc`` existed:
-                         :func:`upgrade_options` (config.json, TOML/JSON files, run configs)
+run options              options version 1 (no ``options_version`` in config.json): ``augment``
+                         was a boolean (true: ``pad-crop``) before ``rrc`` existed; version 2
+                         is today's. :func:`upgrade_options` applies the steps from a folder's
+                         version (every step for files and run configs, whose version is
+                         unknown: each step leaves today's form unchanged)
 option hashes            options added after run folders existed are left out of a hash at
                          their default, and ``augment`` hashes as the boolean it once was, so
                          earlier runs keep their hash and resume: :func:`legacy_hash_body`
@@ -22,8 +25,10 @@ Run-folder layouts are versioned by :data:`~livar_merge.federated.run_layout.LAY
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from livar_merge.errors import ConfigError
 
 # augment's boolean form -> its choice
 LEGACY_AUGMENT = {True: "pad-crop", False: "off"}
@@ -51,11 +56,32 @@ def upgrade_augment(value: Any) -> Any:
     return value
 
 
-def upgrade_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Run options of any livar version in today's form (a copy)."""
+def _augment_choice(options: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 -> 2: the boolean ``augment`` as its choice."""
+    if "augment" in options:
+        options["augment"] = upgrade_augment(options["augment"])
+    return options
+
+
+#: the options version this livar writes (config.json ``options_version``)
+OPTIONS_VERSION = 2
+# step v: options of version v -> version v + 1
+OPTION_STEPS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _augment_choice}
+
+
+def upgrade_options(options: Mapping[str, Any], version: int | None = None) -> dict[str, Any]:
+    """Run options written at options ``version`` in today's form (a copy). ``None``: unknown
+    (a TOML/JSON file, a Flower run config): every step runs, each leaving today's form as it
+    is. A version newer than :data:`OPTIONS_VERSION` is refused."""
+    start = 1 if version is None else version
+    if not isinstance(start, int) or not 1 <= start <= OPTIONS_VERSION:
+        raise ConfigError(
+            f"options_version {version!r}: this livar reads options of versions 1 to "
+            f"{OPTIONS_VERSION} (a newer livar wrote them)"
+        )
     upgraded = dict(options)
-    if "augment" in upgraded:
-        upgraded["augment"] = upgrade_augment(upgraded["augment"])
+    for step in range(start, OPTIONS_VERSION):
+        upgraded = OPTION_STEPS[step](upgraded)
     return upgraded
 
 

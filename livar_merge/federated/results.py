@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from livar_merge._io import write_json
+from livar_merge.federated.migrations import OPTIONS_VERSION
 from livar_merge.federated.run_layout import LAYOUT_VERSION, RunLayout
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ def write_run_header(
             "config": config.to_dict(),
             "config_hash": config.config_hash(),
             "layout_version": LAYOUT_VERSION,
+            "options_version": OPTIONS_VERSION,
             **config_extra,
         },
     )

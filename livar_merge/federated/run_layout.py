@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from livar_merge._io import read_csv, read_json_object
-from livar_merge.errors import RunReadError
+from livar_merge.errors import ConfigError, RunReadError
+from livar_merge.federated.migrations import upgrade_options
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -190,8 +191,13 @@ class RunReader:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The resolved options (``config.json``'s ``config``)."""
-        return dict(self.document["config"])
+        """The resolved options (``config.json``'s ``config``), in today's form whatever livar
+        version wrote them (:func:`~livar_merge.federated.migrations.upgrade_options`)."""
+        version = self.document.get("options_version", 1)
+        try:
+            return upgrade_options(self.document["config"], version)
+        except ConfigError as err:
+            raise RunReadError(f"{self.layout.config}: {err}") from err
 
     @property
     def config_hash(self) -> str | None:

@@ -47,7 +47,6 @@ class RunInputs:
 def fed_config(options: dict[str, Any], where: Path) -> FedConfig:
     """The FedConfig of a run's resolved options, each coerced and checked as declared."""
     from livar_merge.federated.config import FIELD_NAMES, FedConfig
-    from livar_merge.federated.migrations import upgrade_options
 
     unknown = sorted(set(options) - FIELD_NAMES)
     if unknown:
@@ -55,8 +54,7 @@ def fed_config(options: dict[str, Any], where: Path) -> FedConfig:
             f"{where}: options {unknown} are not livar-fed options of this livar version"
         )
     try:
-        upgraded = upgrade_options(options)  # run folders of earlier versions
-        config = FedConfig(**{k: coerce_option(FedConfig, k, v) for k, v in upgraded.items()})
+        config = FedConfig(**{k: coerce_option(FedConfig, k, v) for k, v in options.items()})
         check_dataclass(config)
     except LivarError as err:
         raise ExportError(f"{where}: {err}") from err

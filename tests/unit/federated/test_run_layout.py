@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from livar_merge.errors import ArtifactError, RunReadError
+from livar_merge.federated.migrations import OPTIONS_VERSION
 from livar_merge.federated.run_layout import (
     LAYOUT_VERSION,
     TABLES,
@@ -40,6 +41,25 @@ def test_reader_refuses_a_newer_layout_and_names_the_file(tmp_path: Path):
     layout.config.write_text(json.dumps({"config_hash": "x"}))
     with pytest.raises(ArtifactError, match=r"config\.json has no 'config' object"):
         RunReader.open(folder)
+
+
+def test_the_reader_upgrades_options_by_their_version(tmp_path: Path):
+    """A folder without ``options_version`` is version 1 (boolean ``augment``); version 2 is
+    read as written (a boolean there is left for the option check to refuse); a newer version
+    is refused naming the file."""
+    folder = write_run(tmp_path, "fashion-mnist", "livar", 0.5, 1, [0.3])
+    layout = RunLayout(folder)
+    document = json.loads(layout.config.read_text())
+    layout.config.write_text(json.dumps({**document, "config": {"augment": True, "lr": 0.1}}))
+    assert RunReader.open(folder).config == {"augment": "pad-crop", "lr": 0.1}
+    for version, augment in ((OPTIONS_VERSION, True), (OPTIONS_VERSION, "rrc")):
+        written = {**document, "options_version": version, "config": {"augment": augment}}
+        layout.config.write_text(json.dumps(written))
+        assert RunReader.open(folder).config == {"augment": augment}
+    written = {**document, "options_version": OPTIONS_VERSION + 1, "config": {}}
+    layout.config.write_text(json.dumps(written))
+    with pytest.raises(RunReadError, match=r"config\.json: options_version 3: this livar reads"):
+        _ = RunReader.open(folder).config
 
 
 def test_unfinished_runs_and_missing_tables(tmp_path: Path):
@@ -78,6 +98,8 @@ def test_written_run_has_every_path_of_its_layout(tmp_path: Path):
     assert not layout.table("replies").exists()  # optional, written once it has rows
     run = RunReader.open(layout.root)
     assert run.document["layout_version"] == LAYOUT_VERSION
+    assert run.document["options_version"] == OPTIONS_VERSION
+    assert run.config == config.to_dict()  # today's options come back as written
     assert run.config_hash == config.config_hash()
     assert run.summary["final_accuracy"] == pytest.approx(run.metrics["test_accuracy"].iloc[-1])
     assert sorted(p.name for p in layout.root.rglob("*.tmp")) == []
