@@ -39,6 +39,7 @@ from livar_merge.aggregation import ClientUpdate
 from livar_merge.aggregation.common import client_head_biases
 from livar_merge.engines.ray_engine import EngineOptions, FolderTask, run_folder_tasks
 from livar_merge.fedavg import fedavg_head, fedavg_lora
+from livar_merge.lora import exact_product
 from livar_merge.federated.client import train_client
 from livar_merge.federated.data import derive_seed
 from livar_merge.federated.federation import build_federation, client_id
@@ -203,10 +204,10 @@ class ProxyTrainer:
         with torch.no_grad():
             if self.config.next_start == "joint":
                 deltas = {
-                    layer: (
-                        self.fed.scalings[layer]
-                        * joint.lora[factor_key(layer, "B")]
-                        @ joint.lora[factor_key(layer, "A")]
+                    layer: exact_product(
+                        joint.lora[factor_key(layer, "B")],
+                        joint.lora[factor_key(layer, "A")],
+                        self.fed.scalings[layer],
                     )
                     for layer in modules
                 }

@@ -77,11 +77,45 @@ class LoraDelta:
         return None if self.B is None else int(self.B.shape[1])
 
     def to_dense(self) -> torch.Tensor:
-        """The ``[d, k]`` update, scaling included."""
+        """The ``[d, k]`` update, scaling included; from factors with :func:`exact_product`,
+        so every machine that folds it gets the same bits."""
         if self.dense is not None:
             return self.dense
         assert self.B is not None and self.A is not None
-        return (self.B @ self.A) * self.scaling
+        return exact_product(self.B, self.A, self.scaling)
+
+
+#: elements of one block of :func:`exact_product`: below torch's intra-op grain size (32768),
+#: so each small element-wise step runs on one thread, in cache, without thread hand-offs
+_PRODUCT_BLOCK = 32768
+
+
+def exact_product(B: torch.Tensor, A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """``scaling * B @ A`` (``B [d, R]``, ``A [R, k]`` -> ``[d, k]`` in ``B``'s dtype), with bits
+    that do not depend on the CPU, GPU, BLAS kernel or thread count.
+
+    A BLAS product sums the ``R`` terms in an order (and with FMA or not) that changes with
+    the kernel a CPU selects and with the thread count, so two machines folding the same
+    factors into the frozen weights (Eq. 3, ``product`` mode) differ in the last bits. Here
+    each term ``B[i, r] * A[r, j]`` is formed in float64 (exact for float32 and narrower
+    factors), the terms are added in the fixed order ``r = 0 .. R-1`` by element-wise float64
+    additions, multiplied by ``scaling`` and rounded once to ``B``'s dtype: IEEE-754 rounds
+    each element-wise operation the same on every conforming machine.
+    """
+    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ConfigError(f"exact_product: B {tuple(B.shape)} and A {tuple(A.shape)} do not chain")
+    d, rank = B.shape
+    k = A.shape[1]
+    b64, a64 = B.to(torch.float64), A.to(torch.float64)
+    out = torch.empty((d, k), dtype=B.dtype, device=B.device)
+    rows = max(1, _PRODUCT_BLOCK // max(k, 1))
+    for start in range(0, d, rows):
+        b = b64[start : start + rows]
+        acc = torch.zeros((b.shape[0], k), dtype=torch.float64, device=B.device)
+        for r in range(rank):
+            acc.add_(b[:, r : r + 1] * a64[r : r + 1])  # one product per element, exact
+        out[start : start + rows] = acc.mul_(scaling)
+    return out
 
 
 def parse_lora_key(key: str) -> tuple[str, str] | None:
@@ -463,7 +497,7 @@ def merge_lora(
                 scaling=s, B=svd.B, A=svd.A, discarded_energy=svd.discarded_energy
             )
         elif output == "dense":
-            merged[layer] = LoraDelta(scaling=s, dense=torch.mm(b, a).mul_(s))
+            merged[layer] = LoraDelta(scaling=s, dense=exact_product(b, a, s))
         else:
             merged[layer] = LoraDelta(scaling=s, B=b, A=a)
     return merged

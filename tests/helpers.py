@@ -78,22 +78,29 @@ LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 TINY_VIT = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
-def tiny_vit(num_classes: int = 5):
-    """A plain (no peft) 2-block, width-32 timm ViT on 16x16 inputs."""
+#: ViT-S/14's block widths (384 wide, 6 heads: qkv 1152 x 384, fc1 1536 x 384) on 16x16 inputs
+VIT_S_WIDTHS = dict(embed_dim=384, num_heads=6)
+
+
+def tiny_vit(num_classes: int = 5, **widths: int):
+    """A plain (no peft) 2-block, width-32 timm ViT on 16x16 inputs (``widths``: other
+    ``embed_dim``/``num_heads``, e.g. :data:`VIT_S_WIDTHS`)."""
     import timm
 
     return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **TINY_VIT
+        "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **(TINY_VIT | widths)
     )
 
 
-def tiny_peft_vit(rank: int = 4, alpha: float = 8.0, num_classes: int = 5, seed: int = 0):
+def tiny_peft_vit(
+    rank: int = 4, alpha: float = 8.0, num_classes: int = 5, seed: int = 0, **widths: int
+):
     """``tiny_vit`` (seeded) with peft LoRA on the block Linears."""
     import peft
     import torch
 
     torch.manual_seed(seed)
-    model = tiny_vit(num_classes)
+    model = tiny_vit(num_classes, **widths)
     config = peft.LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, modules_to_save=["head"]
     )

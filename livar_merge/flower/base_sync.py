@@ -8,9 +8,16 @@ the global model of version ``h`` (the number of rounds folded in) does not need
 * the server sends it the updates ``dW_{h+1}, ..., dW_v`` (``base-update`` ArrayRecord), each
   layer as the merged stacked factors ``B [d, R], A [R, k]`` and the scaling, or dense
   ``[d, k]``, whichever is smaller; the node folds them in round order with the server's own
-  arithmetic (:meth:`~livar_merge.lora.LoraDelta.to_dense`, then
-  :func:`~livar_merge.federated.model.fold_into_base`), so its weights equal the server's bit
-  for bit, which a SHA-256 of the frozen weights of the LoRA layers (``base-checksum``) checks;
+  arithmetic (:meth:`~livar_merge.lora.LoraDelta.to_dense`, whose
+  :func:`~livar_merge.lora.exact_product` gives the same bits on any CPU, GPU, BLAS kernel or
+  thread count, then :func:`~livar_merge.lora_view.fold_into_base`, an element-wise add), so
+  its weights equal the server's bit for bit, which a SHA-256 of the frozen weights of the
+  LoRA layers (``base-checksum``) checks;
+* a node that cannot (its result differs from the server's, or it lost the version the
+  updates start from) does not train: it replies a request for the full weights
+  (:func:`resync_reply`, info ``base-resync``), and the server sends them to it within the
+  same round (:meth:`~livar_merge.flower.download.GlobalDownload.recover`); a node whose fold
+  differed is sent the full weights for the rest of the run (``BaseSync.full_only``);
 * a node the server knows nothing of (first round, joined late, lost its state, a reply that
   did not confirm the version) or whose updates would be larger than the weights themselves
   receives the full frozen weights (``base/...`` in ``arrays``), once;
@@ -33,7 +40,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from livar_merge.errors import NodeConfigError
+from livar_merge.errors import InvalidReplyError, NodeConfigError
 from livar_merge.flower.messages import ARRAYS, CONFIG, INFO, from_array_record, to_array_record
 from livar_merge.lora import LoraDelta
 from livar_merge.lora_view import base_parameters as frozen_base_parameters
@@ -44,6 +51,7 @@ if TYPE_CHECKING:
 
 BASE_UPDATE = "base-update"  # ArrayRecord of the round updates in a message
 BASE_STATE, BASE_STATE_INFO = "livar-base", "livar-base-info"  # a node's context.state keys
+RESYNC = "base-resync"  # info key of a node's request for the full frozen weights
 _UPDATE_KEY = re.compile(r"^(?P<round>\d+)/(?P<layer>.+)/(?P<part>B|A|scaling|dense)$")
 
 
@@ -146,6 +154,33 @@ def fold_updates(model: torch.nn.Module, updates: Mapping[int, Mapping[str, Lora
 
 
 # ------------------------------------------------------------------------------ node side
+class BaseResync(NodeConfigError):
+    """The node cannot bring its frozen weights to the message's version and asks for them in
+    full: its fold gave other bits than the server's (``cannot_fold``), or it does not hold the
+    version the updates start from (restarted, lost its state)."""
+
+    def __init__(self, message: str, *, cannot_fold: bool) -> None:
+        super().__init__(message)
+        self.cannot_fold = cannot_fold
+
+
+def resync_reply(error: BaseResync) -> RecordDict:
+    """A node's reply asking for the full frozen weights instead of training (or answering)."""
+    kind = "mismatch" if error.cannot_fold else "missing"
+    return RecordDict({INFO: ConfigRecord({RESYNC: kind, "reason": str(error)})})
+
+
+def resync_request(content: RecordDict) -> tuple[bool, str] | None:
+    """``(cannot_fold, reason)`` of a reply asking for the full weights, else None."""
+    info = content.get(INFO)
+    if not isinstance(info, ConfigRecord) or RESYNC not in info:
+        return None
+    kind = info[RESYNC]
+    if kind not in ("mismatch", "missing"):
+        raise InvalidReplyError(f"base-resync request of unknown kind {kind!r}")
+    return kind == "mismatch", str(info.get("reason", ""))
+
+
 def sync_node_base(
     model: torch.nn.Module, content: RecordDict, config: ConfigRecord, state: RecordDict
 ) -> dict[str, int | str] | None:
@@ -155,8 +190,8 @@ def sync_node_base(
     Uses the node's ``state`` (the weights it kept) and the message's updates; checks the
     checksum; keeps the result in ``state``. Returns the info a reply confirms
     (``{"base-version", "base-checksum"}``), or None for a message without ``base-to``.
-    Raises :class:`NodeConfigError` when the node does not hold the version the updates start
-    from, or the result differs from the server's (the server then sends the full weights).
+    Raises :class:`BaseResync` when the node does not hold the version the updates start
+    from, or the result differs from the server's (the node then asks for the full weights).
     """
     if "base-to" not in config:
         return None
@@ -168,9 +203,10 @@ def sync_node_base(
         start = int(str(config["base-from"]))
         kept = state.get(BASE_STATE)
         if held != start or not isinstance(kept, ArrayRecord):
-            raise NodeConfigError(
+            raise BaseResync(
                 f"the message updates the frozen weights from version {start}, but this node "
-                f"holds {'none' if held is None else f'version {held}'}"
+                f"holds {'none' if held is None else f'version {held}'}",
+                cannot_fold=False,
             )
         params = base_parameters(model)
         for key, array in kept.items():
@@ -182,9 +218,10 @@ def sync_node_base(
     if expected and checksum != expected:
         state.pop(BASE_STATE, None)
         state.pop(BASE_STATE_INFO, None)
-        raise NodeConfigError(
+        raise BaseResync(
             f"frozen weights of version {target} differ from the server's ({checksum[:19]}... "
-            f"vs {expected[:19]}...); the server sends the full weights next time"
+            f"vs {expected[:19]}...)",
+            cannot_fold="base-from" in config,
         )
     if held != target:
         state[BASE_STATE] = to_array_record(base_parameters(model))
@@ -197,7 +234,9 @@ class BaseSync:
 
     ``version``: the number of rounds folded into the global frozen weights since the run (or
     the last model loaded from elsewhere) began; ``updates[v]``: the merged update that
-    reached version ``v``; ``node_versions[node]``: the version a node last confirmed. Every
+    reached version ``v``; ``node_versions[node]``: the version a node last confirmed;
+    ``full_only[node]``: why a node whose fold differed from the server's is sent the full
+    weights for the rest of the run. Every
     method first reads the server's last install (``FederatedServer.last_install``), so the
     three stay in step without the caller registering installs. Outside ``product`` mode the
     frozen weights never change: every node gets the full global model.
@@ -209,6 +248,7 @@ class BaseSync:
         self._version = 0
         self._updates: dict[int, Mapping[str, LoraDelta]] = {}
         self.node_versions: dict[int, int] = {}
+        self.full_only: dict[int, str] = {}
         self._registered_round: int | None = None
         self._checksum: tuple[int, str] | None = None
 
@@ -262,6 +302,12 @@ class BaseSync:
         """A node whose state is unknown (error reply or none) gets the full weights next."""
         self.node_versions.pop(node, None)
 
+    def resync(self, node: int, *, cannot_fold: bool, reason: str) -> None:
+        """A node asked for the full weights; one whose fold differed gets them from now on."""
+        self.forget(node)
+        if cannot_fold:
+            self.full_only[node] = reason
+
     def contents(
         self,
         nodes: list[int] | tuple[int, ...],
@@ -287,7 +333,10 @@ class BaseSync:
         out: dict[int, RecordDict] = {}
         for node in nodes:
             held = self.node_versions.get(node)
-            if held is None or any(r not in self.updates for r in range(held + 1, version + 1)):
+            missing = held is None or any(
+                r not in self.updates for r in range(held + 1, version + 1)
+            )
+            if held is None or missing or node in self.full_only:
                 out[node] = full
                 continue
             if held not in by_start:

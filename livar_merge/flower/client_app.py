@@ -28,7 +28,7 @@ from livar_merge.federated.federation import Federation, build_federation, clien
 from livar_merge.federated.global_state import load_global_tensors
 from livar_merge.federated.model import restore_parameters
 from livar_merge.federated.ranks import RankModels
-from livar_merge.flower.base_sync import sync_node_base
+from livar_merge.flower.base_sync import BaseResync, resync_reply, sync_node_base
 from livar_merge.flower.messages import (
     ARRAYS,
     BROADCAST,
@@ -240,14 +240,22 @@ client_app = ClientApp()
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Flower entry point of a training round (errors become error replies)."""
-    return Message(train_on_node(msg.content, context), reply_to=msg)
+    """Flower entry point of a training round (errors become error replies; a node that
+    cannot reach the message's frozen weights asks for them in full instead of training)."""
+    try:
+        return Message(train_on_node(msg.content, context), reply_to=msg)
+    except BaseResync as error:
+        return Message(resync_reply(error), reply_to=msg)
 
 
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Flower entry point of CCVR's moment query (errors become error replies)."""
-    return Message(moments_on_node(msg.content, context), reply_to=msg)
+    """Flower entry point of CCVR's moment query (errors become error replies; a full-weights
+    request as in :func:`train`)."""
+    try:
+        return Message(moments_on_node(msg.content, context), reply_to=msg)
+    except BaseResync as error:
+        return Message(resync_reply(error), reply_to=msg)
 
 
 @client_app.query("identify")

@@ -2,8 +2,9 @@
 
 A method's ``after_install`` step (CCVR's head calibration) asks the round's clients for class
 feature moments under the installed global model. :class:`FlowerClientQuery` sends the new
-global model (light in ``product`` mode, :class:`~livar_merge.flower.base_sync.BaseSync`) with
-the round's train config to the nodes whose train replies were accepted, screens the moment
+global model (light in ``product`` mode, :class:`~livar_merge.flower.base_sync.BaseSync`; full to
+a node that asks, :meth:`~livar_merge.flower.download.GlobalDownload.recover`) with the round's
+train config to the nodes whose train replies were accepted, screens the moment
 replies once (:func:`~livar_merge.flower.screening.screen_replies`), records a drop row for
 each refused one and fails the round below ``min_replies``.
 """
@@ -11,7 +12,7 @@ each refused one and fails the round below ``min_replies``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,31 +22,27 @@ from flwr.serverapp import Grid
 
 from livar_merge.aggregation import ClientUpdate
 from livar_merge.errors import RoundFailedError
-from livar_merge.flower.base_sync import BaseSync
+from livar_merge.flower.download import GlobalDownload
 from livar_merge.flower.messages import validate_moments
 from livar_merge.flower.screening import screen_replies
 
 log = logging.getLogger("flwr.livar")
-
-# nodes, config -> each node's message content (the strategy's model download)
-Contents = Callable[[Sequence[int], ConfigRecord], dict[int, RecordDict]]
 
 
 @dataclass
 class FlowerClientQuery:
     """One round's client queries over Flower (see the module docstring).
 
-    ``contents(nodes, config)``: the message content of each node (the installed global
-    model); ``config``: the round's train ConfigRecord; ``head_shape``: ``(classes, width)``
-    of the global head (what a moments reply must match); ``outcomes``: the round's reply
-    rows, to which refused replies are added.
+    ``download``: the strategy's model download (the installed global model, and the full
+    frozen weights for a node that asks); ``config``: the round's train ConfigRecord;
+    ``head_shape``: ``(classes, width)`` of the global head (what a moments reply must
+    match); ``outcomes``: the round's reply rows, to which refused replies are added.
     """
 
     grid: Grid
     server_round: int
     config: ConfigRecord
-    contents: Contents
-    base: BaseSync
+    download: GlobalDownload
     head_shape: tuple[int, int]
     min_replies: int
     timeout: float
@@ -68,11 +65,18 @@ class FlowerClientQuery:
                 dst_node_id=node,
                 group_id=f"{self.server_round}-moments",
             )
-            for node, content in self.contents(
+            for node, content in self.download.installed_contents(
                 [int(n) for n in nodes if n is not None], config
             ).items()
         ]
-        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        messages, replies, _ = self.download.recover(
+            self.grid,
+            messages,
+            replies,
+            lambda asked: self.download.contents(asked, config),
+            self.timeout,
+        )
         num_classes, width = self.head_shape
 
         def validate(content: RecordDict, node: int) -> tuple[str, dict[str, Any]]:
@@ -85,10 +89,10 @@ class FlowerClientQuery:
             )
 
         screen = screen_replies(
-            messages, replies, validate, kind="moments reply", inspect=self.base.confirm
+            messages, replies, validate, kind="moments reply", inspect=self.download.base.confirm
         )
         for node in screen.lost:  # its frozen weights are unknown now
-            self.base.forget(node)
+            self.download.base.forget(node)
         for drop in screen.dropped:
             log.warning("dropped %s", drop.reason)
             row = {"round": self.server_round, "node_id": drop.node, "client": None}

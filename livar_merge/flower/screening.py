@@ -2,7 +2,9 @@
 moment replies and the identity replies of :class:`livar_merge.flower.strategy.LivarStrategy`.
 
 :func:`screen_replies` matches each reply to the node it answers for, turns error replies and
-contents its ``validate`` refuses (:class:`InvalidReplyError`) into :class:`Drop` records, notes
+contents its ``validate`` refuses (:class:`InvalidReplyError`) and requests for the full frozen
+weights still standing after :meth:`~livar_merge.flower.download.GlobalDownload.recover` sent
+them into :class:`Drop` records, notes
 the nodes that sent an error or nothing (their state is unknown afterwards), and orders the valid
 replies by client id (then node id); :attr:`Screen.accepted` keeps one reply per client id, the
 lowest node's, and :attr:`Screen.duplicates` names the others.
@@ -18,6 +20,7 @@ from flwr.app import Message, RecordDict
 
 from livar_merge.errors import InvalidReplyError
 from livar_merge.federated.sampling import client_order
+from livar_merge.flower.base_sync import resync_request
 
 T = TypeVar("T")
 
@@ -121,6 +124,12 @@ def screen_replies(
         if inspect is not None:
             inspect(node, message.content)
         try:
+            request = resync_request(message.content)
+            if request is not None:
+                raise InvalidReplyError(
+                    f"{kind} from node {node}: asks for the full frozen weights again after "
+                    f"they were sent ({request[1]})"
+                )
             client, value = validate(message.content, node)
         except InvalidReplyError as err:
             screen.dropped.append(Drop(node, str(err)))

@@ -87,14 +87,20 @@ DEFAULTS = FlowerSettings()
 @dataclass(frozen=True)
 class RoundInFlight:
     """What a train round sent, kept until its replies come back: the Grid, the round's train
-    config, the messages (to name silent nodes), the sampled clients and when it was sent."""
+    config, what the method broadcast with it, the messages (to name silent nodes), the sampled
+    clients and when it was sent."""
 
     server_round: int
     grid: Grid
     config: ConfigRecord
+    extra: dict[str, ArrayRecord]
     messages: list[Message]
     participants: list[str] | None
     sent_at: float
+
+    def remaining(self, timeout: float) -> float:
+        """Seconds left of ``timeout`` since the round was sent (at least 1)."""
+        return max(1.0, timeout - (time.perf_counter() - self.sent_at))
 
 
 @dataclass
@@ -227,18 +233,24 @@ class LivarStrategy(Strategy):
             for node, content in self.download.contents(nodes, config, extra).items()
         ]
         self.rounds.in_flight = RoundInFlight(
-            server_round, grid, config, messages, participants, time.perf_counter()
+            server_round, grid, config, extra, messages, participants, time.perf_counter()
         )
         log.info("round %d: sent the global model to %d nodes", server_round, len(nodes))
         return messages
 
     def accepted_updates(
-        self, server_round: int, sent: list[Message], replies: list[Message]
+        self,
+        server_round: int,
+        sent: list[Message],
+        replies: list[Message],
+        resynced: Mapping[int, str] | None = None,
     ) -> tuple[list[ClientUpdate], list[dict[str, Any]]]:
         """The valid replies to the ``sent`` messages, one per client id (lowest node id), in
-        client-id order, and an outcome row for every reply or silent node."""
+        client-id order, and an outcome row for every reply or silent node (``base_resync``:
+        why a node was sent the full frozen weights again within the round, ``resynced``)."""
         outcomes: list[dict[str, Any]] = []
         node_bytes = self.download.node_bytes
+        resynced = resynced or {}
 
         def validate(content: RecordDict, node: int) -> tuple[str, ClientUpdate]:
             update = validate_reply(content, self.reply_spec, node_id=node)
@@ -250,7 +262,8 @@ class LivarStrategy(Strategy):
             if reason:
                 log.warning("dropped %s", reason)
             info = {"round": server_round, "node_id": node, "client": client}
-            return {**info, "download_bytes": node_bytes.get(node), "accepted": not reason}
+            info |= {"download_bytes": node_bytes.get(node), "base_resync": resynced.get(node, "")}
+            return {**info, "accepted": not reason}
 
         for node in screen.lost:  # its frozen weights are unknown now
             self.download.base.forget(node)
@@ -271,10 +284,19 @@ class LivarStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, drop, sort by client id, aggregate, install; returns the new global."""
         flight, self.rounds.in_flight = self.rounds.in_flight, None
-        train_seconds = time.perf_counter() - flight.sent_at if flight is not None else 0.0
         replies = list(replies)
         sent = flight.messages if flight is not None else []
-        updates, outcomes = self.accepted_updates(server_round, sent, replies)
+        resynced: dict[int, str] = {}
+        if flight is not None:  # nodes that could not fold the frozen weights get them in full
+            sent, replies, resynced = self.download.recover(
+                flight.grid,
+                sent,
+                replies,
+                lambda nodes: self.download.contents(nodes, flight.config, flight.extra),
+                flight.remaining(self.settings.round_timeout),
+            )
+        train_seconds = time.perf_counter() - flight.sent_at if flight is not None else 0.0
+        updates, outcomes = self.accepted_updates(server_round, sent, replies, resynced)
         if len(updates) < self.min_replies:
             reasons = "; ".join(o["reason"] for o in outcomes if not o["accepted"])
             raise RoundFailedError(
@@ -304,8 +326,7 @@ class LivarStrategy(Strategy):
             flight.grid,
             flight.server_round,
             flight.config,
-            self.download.installed_contents,
-            self.download.base,
+            self.download,
             (classes, width),
             self.min_replies,
             self.settings.round_timeout,

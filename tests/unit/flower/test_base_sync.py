@@ -1,7 +1,8 @@
 """Product mode's download (livar_merge.flower.base_sync): round updates instead of the full
-frozen weights for nodes that hold the previous ones, folded bit for bit as the server folds,
-the full weights for nodes that lost them, did not confirm or would need more than the weights,
-and the bytes each node receives."""
+frozen weights for nodes that hold the previous ones, folded bit for bit as the server folds (on
+other CPU code paths and thread counts too), the full weights within the same round for nodes
+that lost them or whose fold differs, and for nodes that did not confirm or would need more than
+the weights, and the bytes each node receives."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -25,12 +27,15 @@ from flwr.app import ConfigRecord, Error, RecordDict  # noqa: E402
 from livar_merge.errors import NodeConfigError  # noqa: E402
 from livar_merge.federated.global_state import load_global_tensors  # noqa: E402
 from livar_merge.federated.server import FederatedServer  # noqa: E402
+from livar_merge.flower import base_sync  # noqa: E402
 from livar_merge.flower.base_sync import (  # noqa: E402
     BASE_STATE,
     BASE_UPDATE,
+    BaseResync,
     base_parameters,
     fold_updates,
     parse_update,
+    resync_reply,
     sync_node_base,
     update_tensors,
     wire_delta,
@@ -47,6 +52,7 @@ from livar_merge.lora import LoraDelta  # noqa: E402
 from livar_merge.lora_view import base_checksum  # noqa: E402
 from tests.helpers import (  # noqa: E402
     NUM_CLASSES,
+    VIT_S_WIDTHS,
     FakeGrid,
     tiny_peft_vit,
 )
@@ -82,11 +88,25 @@ def test_parse_update_refuses_malformed_updates():
         parse_update({"1/l/dense": torch.tensor([[float("nan")]])})
 
 
-class Node:
-    """A simulated node: its own model copy and context.state, answering as our ClientApp."""
+def one_ulp_off_fold(model, updates):
+    """``fold_updates`` on a machine whose arithmetic differs from the server's by one ulp in
+    one weight (the first LoRA layer's first entry moved towards +inf)."""
+    fold_updates(model, updates)
+    weight = next(iter(base_parameters(model).values()))
+    with torch.no_grad():
+        flat = weight.view(-1)
+        flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf")))
 
-    def __init__(self, model, client: str, seed: int, confirms: bool = True) -> None:
+
+class Node:
+    """A simulated node: its own model copy and context.state, answering as our ClientApp
+    (``perturbed``: its fold is one ulp off the server's)."""
+
+    def __init__(
+        self, model, client: str, seed: int, confirms: bool = True, perturbed: bool = False
+    ) -> None:
         self.model, self.client, self.seed, self.confirms = model, client, seed, confirms
+        self.perturbed = perturbed
         self.state = RecordDict()
         self.received: list[RecordDict] = []
 
@@ -94,8 +114,12 @@ class Node:
         self.received.append(content)
         config = content[CONFIG]
         load_global_tensors(self.model, from_array_record(content[ARRAYS]))
+        fold = one_ulp_off_fold if self.perturbed else fold_updates
         try:
-            info = sync_node_base(self.model, content, config, self.state)
+            with mock.patch.object(base_sync, "fold_updates", fold):
+                info = sync_node_base(self.model, content, config, self.state)
+        except BaseResync as err:  # as the ClientApp's entry points answer
+            return resync_reply(err)
         except NodeConfigError as err:
             return Error(code=1, reason=str(err))
         from tests.helpers import packed
@@ -109,10 +133,10 @@ class Node:
         return reply
 
 
-def federation(confirms=(True, True, True)):
-    model = tiny_peft_vit(rank=4, alpha=4.0, num_classes=NUM_CLASSES, seed=0)
+def federation(confirms=(True, True, True), perturbed=(), **widths):
+    model = tiny_peft_vit(rank=4, alpha=4.0, num_classes=NUM_CLASSES, seed=0, **widths)
     nodes = {
-        n: Node(copy.deepcopy(model), f"client_{m}", 10 * m, confirms[m])
+        n: Node(copy.deepcopy(model), f"client_{m}", 10 * m, confirms[m], n in perturbed)
         for m, n in enumerate(NODES)
     }
     server = FederatedServer(model, seed=42, method="livar", lora_merge="product")
@@ -296,18 +320,76 @@ def test_a_node_in_its_own_process_folds_the_update_to_the_servers_weights(tmp_p
     assert sha256_of(nudged_fold) != sha256_of(server)
 
 
-def test_a_node_that_lost_its_weights_is_dropped_once_then_sent_them_in_full():
+def sent_in_round(grid, r) -> list[tuple[int, bool]]:
+    """``(node, carries the full frozen weights)`` of each message of round ``r``, sorted."""
+    return sorted(
+        (m.metadata.dst_node_id, any(k.startswith("base/") for k in m.content[ARRAYS]))
+        for m in grid.sent
+        if m.metadata.group_id == str(r)
+    )
+
+
+def test_a_node_that_lost_its_weights_is_sent_them_in_full_within_the_round():
     strategy, nodes, grid = federation()
     run_round(strategy, grid, 1)
     nodes[7].state = RecordDict()  # the node restarted and lost its state
     run_round(strategy, grid, 2)
-    dropped = [o for o in strategy.history[-1].outcomes if not o["accepted"]]
-    assert [o["node_id"] for o in dropped] == [7]
-    assert "holds none" in dropped[0]["reason"]
-    messages = {m.metadata.dst_node_id: m.content for m in run_round(strategy, grid, 3)}
-    assert any(k.startswith("base/") for k in messages[7][ARRAYS])  # full weights, once
-    assert BASE_UPDATE in messages[31] and BASE_UPDATE in messages[52]
+    rows = {o["node_id"]: o for o in strategy.history[-1].outcomes}
+    assert all(o["accepted"] for o in rows.values())  # no reply lost
+    assert "holds none" in rows[7]["base_resync"]
+    assert rows[31]["base_resync"] == rows[52]["base_resync"] == ""
+    assert sent_in_round(grid, 2) == [(7, False), (7, True), (31, False), (52, False)]
+    assert rows[7]["download_bytes"] > rows[31]["download_bytes"]  # light + full
+    assert strategy.download.base.full_only == {}  # it can fold: light again next round
+    run_round(strategy, grid, 3)
+    assert sent_in_round(grid, 3) == [(7, False), (31, False), (52, False)]
     assert all(o["accepted"] for o in strategy.history[-1].outcomes)
+
+
+@pytest.mark.parametrize("widths", [{}, VIT_S_WIDTHS], ids=["tiny", "vit-s-widths"])
+def test_a_node_whose_fold_is_one_ulp_off_trains_every_round_on_the_full_weights(widths):
+    """A node whose arithmetic differs from the server's is recovered within the round it is
+    found (the full weights, then its training reply) and sent the full weights from then on;
+    the other nodes keep the light download and no reply is lost."""
+    strategy, nodes, grid = federation(perturbed=(52,), **widths)
+    light, full = {}, {}
+    for r in (1, 2, 3, 4):
+        run_round(strategy, grid, r)
+        rows = {o["node_id"]: o for o in strategy.history[-1].outcomes}
+        assert all(o["accepted"] for o in rows.values()), rows
+        assert len(strategy.history[-1].updates) == 3
+        light[r], full[r] = rows[31]["download_bytes"], rows[52]["download_bytes"]
+        if r == 2:
+            assert "differ from the server's" in rows[52]["base_resync"]
+            assert sent_in_round(grid, 2) == [(7, False), (31, False), (52, False), (52, True)]
+        else:
+            assert rows[52]["base_resync"] == ""
+    assert sent_in_round(grid, 3) == [(7, False), (31, False), (52, True)]
+    assert full[1] == full[3] == full[4] == light[1]  # the full model
+    assert light[2] < full[1] and full[2] == light[2] + full[1]  # light, then full
+    assert "differ from the server's" in strategy.download.base.full_only[52]
+    # node 52 trained round 4 on the server's version 3 (the full weights it was sent)
+    assert (
+        nodes[52].state["livar-base-info"]["checksum"]
+        == nodes[31].state["livar-base-info"]["checksum"]
+    )
+
+
+def test_a_node_that_asks_again_after_the_full_weights_is_dropped_with_the_reason():
+    strategy, nodes, grid = federation()
+    run_round(strategy, grid, 1)
+
+    def always_asks(node, message):
+        if node != 7:
+            return nodes[node].answer(message.content)
+        return resync_reply(BaseResync("its weights never match", cannot_fold=True))
+
+    grid.respond = always_asks
+    run_round(strategy, grid, 2)
+    rows = {o["node_id"]: o for o in strategy.history[-1].outcomes}
+    assert not rows[7]["accepted"] and rows[31]["accepted"] and rows[52]["accepted"]
+    assert "asks for the full frozen weights again" in rows[7]["reason"]
+    assert "never match" in rows[7]["reason"]
 
 
 def test_a_node_that_does_not_confirm_always_receives_the_full_weights():
@@ -368,7 +450,106 @@ def test_a_node_refuses_weights_that_differ_from_the_servers():
     tensors[key] = tensors[key] + 1e-3
     tampered[BASE_UPDATE] = to_array_record(tensors)
     load_global_tensors(node.model, from_array_record(tampered[ARRAYS]))
-    with pytest.raises(NodeConfigError, match="differ from the server's"):
+    with pytest.raises(BaseResync, match="differ from the server's"):
         sync_node_base(node.model, tampered, tampered[CONFIG], node.state)
     assert len(node.state) == 0  # forgotten: the server sends the full weights next time
     assert base_checksum(strategy.server.model) == content[CONFIG]["base-checksum"]
+
+
+# A node on another machine, emulated in its own process: the environment picks another CPU
+# code path (MKL_CBWR, ATEN_CPU_CAPABILITY) or thread count. It folds the message's round
+# update with the toolkit's fold and, for comparison, with a BLAS product (W + s * (B @ A)).
+OTHER_MACHINE = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    import torch
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+    from livar_merge.federated.global_state import load_global_tensors
+    from livar_merge.flower.base_sync import (
+        BASE_STATE, BASE_UPDATE, base_parameters, parse_update, sync_node_base,
+    )
+    from livar_merge.flower.messages import ARRAYS, CONFIG, from_array_record
+    from tests.helpers import NUM_CLASSES, VIT_S_WIDTHS, tiny_peft_vit
+
+    def read(path):
+        return recorddict_from_proto(ProtoRecordDict.FromString(open(path, "rb").read()))
+
+    def digest(tensors):
+        h = hashlib.sha256()
+        for key in sorted(tensors):
+            h.update(key.encode()); h.update(tensors[key].detach().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    torch.set_num_threads(int(sys.argv[4]))
+    content, state = read(sys.argv[1]), read(sys.argv[2])
+    kept = from_array_record(state[BASE_STATE])
+    blas = {}
+    for layers in parse_update(from_array_record(content[BASE_UPDATE])).values():
+        for layer, d in layers.items():
+            key = f"base/{layer}.base_layer.weight"
+            blas[key] = kept[key] + d.scaling * (d.B @ d.A)
+    model = tiny_peft_vit(rank=8, alpha=8.0, num_classes=NUM_CLASSES, seed=0, **VIT_S_WIDTHS)
+    load_global_tensors(model, from_array_record(content[ARRAYS]))
+    info = sync_node_base(model, content, content[CONFIG], state)
+    json.dump({"threads": torch.get_num_threads(),
+               "capability": torch.backends.cpu.get_cpu_capability(),
+               "fold": digest(base_parameters(model)), "blas": digest(blas),
+               "checksum": info["base-checksum"]}, open(sys.argv[3], "w"))
+    """
+)
+
+OTHER_MACHINES = {  # name: (environment, torch threads); the server uses 2 threads
+    "1-thread": ({}, 1),
+    "mkl-compatible-3-threads": ({"MKL_CBWR": "COMPATIBLE"}, 3),
+    "no-simd-kernels-4-threads": ({"ATEN_CPU_CAPABILITY": "default"}, 4),
+}
+
+
+def test_nodes_on_other_cpu_code_paths_and_thread_counts_fold_vit_s_updates_bit_for_bit(
+    tmp_path,
+):
+    """ViT-S block widths (qkv 1152 x 384, fc1 1536 x 384), three clients of rank 8 (stacked
+    rank 24): a node in its own process on another CPU code path or thread count folds the
+    round update to the server's frozen weights bit for bit, where a BLAS product of the same
+    factors gives other bits on at least one of them (the arithmetic this replaced)."""
+    torch.set_num_threads(2)
+    model = tiny_peft_vit(rank=8, alpha=8.0, num_classes=NUM_CLASSES, seed=0, **VIT_S_WIDTHS)
+    nodes = {n: Node(copy.deepcopy(model), f"client_{m}", 10 * m) for m, n in enumerate(NODES)}
+    server = FederatedServer(model, seed=42, method="livar", lora_merge="product")
+    strategy = LivarStrategy(server, settings=FlowerSettings(min_replies=1))
+    grid = FakeGrid(NODES, lambda node, message: nodes[node].answer(message.content))
+    run_round(strategy, grid, 1)
+    run_round(strategy, grid, 2)
+    content = strategy.download.contents([31], ConfigRecord({"server-round": 3}))[31]
+    update = from_array_record(content[BASE_UPDATE])
+    assert tuple(update["2/base_model.model.blocks.0.attn.qkv/B"].shape) == (1152, 24)
+    server_weights = {k: v.detach() for k, v in base_parameters(strategy.server.model).items()}
+    kept = from_array_record(nodes[31].state[BASE_STATE])
+    server_blas = {
+        f"base/{layer}.base_layer.weight": kept[f"base/{layer}.base_layer.weight"]
+        + d.scaling * (d.B @ d.A)
+        for layer, d in parse_update(update)[2].items()
+    }
+    (tmp_path / "content").write_bytes(wire_bytes(content))
+    (tmp_path / "state").write_bytes(wire_bytes(nodes[31].state))
+    results = {}
+    for name, (env, threads) in OTHER_MACHINES.items():
+        out = tmp_path / f"{name}.json"
+        subprocess.run(
+            [sys.executable, "-c", OTHER_MACHINE, str(tmp_path / "content"),
+             str(tmp_path / "state"), str(out), str(threads)],
+            check=True, cwd=ROOT, timeout=300,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        )  # fmt: skip
+        results[name] = json.loads(out.read_text())
+    assert results["1-thread"]["threads"] == 1
+    assert results["mkl-compatible-3-threads"]["threads"] == 3
+    assert results["no-simd-kernels-4-threads"]["threads"] == 4
+    assert results["no-simd-kernels-4-threads"]["capability"] == "DEFAULT"
+    expected = sha256_of(server_weights)
+    for name, got in results.items():
+        assert got["fold"] == expected, name  # bit for bit
+        assert got["checksum"] == content[CONFIG]["base-checksum"], name
+    blas_differs = [n for n, got in results.items() if got["blas"] != sha256_of(server_blas)]
+    assert blas_differs, "no emulated machine changed the BLAS bits: the test would not bite"
