@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import itertools
+
 from common import machine, save
 
 MB = 2**20
@@ -88,7 +90,7 @@ def main() -> None:
     replies = pd.read_csv(out / "replies.csv")
     dropped = replies[~replies["accepted"]]
     metrics = pd.read_csv(out / "metrics.csv")
-    per_round = [b["seconds"] - a["seconds"] for a, b in zip(samples, samples[1:], strict=False)]
+    per_round = [b["seconds"] - a["seconds"] for a, b in itertools.pairwise(samples)]
     half = [s for s in samples if s["rounds"] > args.rounds // 2]
     growth = (
         (half[-1]["rss_mb"] - half[0]["rss_mb"]) / (half[-1]["rounds"] - half[0]["rounds"])
@@ -105,9 +107,9 @@ def main() -> None:
         "server_rss_mb_before": rss_start,
         "server_rss_mb_per_round": [round(s["rss_mb"], 1) for s in samples],
         "server_rss_growth_mb_per_round_second_half": growth,
-        "replies": int(len(replies)),
+        "replies": len(replies),
         "replies_accepted": int(replies["accepted"].sum()),
-        "replies_dropped": int(len(dropped)),
+        "replies_dropped": len(dropped),
         "drop_reasons": dropped["reason"].value_counts().to_dict(),
         "distinct_clients_trained": int(replies.loc[replies["accepted"], "client"].nunique()),
         "accepted_per_round": metrics["replies_accepted"].tolist(),
