@@ -247,6 +247,8 @@ class BaseSync:
         self.enabled = server.lora_merge == "product"
         self._version = 0
         self._updates: dict[int, Mapping[str, LoraDelta]] = {}
+        self._sizes: dict[int, int] = {}  # wire bytes of each kept update
+        self._base_bytes: int | None = None  # of the frozen weights of the LoRA layers
         self.node_versions: dict[int, int] = {}
         self.full_only: dict[int, str] = {}
         self._registered_round: int | None = None
@@ -266,18 +268,37 @@ class BaseSync:
 
     def refresh(self) -> None:
         """A round the server installed since the last call is one more version, reached by
-        that round's merged update."""
+        that round's merged update; updates no node can use any more are released."""
         installed = self.server.last_install
         if self.enabled and installed is not None and installed[0] != self._registered_round:
             self._registered_round = installed[0]
             self._version += 1
             self._updates[self._version] = installed[1]
+            self._sizes[self._version] = tensor_bytes(update_tensors({0: installed[1]}))
+            self._prune()
+
+    def _prune(self) -> None:
+        """Keep the updates after the oldest version a node holds, and of those only the newest
+        whose wire size adds up to less than the frozen weights (a node further behind is sent
+        the weights): the memory stays bounded however many rounds run."""
+        if self._base_bytes is None:
+            self._base_bytes = tensor_bytes(base_parameters(self.server.model))
+        oldest = min(self.node_versions.values(), default=self._version)
+        total, keep = 0, set()
+        for version in sorted(self._updates, reverse=True):
+            total += self._sizes[version]
+            if version <= oldest or total >= self._base_bytes:
+                break
+            keep.add(version)
+        for version in [v for v in self._updates if v not in keep]:
+            del self._updates[version], self._sizes[version]
 
     def reset(self) -> None:
         """The server's model was replaced from outside: no node holds its frozen weights."""
         self.refresh()
         self._version += 1
         self._updates.clear()
+        self._sizes.clear()
         self.node_versions.clear()
 
     def checksum(self) -> str:

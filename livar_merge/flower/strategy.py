@@ -106,10 +106,18 @@ class RoundInFlight:
 @dataclass
 class RoundLog:
     """The strategy's rounds: the train round in flight (sent, its replies pending) and the
-    records of the finished ones (what the ServerApp writes)."""
+    records of the finished ones (what the ServerApp writes). Only the last record keeps its
+    client updates (every client's LoRA, head and statistics): an earlier one's ``updates``
+    are emptied when the next is added, so the server's memory does not grow with the rounds."""
 
     in_flight: RoundInFlight | None = None
     history: list[RoundRecord] = field(default_factory=list)
+
+    def add(self, record: RoundRecord) -> None:
+        """Append ``record``; release the client updates of the one before."""
+        if self.history:
+            self.history[-1].updates = []
+        self.history.append(record)
 
 
 class LivarStrategy(Strategy):
@@ -312,7 +320,7 @@ class LivarStrategy(Strategy):
             participants=flight.participants if flight is not None else None,
         )
         outcomes.sort(key=lambda o: (not o["accepted"], str(o["client"]), o["node_id"]))
-        self.rounds.history.append(record)
+        self.rounds.add(record)
         return self.download.refresh(), _train_metrics(updates, len(outcomes) - len(updates))
 
     def client_query(
