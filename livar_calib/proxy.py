@@ -39,11 +39,11 @@ from livar_merge.aggregation import ClientUpdate
 from livar_merge.aggregation.common import client_head_biases
 from livar_merge.engines.ray_engine import EngineOptions, FolderTask, run_folder_tasks
 from livar_merge.fedavg import fedavg_head, fedavg_lora
-from livar_merge.lora import exact_product
 from livar_merge.federated.client import train_client
 from livar_merge.federated.data import derive_seed
 from livar_merge.federated.federation import build_federation, client_id
 from livar_merge.federated.model import restore_parameters, snapshot_trainable
+from livar_merge.lora import exact_product
 from livar_merge.lora_view import (
     factor_key,
     fold_into_base,
