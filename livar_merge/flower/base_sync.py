@@ -71,15 +71,37 @@ def base_checksum(model: torch.nn.Module) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def _sends_factors(delta: LoraDelta) -> bool:
+    """Whether ``delta`` travels as factors: it has them and they are smaller than ``[d, k]``."""
+    if delta.dense is not None or delta.B is None or delta.A is None:
+        return False
+    return delta.B.numel() + delta.A.numel() < delta.B.shape[0] * delta.A.shape[1]
+
+
 def wire_delta(delta: LoraDelta) -> dict[str, torch.Tensor]:
     """One layer's update as sent: ``{"B", "A", "scaling"}`` when the factors are smaller than
     the dense ``[d, k]`` update, else ``{"dense"}`` (the dense update the server folds)."""
-    if delta.dense is None and delta.B is not None and delta.A is not None:
-        d, k = delta.B.shape[0], delta.A.shape[1]
-        if delta.B.numel() + delta.A.numel() < d * k:
-            scaling = torch.tensor([delta.scaling], dtype=torch.float64)
-            return {"B": delta.B, "A": delta.A, "scaling": scaling}
+    if _sends_factors(delta):
+        assert delta.B is not None and delta.A is not None
+        scaling = torch.tensor([delta.scaling], dtype=torch.float64)
+        return {"B": delta.B, "A": delta.A, "scaling": scaling}
     return {"dense": delta.to_dense()}
+
+
+def wire_bytes(deltas: Mapping[str, LoraDelta]) -> int:
+    """Payload bytes of one round's update as :func:`wire_delta` sends it, without forming it."""
+    total = 0
+    for delta in deltas.values():
+        if _sends_factors(delta):
+            assert delta.B is not None and delta.A is not None
+            total += delta.B.numel() * delta.B.element_size() + 8  # + the float64 scaling
+            total += delta.A.numel() * delta.A.element_size()
+        elif delta.dense is not None:
+            total += delta.dense.numel() * delta.dense.element_size()
+        else:
+            assert delta.B is not None and delta.A is not None
+            total += delta.B.shape[0] * delta.A.shape[1] * delta.B.element_size()
+    return total
 
 
 def update_tensors(updates: Mapping[int, Mapping[str, LoraDelta]]) -> dict[str, torch.Tensor]:
@@ -274,7 +296,7 @@ class BaseSync:
             self._registered_round = installed[0]
             self._version += 1
             self._updates[self._version] = installed[1]
-            self._sizes[self._version] = tensor_bytes(update_tensors({0: installed[1]}))
+            self._sizes[self._version] = wire_bytes(installed[1])
             self._prune()
 
     def _prune(self) -> None:

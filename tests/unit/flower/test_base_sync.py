@@ -556,3 +556,14 @@ def test_nodes_on_other_cpu_code_paths_and_thread_counts_fold_vit_s_updates_bit_
         assert got["checksum"] == content[CONFIG]["base-checksum"], name
     blas_differs = [n for n, got in results.items() if got["blas"] != sha256_of(server_blas)]
     assert blas_differs, "no emulated machine changed the BLAS bits: the test would not bite"
+
+
+def test_wire_bytes_counts_what_update_tensors_sends():
+    g = torch.Generator().manual_seed(1)
+    deltas = {
+        "low": LoraDelta(0.5, B=torch.randn(40, 3, generator=g), A=torch.randn(3, 30, generator=g)),
+        "high": LoraDelta(0.5, B=torch.randn(8, 6, generator=g), A=torch.randn(6, 8, generator=g)),
+        "dense": LoraDelta(1.0, dense=torch.randn(8, 8, generator=g)),
+    }
+    sent = update_tensors({1: deltas})
+    assert base_sync.wire_bytes(deltas) == sum(t.numel() * t.element_size() for t in sent.values())
