@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from livar_merge.errors import InvalidReplyError
 from livar_merge.federated.global_state import global_tensors, load_global_tensors
 from livar_merge.federated.server import FederatedServer
 from livar_merge.flower.base_sync import BaseSync, record_bytes, resync_request
@@ -81,7 +82,10 @@ class GlobalDownload:
         asked: dict[int, str] = {}
         kept: list[Message] = []
         for reply in replies:
-            request = None if reply.has_error() else resync_request(reply.content)
+            try:
+                request = None if reply.has_error() else resync_request(reply.content)
+            except InvalidReplyError:  # a malformed request: screening drops it with the reason
+                request = None
             if request is None:
                 kept.append(reply)
                 continue

@@ -567,3 +567,19 @@ def test_wire_bytes_counts_what_update_tensors_sends():
     }
     sent = update_tensors({1: deltas})
     assert base_sync.wire_bytes(deltas) == sum(t.numel() * t.element_size() for t in sent.values())
+
+
+def test_a_malformed_full_weights_request_is_dropped_not_fatal():
+    strategy, nodes, grid = federation()
+    run_round(strategy, grid, 1)
+
+    def malformed(node, message):
+        if node != 7:
+            return nodes[node].answer(message.content)
+        return RecordDict({INFO: ConfigRecord({"base-resync": "please", "reason": "x"})})
+
+    grid.respond = malformed
+    run_round(strategy, grid, 2)
+    rows = {o["node_id"]: o for o in strategy.history[-1].outcomes}
+    assert not rows[7]["accepted"] and "unknown kind 'please'" in rows[7]["reason"]
+    assert rows[31]["accepted"] and rows[52]["accepted"]
