@@ -375,16 +375,16 @@ def test_a_node_whose_fold_is_one_ulp_off_trains_every_round_on_the_full_weights
     )
 
 
+def node_7_replies(nodes, reply: RecordDict):
+    """A FakeGrid responder: node 7 always sends ``reply``, the others answer as our ClientApp."""
+    return lambda node, message: reply if node == 7 else nodes[node].answer(message.content)
+
+
 def test_a_node_that_asks_again_after_the_full_weights_is_dropped_with_the_reason():
     strategy, nodes, grid = federation()
     run_round(strategy, grid, 1)
-
-    def always_asks(node, message):
-        if node != 7:
-            return nodes[node].answer(message.content)
-        return resync_reply(BaseResync("its weights never match", cannot_fold=True))
-
-    grid.respond = always_asks
+    asks = resync_reply(BaseResync("its weights never match", cannot_fold=True))
+    grid.respond = node_7_replies(nodes, asks)
     run_round(strategy, grid, 2)
     rows = {o["node_id"]: o for o in strategy.history[-1].outcomes}
     assert not rows[7]["accepted"] and rows[31]["accepted"] and rows[52]["accepted"]
@@ -573,12 +573,8 @@ def test_a_malformed_full_weights_request_is_dropped_not_fatal():
     strategy, nodes, grid = federation()
     run_round(strategy, grid, 1)
 
-    def malformed(node, message):
-        if node != 7:
-            return nodes[node].answer(message.content)
-        return RecordDict({INFO: ConfigRecord({"base-resync": "please", "reason": "x"})})
-
-    grid.respond = malformed
+    malformed = RecordDict({INFO: ConfigRecord({"base-resync": "please", "reason": "x"})})
+    grid.respond = node_7_replies(nodes, malformed)
     run_round(strategy, grid, 2)
     rows = {o["node_id"]: o for o in strategy.history[-1].outcomes}
     assert not rows[7]["accepted"] and "unknown kind 'please'" in rows[7]["reason"]
