@@ -13,9 +13,8 @@ from typing import Any
 
 from livar_merge._options import add_dataclass_options, cli_parser, collect_overrides, report_error
 from livar_merge.aggregation.registry import available_methods, method_spec
-from livar_merge.errors import ConfigError, LivarError, RunFolderError
+from livar_merge.errors import ConfigError, LivarError
 from livar_merge.federated.config import PRESETS, FedConfig, load_config_file, resolve_config
-from livar_merge.federated.run_layout import RunLayout
 
 EXAMPLES = """examples:
   livar-fed --preset cpu --dataset digits --method livar --beta 0.05
@@ -75,24 +74,18 @@ def run_with_engine(
     config: FedConfig, out: Path, *, resume: bool = False, stop_after: int | None = None
 ) -> dict[str, Any]:
     """Run ``config`` on its engine (``inprocess``: :func:`run_federated`; ``flower``: the
-    Flower Simulation Engine, which neither resumes nor stops early). Returns the summary."""
+    Flower Simulation Engine). Returns the summary."""
     if config.engine != "flower":
         from livar_merge.engines.inprocess import run_federated
 
         return run_federated(config, out, resume=resume, stop_after=stop_after)
-    if resume or stop_after is not None:
-        raise ConfigError("resume and stop-after are not supported with engine flower")
-    layout = RunLayout(out)
-    if layout.checkpoint.exists() and not layout.is_finished():
-        raise RunFolderError(
-            f"{out} holds an interrupted Flower run; Flower runs do not resume: "
-            "delete the folder to run it again"
-        )
     try:
+        from livar_merge.flower.server_app import RunControl
         from livar_merge.flower.simulation import run_flower_simulation
     except ImportError as err:
         raise ConfigError(f"--engine flower needs the flower extra: {err}") from err
-    return run_flower_simulation(config, out)
+    control = RunControl(resume=resume, stop_after=stop_after)
+    return run_flower_simulation(config, out, control=control)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve_config(args.preset, file_options, overrides)
     except (LivarError, OSError) as err:
         parser.error(str(err))
-    if config.engine == "flower" and (args.resume or args.stop_after is not None):
-        parser.error("--resume and --stop-after are not supported with --engine flower")
     out = config.out_dir()
     try:
         summary = run_with_engine(config, out, resume=args.resume, stop_after=args.stop_after)

@@ -126,6 +126,7 @@ class FederatedRun:
         self._write_header()
         if self.resume:
             self.server.load_state_tensors(self.folder.load_checkpoint(self.model))
+            self.folder.rows.resumed_after.append(self.folder.rows.completed_rounds)
         rows = self.folder.rows
         first = rows.completed_rounds + 1
         last = self.config.rounds if stop_after is None else min(stop_after, self.config.rounds)

@@ -57,6 +57,7 @@ class RunRows:
     replies: list[dict[str, Any]] = field(default_factory=list)
     svd_energy: list[dict[str, Any]] = field(default_factory=list)
     memories: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resumed_after: list[int] = field(default_factory=list)  # the round of each resume
 
 
 def client_rows(record: RoundRecord, *, lora_rank: bool = False) -> list[dict[str, Any]]:
@@ -132,10 +133,9 @@ class RunFolder:
         self.config = config
         self.rows = RunRows()
 
-    def check(self, *, resume: bool, resumable: bool = True) -> bool:
+    def check(self, *, resume: bool) -> bool:
         """Refuse a folder holding another run; returns whether to resume (False when
-        ``resume`` finds no run yet). Writes nothing. ``resumable=False``: an engine whose
-        runs do not resume (Flower)."""
+        ``resume`` finds no run yet). Writes nothing."""
         config_path = self.layout.config
         if resume and not config_path.is_file():
             log.warning("--resume: no run in %s yet; starting from round 1", self.out)
@@ -153,8 +153,10 @@ class RunFolder:
                 )
             return True
         if self.layout.checkpoint.exists() or self.layout.summary.exists():
-            hint = "pass --resume to continue it or choose --out" if resumable else "choose --out"
-            raise RunFolderError(f"{self.out} already holds a run; {hint}")
+            raise RunFolderError(
+                f"{self.out} already holds a run; pass --resume (Flower run config: "
+                "resume=true) to continue it or choose --out"
+            )
         return False
 
     def write_header(
@@ -231,6 +233,8 @@ class RunFolder:
         paired rows); ``extra`` keys go in as they are."""
         if self.rows.paired:
             extra["paired"] = paired_summary(self.rows.paired, self.config.method)
+        if self.rows.resumed_after:
+            extra["resumed_after"] = list(self.rows.resumed_after)
         return run_summary(self.config, self.rows.metrics, model_info, wall_seconds, **extra)
 
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -11,8 +11,18 @@ Options. The ServerApp reads the run config (``[tool.flwr.app.config]``, ``flwr 
 machine), ``options`` (``"key=value key=value"`` livar-fed options) and any livar-fed option
 by its hyphenated name (an empty string means "not set"), in that order of priority, plus the
 :class:`~livar_merge.flower.strategy.FlowerSettings` ``min-replies`` (0: a majority of
-``num-clients``), ``round-timeout`` and ``node-wait-timeout`` (seconds). Every option is
-validated before anything is built. The resolved options go to the clients with every round.
+``num-clients``), ``round-timeout`` and ``node-wait-timeout`` (seconds), and the
+:class:`RunControl` keys ``resume`` (``true``: continue the run in ``out`` after its last
+checkpointed round, as ``livar-fed --resume``; the configuration must be the same) and
+``stop-after`` (stop after that round; resume later). Every option is validated before
+anything is built. The resolved options go to the clients with every round.
+
+A ServerApp that dies (killed, its machine lost) leaves the folder at its last completed round:
+``flwr run ... --run-config "... resume=true"`` starts a new Flower run that loads the
+checkpoint (global model, server state, every row) and continues with the next round; the
+SuperNodes serve the new run as they are, and each gets the full frozen weights once again
+(:mod:`~livar_merge.flower.base_sync`). The resumed run computes what the uninterrupted one
+would have: every round's seeds derive from ``(seed, round, client)``.
 """
 
 from __future__ import annotations
@@ -39,7 +49,36 @@ from livar_merge.lora_view import frozen_checksum
 
 log = logging.getLogger("flwr.livar")  # Flower's handler: shown in `flwr log` too
 SETTINGS_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(FlowerSettings))
-SERVER_KEYS = ("preset", "config-file", "options", *SETTINGS_KEYS)
+CONTROL_KEYS = ("resume", "stop-after")
+SERVER_KEYS = ("preset", "config-file", "options", *SETTINGS_KEYS, *CONTROL_KEYS)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunControl:
+    """How far a ServerApp runs: from the start or (``resume``) after the folder's last
+    checkpointed round, up to ``stop_after`` (None: every round). Not part of the
+    configuration: a run stopped or resumed computes what an uninterrupted one does."""
+
+    resume: bool = False
+    stop_after: int | None = None
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunControl:
+        """``resume`` (true/false, "" = false) and ``stop-after`` (a round >= 1, "" = none)."""
+        resume = run_config.get("resume", "")
+        if isinstance(resume, str):
+            if resume.strip().lower() not in ("", "true", "false"):
+                raise RunConfigError(f"run config 'resume' = {resume!r} is not true or false")
+            resume = resume.strip().lower() == "true"
+        elif not isinstance(resume, bool):
+            raise RunConfigError(f"run config 'resume' = {resume!r} is not true or false")
+        stop = run_config.get("stop-after", "")
+        stop_after: int | None = None
+        if stop != "":
+            if isinstance(stop, bool) or not str(stop).strip().isdigit() or int(stop) < 1:
+                raise RunConfigError(f"run config 'stop-after' = {stop!r} is not a round >= 1")
+            stop_after = int(stop)
+        return cls(resume=resume, stop_after=stop_after)
 
 
 def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
@@ -85,13 +124,20 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[FedConfig, Fl
 
 
 class ServerRun:
-    """One Flower run on the server side: federation, strategy, evaluation, results folder."""
+    """One Flower run on the server side: federation, strategy, evaluation, results folder
+    (``control``: resume it from the folder, stop early)."""
 
-    def __init__(self, config: FedConfig, settings: FlowerSettings | None = None) -> None:
+    def __init__(
+        self,
+        config: FedConfig,
+        settings: FlowerSettings | None = None,
+        control: RunControl | None = None,
+    ) -> None:
         self.config = replace(config, engine="flower")
         self.settings = settings or DEFAULTS
+        self.control = control or RunControl()
         self.folder = RunFolder(config.out_dir(), self.config)
-        self.folder.check(resume=False, resumable=False)
+        self.resume = self.check_folder(self.config, self.control)  # before anything is built
         self.federation = build_federation(
             config, dataset=config.dataset, seed=config.seed, beta=config.beta
         )
@@ -103,6 +149,18 @@ class ServerRun:
             config_hash=config.config_hash(),
             frozen_checksum=frozen_checksum(self.model, config.lora_merge),
         )
+
+    @staticmethod
+    def check_folder(config: FedConfig, control: RunControl) -> bool:
+        """Refuse a folder holding another run (or, resuming, another configuration); returns
+        whether there is a run to resume. Writes nothing."""
+        if control.resume and config.omega_cumulative:
+            raise RunConfigError(
+                "resume with omega_cumulative: each client's running omega lives in its node's "
+                "state of the Flower run, which a resumed (new) Flower run starts empty"
+            )
+        config = replace(config, engine="flower")
+        return RunFolder(config.out_dir(), config).check(resume=control.resume)
 
     def _write_header(self) -> None:
         provenance = run_provenance(self.federation, self.strategy.server)
@@ -133,41 +191,60 @@ class ServerRun:
         """Run all rounds on ``grid`` and write ``summary.json``; returns the summary."""
         wall = time.perf_counter()
         self._write_header()
+        if self.resume:
+            self.strategy.server.load_state_tensors(self.folder.load_checkpoint(self.model))
+        done = self.folder.rows.completed_rounds
+        if self.resume:
+            self.folder.rows.resumed_after.append(done)
+            log.info("resumed %s after round %d", self.folder.out, done)
+        stop = self.control.stop_after
+        last = self.config.rounds if stop is None else min(stop, self.config.rounds)
+        self.strategy.rounds.completed_before = done
         train_config = ConfigRecord(
             {
                 "livar-config": json.dumps(self.config.to_dict()),
                 "config-hash": self.config.config_hash(),
             }
         )
-        self.strategy.start(
-            grid,
-            initial_arrays=self.strategy.initial_arrays(),
-            num_rounds=self.config.rounds,
-            timeout=self.settings.round_timeout,
-            train_config=train_config,
-            evaluate_fn=self.evaluate,
-        )
+        if last > done:
+            self.strategy.start(
+                grid,
+                initial_arrays=self.strategy.initial_arrays(),
+                num_rounds=last - done,
+                timeout=self.settings.round_timeout,
+                train_config=train_config,
+                evaluate_fn=self.evaluate,
+            )
         wall_seconds = time.perf_counter() - wall
         summary = self.folder.summary(self.federation.info, wall_seconds, engine="flower")
-        self.folder.write_summary(summary)
+        if self.folder.rows.completed_rounds == self.config.rounds:
+            self.folder.write_summary(summary)
         return summary
 
 
 def make_server_app(
-    config: FedConfig | None = None, settings: FlowerSettings | None = None
+    config: FedConfig | None = None,
+    settings: FlowerSettings | None = None,
+    control: RunControl | None = None,
+    summaries: list[dict[str, Any]] | None = None,
 ) -> ServerApp:
     """A ServerApp for ``config`` (the Simulation Engine's Python API passes no run config),
-    or, with ``config=None``, for the run config of the Context (``flwr run``)."""
+    or, with ``config=None``, for the run config of the Context (``flwr run``); the run's
+    summary is appended to ``summaries`` if given."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_settings: FlowerSettings | None
+        run_control: RunControl | None
         if config is None:
             run_config, run_settings = config_from_run_config(context.run_config)
+            run_control = RunControl.from_run_config(context.run_config)
         else:
-            run_config, run_settings = config, settings
-        ServerRun(run_config, run_settings).run(grid)
+            run_config, run_settings, run_control = config, settings, control
+        summary = ServerRun(run_config, run_settings, run_control).run(grid)
+        if summaries is not None:
+            summaries.append(summary)
 
     return app
 

@@ -18,9 +18,8 @@ from flwr.simulation import run_simulation
 
 from livar_merge.errors import ConfigError, RoundFailedError
 from livar_merge.federated.config import FedConfig
-from livar_merge.federated.run_layout import RunReader
 from livar_merge.flower.client_app import client_app
-from livar_merge.flower.server_app import make_server_app
+from livar_merge.flower.server_app import RunControl, ServerRun, make_server_app
 from livar_merge.flower.strategy import FlowerSettings, check_method
 
 
@@ -43,28 +42,32 @@ def run_flower_simulation(
     out: str | Path | None = None,
     *,
     settings: FlowerSettings | None = None,
+    control: RunControl | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run ``config`` as a Flower App on the Simulation Engine; returns the summary dict.
 
     The results folder (``out``, else ``config.out``, else ``runs/<run name>``) matches
     ``livar-fed``'s; the same seed gives the same global model and accuracies as the in-process
-    engine up to float rounding.
+    engine up to float rounding. ``control``: resume the run in the folder, stop after a round
+    (:class:`~livar_merge.flower.server_app.RunControl`).
     """
 
     check_method(config.method)  # before Ray starts
     folder = Path(out) if out is not None else config.out_dir()
     config = replace(config, out=str(folder), engine="flower")
+    control = control or RunControl()
+    ServerRun.check_folder(config, control)  # a refused folder fails here, not inside Ray
+    summaries: list[dict[str, Any]] = []
     run_simulation(
-        server_app=make_server_app(config, settings or FlowerSettings()),
+        server_app=make_server_app(config, settings or FlowerSettings(), control, summaries),
         client_app=client_app,
         num_supernodes=config.num_clients,
         backend_config=backend_config(config),
         verbose_logging=verbose,
     )
-    run = RunReader(folder)
-    if run.summary is None:
+    if not summaries:
         raise RoundFailedError(
-            f"the Flower simulation ended without writing {run.layout.summary}; see the log above"
+            f"the Flower simulation of {folder} ended without a summary; see the log above"
         )
-    return run.summary
+    return summaries[0]

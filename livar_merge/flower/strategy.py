@@ -112,6 +112,12 @@ class RoundLog:
 
     in_flight: RoundInFlight | None = None
     history: list[RoundRecord] = field(default_factory=list)
+    completed_before: int = 0  # rounds a resumed run had finished before Flower's round 1
+
+    def run_round(self, flower_round: int) -> int:
+        """The run's round of Flower's ``flower_round`` (Flower counts from 1 in each
+        ``start``; a resumed run continues after its checkpoint's round)."""
+        return self.completed_before + flower_round
 
     def add(self, record: RoundRecord) -> None:
         """Append ``record``; release the client updates of the one before."""
@@ -219,6 +225,7 @@ class LivarStrategy(Strategy):
     ) -> Iterable[Message]:
         """Send the global model, the round's ConfigRecord and what the method broadcasts to
         every connected node, or with client sampling to the nodes of the sampled clients."""
+        server_round = self.rounds.run_round(server_round)
         self.sync(arrays)
         nodes, participants = self.nodes.round_nodes(server_round, grid, config)
         config["server-round"] = server_round
@@ -291,6 +298,7 @@ class LivarStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, drop, sort by client id, aggregate, install; returns the new global."""
+        server_round = self.rounds.run_round(server_round)
         flight, self.rounds.in_flight = self.rounds.in_flight, None
         replies = list(replies)
         sent = flight.messages if flight is not None else []

@@ -16,18 +16,25 @@ from tests.helpers import assert_accuracies_match, load_checkpoint  # noqa: E402
 
 
 @pytest.mark.slow
-def test_simulation_engine_matches_the_inprocess_run(tmp_path, inprocess_run):
+def test_simulation_engine_stopped_and_resumed_matches_the_inprocess_run(tmp_path, inprocess_run):
+    """A Flower run stopped after round 1 and resumed from its folder (a new Flower run, new
+    nodes) gives the uninterrupted in-process run's model, rows and accuracies."""
     from livar_merge.apps.fed_cli import main
 
     reference_out, reference = inprocess_run
     out = tmp_path / "flower"
     start = time.perf_counter()
-    code = main(["--preset", "tiny", "--engine", "flower", "--out", str(out)])
+    args = ["--preset", "tiny", "--engine", "flower", "--out", str(out)]
+    assert main([*args, "--stop-after", "1"]) == 0
+    assert not (out / "summary.json").exists()
+    assert len(pd.read_csv(out / "metrics.csv")) == 1
+    assert main([*args, "--resume"]) == 0
     seconds = time.perf_counter() - start
-    print(f"Simulation Engine, tiny, 3 clients x 2 rounds: {seconds:.1f} s")
-    assert code == 0
+    print(f"Simulation Engine, tiny, 3 clients x (1 + 1 resumed) rounds: {seconds:.1f} s")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engine"] == "flower" and summary["completed_rounds"] == 2
+    assert summary["resumed_after"] == [1]
+    assert pd.read_csv(out / "metrics.csv")["round"].tolist() == [1, 2]
     assert_accuracies_match(summary["accuracy_per_round"], reference["accuracy_per_round"], 200)
     got, expected = load_checkpoint(out), load_checkpoint(reference_out)
     assert got.keys() == expected.keys()

@@ -44,8 +44,6 @@ def test_run_folder_checkpoint_round_trip_and_refusals(model, tmp_path):
     assert not (folder.out / "paired.csv").exists() and not (folder.out / "replies.csv").exists()
     with pytest.raises(RunFolderError, match="already holds a run; pass --resume"):
         RunFolder(folder.out, config).check(resume=False)
-    with pytest.raises(RunFolderError, match="choose --out$"):
-        RunFolder(folder.out, config).check(resume=False, resumable=False)
     other = resolve_config("tiny", None, {"method": "fedproto", "beta": 0.1})
     with pytest.raises(RunFolderError, match="different configuration"):
         RunFolder(folder.out, other).check(resume=True)
