@@ -42,6 +42,9 @@ def machine() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    from livar_merge.federated.machine import machine_record
+
+    info.update(machine_record())  # cpu name and fp32 GFLOP/s: the throughput beside wall times
     return info
 
 

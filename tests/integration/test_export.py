@@ -4,10 +4,11 @@ logits on the run's test images compared with the run's final global model (rebu
 livar's own builder and checkpoint reader) and its top-1 with ``metrics.csv``.
 
 Tolerances: the timm export and every exact peft export (svd run: factors as trained, or
-re-factorised at ``--rank 8``; product run at ``--rank 32``, the full rank of the tiny ViT's
-layers) reproduce the logits to max abs difference < 1e-4 and the test accuracy exactly; the
-product run at its default rank 4 is lossy, its per-layer errors are recomputed here from the
-checkpoint and W0 with numpy.
+re-factorised at ``--rank 8``; product run at its default rank, the largest numerical rank of a
+layer's update, and at ``--rank 32``, the full rank of the tiny ViT's layers) reproduce the
+logits to max abs difference < 1e-4 and the test accuracy exactly; the product run at
+``--rank 4`` is lossy, its per-layer errors are recomputed here from the checkpoint and W0
+with numpy.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def exported(tmp_path_factory):
         }
         if mode == "product":  # 32: the full rank of every layer, so the SVD keeps everything
             outs["product-peft-r32"] = ("peft", exports / "product-peft-r32", 32)
+            outs["product-peft-r4"] = ("peft", exports / "product-peft-r4", 4)  # truncates
         else:  # another rank than the run's: the trained update re-factorised (rank <= 4)
             outs["svd-peft-r8"] = ("peft", exports / "svd-peft-r8", 8)
         for name, (fmt, path, rank) in outs.items():
@@ -170,7 +172,8 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "name", ["product-timm", "svd-timm", "svd-peft", "product-peft-r32", "svd-peft-r8"]
+    "name",
+    ["product-timm", "svd-timm", "svd-peft", "product-peft", "product-peft-r32", "svd-peft-r8"],
 )
 def test_exact_exports_reproduce_the_run_in_a_fresh_process(exported, name):
     runs, records, fresh = exported
@@ -184,7 +187,7 @@ def test_exact_exports_reproduce_the_run_in_a_fresh_process(exported, name):
     assert check["exported_top1"] == pytest.approx(run["final_accuracy"], abs=1e-12)
 
 
-@pytest.mark.parametrize("name", ["svd-peft", "product-peft-r32", "svd-peft-r8"])
+@pytest.mark.parametrize("name", ["svd-peft", "product-peft", "product-peft-r32", "svd-peft-r8"])
 def test_exact_adapters_on_an_independent_w0_reproduce_the_run(exported, name):
     """The adapter loaded (fresh process) onto W0 built here from the run's weights source,
     not the W0 file the export wrote, gives the run's final model's logits; onto a W0 whose
@@ -207,7 +210,7 @@ def test_the_w0_written_beside_the_adapter_is_the_runs(exported):
     for mode, run in runs.items():
         w0 = run["w0"]
         folders = sorted((run["folder"].parent / "exports").glob(f"{mode}-peft*"))
-        assert len(folders) == 2, folders  # at the run's rank and at another
+        assert len(folders) == {"product": 3, "svd": 2}[mode], folders  # default and --rank
         for folder in folders:
             written = load_file(str(folder / BASE_FILE))
             assert written.keys() == w0.keys(), folder.name
@@ -271,11 +274,36 @@ def test_peft_adapter_folder(exported):
     assert "Exact: yes" in (folder / "README.md").read_text()
 
 
-def test_product_adapter_at_the_run_rank_is_lossy_and_says_so(exported):
-    runs, records, fresh = exported
+def test_product_adapter_defaults_to_the_exact_rank(exported):
+    """Without --rank a product run's adapter takes the largest numerical rank of a layer's
+    update (numpy's matrix_rank on W_final - W0 from the files, float32 tolerance)."""
+    runs, records, _ = exported
     run, record = runs["product"], records["product-peft"]
+    w0 = load_file(str(run["folder"].parent / "exports" / "product-peft" / BASE_FILE))
+    checkpoint = run["checkpoint"]
+    scaling = run["config"].lora_alpha / run["config"].lora_rank
+    ranks = []
+    for layer in record["layers"]:
+        name = layer["layer"]
+        base = checkpoint[f"base/base_model.model.{name}.base_layer.weight"].double().numpy()
+        b = checkpoint[f"lora/base_model.model.{name}.lora_B.weight"].double().numpy()
+        a = checkpoint[f"lora/base_model.model.{name}.lora_A.weight"].double().numpy()
+        delta = base - w0[f"{name}.weight"].double().numpy() + scaling * b @ a
+        s = np.linalg.svd(delta, compute_uv=False)
+        ranks.append(
+            np.linalg.matrix_rank(delta, tol=s[0] * max(delta.shape) * np.finfo(np.float32).eps)
+        )
+    assert record["rank"] == max(ranks) == record["max_update_rank"]
+    assert 4 < record["rank"] <= 24  # at most 2 rounds x 3 clients x rank 4: above the run's
+    assert record["exact"] is True and "SVD at rank" in record["method"]
+
+
+def test_product_adapter_at_a_smaller_rank_is_lossy_and_says_so(exported):
+    runs, records, fresh = exported
+    run, record = runs["product"], records["product-peft-r4"]
     assert record["exact"] is False and record["rank"] == 4
-    folder = run["folder"].parent / "exports" / "product-peft"
+    assert f"leave --rank out (rank {record['max_update_rank']} here)" in record["exactness"]
+    folder = run["folder"].parent / "exports" / "product-peft-r4"
     w0 = load_file(str(folder / BASE_FILE))
     checkpoint = run["checkpoint"]
     scaling = run["config"].lora_alpha / run["config"].lora_rank
@@ -290,7 +318,7 @@ def test_product_adapter_at_the_run_rank_is_lossy_and_says_so(exported):
         assert layer["relative_error"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
         assert 0.01 < layer["relative_error"] < 1
         assert 4 < layer["update_rank"] <= 24  # at most 2 rounds x 3 clients x rank 4
-    diff = float((fresh["product-peft"] - run["logits"]).abs().max())
+    diff = float((fresh["product-peft-r4"] - run["logits"]).abs().max())
     assert diff == pytest.approx(record["check"]["max_abs_logit_diff"], rel=1e-3, abs=1e-6)
     assert diff > TOLERANCE  # the truncation is visible in the logits
     assert "passed" not in record["check"]

@@ -1,82 +1,107 @@
-"""The Deployment Engine on loopback: a SuperLink, three SuperNodes, `flwr run`, one SuperNode
-killed mid-run."""
+"""The Deployment Engine on loopback under faults (helpers in :mod:`tests.integration.faults`):
+a SuperNode killed mid-round and restarted, then the ServerApp killed between rounds and the
+run resumed from its folder, in one deployment. ``benchmarks/flower_faults.py`` runs each fault
+alone against a fault-free run, and the late reply (a node stopped past the round timeout,
+whose timeout depends on the machine's speed)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 pytest.importorskip("flwr")
-pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a running task's identity
+pytestmark = [
+    pytest.mark.usefixtures("task_identity"),  # messages need a running task's identity
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.name != "posix" or not Path("/proc/self/environ").exists(), reason="needs Linux /proc"
+    ),
+]
 
-from tests.helpers import REPO, assert_accuracies_match  # noqa: E402
-from tests.integration.deployment import TOOLS, Loopback, free_ports, port_open  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from tests.helpers import REPO, assert_accuracies_match, load_checkpoint  # noqa: E402
+from tests.integration import faults  # noqa: E402
+from tests.integration.deployment import TOOLS  # noqa: E402
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    os.name != "posix" or not Path("/proc/self/environ").exists(), reason="needs Linux /proc"
-)
-def test_deployment_engine_on_loopback_survives_a_killed_supernode(tmp_path, inprocess_run):
+@pytest.fixture(autouse=True)
+def flower_tools():
     if not all(shutil.which(t) for t in TOOLS):
         pytest.skip("flwr command-line tools not installed")
     if "[tool.flwr.app]" not in (REPO / "pyproject.toml").read_text():
         pytest.skip("not a source checkout with the Flower App config")
-    out = tmp_path / "results"
-    link_port, *node_ports = free_ports(4)
-    begin = time.perf_counter()
-    with Loopback(tmp_path) as deployment:
-        deployment.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1",
-                                       "--port", str(link_port)])  # fmt: skip
-        deployment.wait_for(lambda: port_open(link_port), 60, "the SuperLink to listen")
-        for m, port in enumerate(node_ports):
-            deployment.start(
-                f"node{m}",
-                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                 "--host", "127.0.0.1", "--port", str(port),
-                 "--node-config", f"partition-id={m} num-partitions=3"],
-            )  # fmt: skip
-        deployment.wait_for(
-            lambda: all("SuperNode ID" in deployment.log(f"node{m}") for m in range(3)),
-            90,
-            "three SuperNodes to connect",
-        )
-        deployment.cli_config("livar-test", f"127.0.0.1:{link_port}", root_certificates=None)
-        deployment.run_app(
-            "livar-test",
-            f"preset='tiny' rounds=2 out='{out}' min-replies=2 node-wait-timeout=5.0",
-        )
-        metrics = out / "metrics.csv"
-        deployment.wait_for(
-            lambda: metrics.is_file() and len(pd.read_csv(metrics)) >= 1, 240, "round 1 to finish"
-        )
-        killed_id = deployment.node_id("node2")
-        deployment.kill("node2")  # crash a SuperNode (and its ClientApps)
-        deployment.wait_for(lambda: (out / "summary.json").is_file(), 240, "the run to finish")
-    seconds = time.perf_counter() - begin
-    print(f"Deployment Engine, 3 SuperNodes x 2 rounds, one killed: {seconds:.1f} s")
-    assert deployment.all_gone(), "processes started by the test are still running"
-    assert all(not port_open(p) for p in (link_port, *node_ports))
 
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["completed_rounds"] == 2
-    rows = pd.read_csv(out / "metrics.csv")
-    assert rows["replies_accepted"].tolist() == [3, 2]
-    assert rows["replies_dropped"].tolist() == [0, 1]
-    replies = pd.read_csv(out / "replies.csv")
-    dropped = replies[~replies["accepted"]]
-    assert dropped["round"].tolist() == [2] and dropped["node_id"].tolist() == [killed_id]
-    assert "error reply" in dropped["reason"].iloc[0]
-    accepted = replies[replies["accepted"] & (replies["round"] == 2)]
-    assert sorted(accepted["client"]) == ["client_0", "client_1"]
-    # Round 1 had all three clients: the same computation as the in-process run.
+
+def test_a_killed_supernode_restarts_and_a_killed_serverapp_resumes(tmp_path, inprocess_run):
+    """One deployment, two faults. Round 2: SuperNode 2 killed while it trains and restarted
+    (new ID, same partition); the round goes on without it (flwr's error reply once its
+    heartbeat expires). After round 2's checkpoint the ServerApp is killed and ``flwr run ...
+    resume=true`` continues on the same SuperNodes: round 3 has every client, the restarted
+    node sent the full weights. Round 1 is the in-process run's; round 3 is what the in-process
+    engine computes when it resumes a copy of the folder as it was at the kill."""
+    import json
+    import os
+    import signal
+
+    from livar_merge.engines.inprocess import run_federated
+    from livar_merge.federated.config import resolve_config
+    from tests.integration.deployment import Loopback
+
+    out = tmp_path / "results"
+    copy = tmp_path / "at-the-kill"
+    with Loopback(tmp_path / "deployment") as deployment:
+        f = faults.Federation(deployment).start()
+        f.run(out, 3)
+        f.training_round_two(out, "node2")
+        killed = deployment.node_id("node2")
+        deployment.kill("node2")
+        f.start_node(2, "node2-restarted")
+        faults.wait_rounds(deployment, out, 2, timeout=400)
+        for pid in f.processes("flwr-serverapp"):
+            os.kill(pid, signal.SIGKILL)
+        deployment.wait_for(lambda: f.processes("flwr-serverapp") == [], 30, "the ServerApp to die")
+        assert faults.completed_rounds(out) == 2 and not (out / "summary.json").exists()
+        shutil.copytree(out, copy)
+        f.run(out, 3, "resume=true")
+        deployment.wait_for(lambda: (out / "summary.json").is_file(), 400, "the run to finish")
+        restarted = deployment.node_id("node2-restarted")
+        f.mark("done")
+    assert deployment.all_gone(), "processes started by the test are still running"
+    print(f"SuperNode killed + restarted, ServerApp killed + resumed, 3 rounds: {f.timeline}")
+
+    result = faults.record(out, None)
+    assert result["completed_rounds"] == 3 and result["resumed_after"] == [2]
+    clients = ["client_0", "client_1", "client_2"]
+    one, two, three = result["rounds"]
+    assert one["accepted"] == clients and not one["dropped"]
+    assert two["accepted"] == clients[:2]
+    assert [d["node_id"] for d in two["dropped"]] == [killed]
+    assert "error reply" in two["dropped"][0]["reason"]
+    assert three["accepted"] == clients and not three["dropped"]
+    assert json.loads((out / "summary.json").read_text())["engine"] == "flower"
+    # the resumed run is new to every node: each is sent the full weights once
+    assert (
+        three["download_mb"]["client_2"]
+        == three["download_mb"]["client_0"]
+        == one["download_mb"]["client_0"]
+    )
+    round_three = pd.read_csv(out / "clients.csv").query("round == 3")
+    assert round_three.set_index("client").loc["client_2", "node_id"] == restarted
+
     _, reference = inprocess_run
     assert_accuracies_match(
-        summary["accuracy_per_round"][:1], reference["accuracy_per_round"][:1], 200
+        result["accuracy_per_round"][:1], reference["accuracy_per_round"][:1], 200
     )
+    config = resolve_config("tiny", None, {"rounds": 3})
+    inprocess = run_federated(config, copy, resume=True)
+    assert inprocess["resumed_after"] == [2]
+    got, expected = load_checkpoint(out), load_checkpoint(copy)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
+    assert_accuracies_match(result["accuracy_per_round"], inprocess["accuracy_per_round"], 200)

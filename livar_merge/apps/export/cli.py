@@ -45,8 +45,9 @@ class ExportOptions:
 
     rank: int | None = option(
         None,
-        "peft: adapter rank (default: the run's lora_rank; product runs are re-factorised by "
-        "truncated SVD to it)",
+        "peft: adapter rank (default: exact: the factors as trained, or for product runs the "
+        "largest numerical rank of a layer's update; a smaller rank truncates and says what is "
+        "lost)",
         ge=1,
     )
     base: Literal["auto", "include", "omit"] = option(

@@ -1,4 +1,9 @@
-"""``--to peft``: a peft LoRA adapter relative to W0 (factors as trained, or truncated SVD)."""
+"""``--to peft``: a peft LoRA adapter relative to W0.
+
+Factors as trained where the run kept them (``lora_merge`` ``factors``/``released``); otherwise
+(``product`` runs fold every round into the frozen weights) the SVD of each layer's cumulative
+update ``W_final - W0``, at the largest numerical rank over the layers by default, so the
+adapter is exact, or at ``--rank`` (a truncation whose loss per layer the export reports)."""
 
 from __future__ import annotations
 
@@ -53,17 +58,31 @@ def max_update_rank(adapter: Adapter) -> int | None:
     return max(ranks) if ranks else None
 
 
+def numerical_rank(s: torch.Tensor, shape: tuple[int, ...]) -> int:
+    """Singular values ``s`` (descending) above ``s[0] * max(d, k) * eps(float32)``: the rank
+    a float32 update can be told to have (``numpy.linalg.matrix_rank``'s rule)."""
+    import torch
+
+    if len(s) == 0 or float(s[0]) == 0.0:
+        return 0
+    tol = float(s[0]) * max(shape) * float(torch.finfo(torch.float32).eps)
+    return int((s > tol).sum())
+
+
 def svd_factors(
-    delta: torch.Tensor, rank: int
+    delta: torch.Tensor,
+    rank: int,
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """``(A [rank, k], B [d, rank], stats)`` with ``B A`` the truncated SVD of ``delta`` (float64,
     singular values split evenly; zero-padded beyond ``min(d, k)``); stats: the update's
-    numerical rank, its Frobenius norm and the relative Frobenius error of the truncation."""
+    numerical rank, its Frobenius norm and the relative Frobenius error of the truncation.
+    ``svd``: ``delta``'s float64 SVD if already computed."""
     import torch
 
     from livar_merge.lora import balanced_factors
 
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    u, s, vh = svd if svd is not None else torch.linalg.svd(delta.double(), full_matrices=False)
     d, k = delta.shape
     small_b, small_a = balanced_factors(u, s, vh, rank)  # the package's one SVD split
     keep = small_a.shape[0]
@@ -73,10 +92,9 @@ def svd_factors(
     factor_a[:keep] = small_a
     total = float(s.square().sum())
     tail = float(s[keep:].square().sum())
-    tol = float(s[0]) * max(d, k) * float(torch.finfo(torch.float32).eps) if len(s) else 0.0
     stats = {
         "shape": [int(d), int(k)],
-        "update_rank": int((s > tol).sum()) if total > 0 else 0,
+        "update_rank": numerical_rank(s, (d, k)),
         "update_norm": math.sqrt(total),
         "relative_error": math.sqrt(tail / total) if total > 0 else 0.0,
     }
@@ -108,20 +126,28 @@ def adapter_of(run: LoadedRun, rank: int | None) -> Adapter:
             layers.append({"layer": name, "shape": shape, "relative_error": 0.0})
         method = "LoRA factors as trained"
         return Adapter(factors, config.lora_rank, config.lora_alpha, method, layers)
-    target = rank if rank is not None else config.lora_rank
     scalings = peft_scalings(run.model)
-    factors, layers = {}, []
+    deltas, svds = {}, {}
     with torch.no_grad():
         for layer, (factor_a, factor_b) in lora.items():
             name = short_layer_name(layer)
             base = base_weight(modules[layer]).double()
             delta = base - run.pretrained[f"{name}.weight"].double()
             delta += scalings[layer] * (factor_b.double() @ factor_a.double())
-            new_a, new_b, stats = svd_factors(delta, target)
-            factors[name] = (new_a, new_b)
-            layers.append({"layer": name, "rank": target, **stats})
+            deltas[name] = delta
+            svds[name] = torch.linalg.svd(delta, full_matrices=False)
+    exact_rank = max(
+        (numerical_rank(s, deltas[n].shape) for n, (_, s, _) in svds.items()), default=1
+    )
+    target = rank if rank is not None else max(1, exact_rank)
+    factors, layers = {}, []
+    for name, delta in deltas.items():
+        new_a, new_b, stats = svd_factors(delta, target, svds[name])
+        factors[name] = (new_a, new_b)
+        layers.append({"layer": name, "rank": target, **stats})
     what = "folded weights - W0 + the current LoRA" if config.lora_merge == "product" else "LoRA"
-    method = f"truncated SVD to rank {target} of the cumulative update ({what})"
+    how = "the largest numerical rank of a layer's update" if rank is None else "--rank"
+    method = f"SVD at rank {target} ({how}) of the cumulative update ({what})"
     return Adapter(factors, target, float(target), method, layers)
 
 
@@ -294,9 +320,10 @@ def export_peft(
         exactness = (
             f"the cumulative update has a higher rank than {adapter.rank}: the truncation "
             f"loses up to {adapter.max_relative_error:.3g} of a layer's update (relative "
-            "Frobenius error, per layer below); for an exact export use --to timm, or "
-            "--rank at the largest update_rank"
+            "Frobenius error, per layer below); for an exact adapter leave --rank out "
+            f"(rank {max_update_rank(adapter)} here), or use --to timm"
         )
+        say(f"--rank {adapter.rank} truncates: {exactness}")
     written = [*PEFT_FILES, BASE_FILE] if include else list(PEFT_FILES)
     record: dict[str, Any] = {
         "format": "peft",
