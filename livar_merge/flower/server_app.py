@@ -123,6 +123,15 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[FedConfig, Fl
     return resolve_config(preset, file_options, overrides), settings_from_run_config(run_config)
 
 
+def check_control(config: FedConfig, control: RunControl) -> None:
+    """Refuse a resume the Flower engine cannot continue exactly."""
+    if control.resume and config.omega_cumulative:
+        raise RunConfigError(
+            "resume with omega_cumulative: each client's running omega lives in its node's "
+            "state of the Flower run, which a resumed (new) Flower run starts empty"
+        )
+
+
 class ServerRun:
     """One Flower run on the server side: federation, strategy, evaluation, results folder
     (``control``: resume it from the folder, stop early)."""
@@ -137,7 +146,8 @@ class ServerRun:
         self.settings = settings or DEFAULTS
         self.control = control or RunControl()
         self.folder = RunFolder(config.out_dir(), self.config)
-        self.resume = self.check_folder(self.config, self.control)  # before anything is built
+        check_control(self.config, self.control)  # before anything is built
+        self.resume = self.folder.check(resume=self.control.resume)
         self.federation = build_federation(
             config, dataset=config.dataset, seed=config.seed, beta=config.beta
         )
@@ -154,11 +164,7 @@ class ServerRun:
     def check_folder(config: FedConfig, control: RunControl) -> bool:
         """Refuse a folder holding another run (or, resuming, another configuration); returns
         whether there is a run to resume. Writes nothing."""
-        if control.resume and config.omega_cumulative:
-            raise RunConfigError(
-                "resume with omega_cumulative: each client's running omega lives in its node's "
-                "state of the Flower run, which a resumed (new) Flower run starts empty"
-            )
+        check_control(config, control)
         config = replace(config, engine="flower")
         return RunFolder(config.out_dir(), config).check(resume=control.resume)
 
@@ -202,7 +208,8 @@ class ServerRun:
         self.strategy.rounds.completed_before = done
         train_config = ConfigRecord(
             {
-                "livar-config": json.dumps(self.config.to_dict()),
+                # the trackers are the server's: nodes need not have them installed
+                "livar-config": json.dumps(replace(self.config, track=[]).to_dict()),
                 "config-hash": self.config.config_hash(),
             }
         )

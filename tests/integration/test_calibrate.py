@@ -2,6 +2,7 @@
 tests/unit/calib/)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,8 +15,57 @@ from livar_merge import GShapTable
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     out = tmp_path_factory.mktemp("calib") / "run"
-    assert main(["--preset", "tiny", "--out", str(out)]) == 0
+    track = ["--track", "tensorboard", "mlflow"] if _trackers_installed() else []
+    assert main(["--preset", "tiny", "--out", str(out), *track]) == 0
     return out
+
+
+def _trackers_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("tensorboard", "mlflow"))
+
+
+def test_the_calibration_is_mirrored_in_the_trackers(calibrated):
+    """Stage timings, forest R^2, SHAP trends and quality numbers of summary.json, the table
+    and the verdict, read back with MlflowClient and TensorBoard's EventAccumulator."""
+    if not _trackers_installed():
+        pytest.skip("the track extra is not installed")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from livar_merge.tracking.sinks.mlflow_sink import folder_store
+
+    summary = json.loads((calibrated / "summary.json").read_text())
+    state = json.loads((calibrated / "trackers.json").read_text())["trackers"]
+    client = MlflowClient(tracking_uri=folder_store(calibrated))
+    run = client.get_run(state["mlflow"]["state"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["proxy"] == "synthetic"
+    metrics = run.data.metrics
+    for stage, seconds in summary["timings_seconds"].items():
+        assert metrics[f"calibration/seconds/{stage}"] == pytest.approx(seconds, rel=1e-12)
+    for feature, rho in summary["shap_trend_spearman"].items():
+        assert metrics[f"calibration/shap_trend/{feature}"] == pytest.approx(rho, rel=1e-12)
+    compared = 0
+    for features, values in summary["forest_metrics"].items():  # "q_a,q_b": "," is not a tag
+        for name, value in values.items():
+            key = f"calibration/forest/{features.replace(',', '_')}/{name}"
+            if value == value:  # NaN (too few runs for an interval) is not logged
+                assert metrics[key] == pytest.approx(value, rel=1e-12), key
+                compared += 1
+            else:
+                assert key not in metrics
+    assert compared >= 10
+    mean = summary["quality_summary"]["calibrated"]["mean"]
+    assert metrics["calibration/quality/calibrated/mean"] == pytest.approx(mean, rel=1e-12)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "quality_verdict.md", "table.md", "figure2.png"} <= artifacts
+    verdict = client.download_artifacts(run.info.run_id, "quality_verdict.md")
+    assert Path(verdict).read_text() == summary["quality_verdict"]
+    events = EventAccumulator(str(calibrated / "tensorboard"))
+    events.Reload()
+    assert "calibration/shap_trend/q_a" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("calibration/shap_trend/q_a")] == [1]
 
 
 def test_run_folder_and_table(calibrated):

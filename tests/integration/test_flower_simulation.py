@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -25,6 +27,9 @@ def test_simulation_engine_stopped_and_resumed_matches_the_inprocess_run(tmp_pat
     out = tmp_path / "flower"
     start = time.perf_counter()
     args = ["--preset", "tiny", "--engine", "flower", "--out", str(out)]
+    tracked = importlib.util.find_spec("tensorboard") is not None
+    if tracked:  # the ServerApp mirrors the folder, and continues its tracker when resumed
+        args += ["--track", "tensorboard"]
     assert main([*args, "--stop-after", "1"]) == 0
     assert not (out / "summary.json").exists()
     assert len(pd.read_csv(out / "metrics.csv")) == 1
@@ -35,6 +40,15 @@ def test_simulation_engine_stopped_and_resumed_matches_the_inprocess_run(tmp_pat
     assert summary["engine"] == "flower" and summary["completed_rounds"] == 2
     assert summary["resumed_after"] == [1]
     assert pd.read_csv(out / "metrics.csv")["round"].tolist() == [1, 2]
+    if tracked:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        logged = [(e.step, e.value) for e in events.Scalars("round/test_accuracy")]
+        expected = pd.read_csv(out / "metrics.csv")["test_accuracy"].tolist()
+        assert [s for s, _ in logged] == [1, 2]
+        np.testing.assert_allclose([v for _, v in logged], expected, rtol=1e-6)
     assert_accuracies_match(summary["accuracy_per_round"], reference["accuracy_per_round"], 200)
     got, expected = load_checkpoint(out), load_checkpoint(reference_out)
     assert got.keys() == expected.keys()

@@ -7,6 +7,7 @@ Layers, bottom up (the top-level packages ``livar_merge`` and ``livar_calib`` ke
 peft view     ``livar_merge/lora_view.py``: peft's names and LoRA operations (torch only)
 core          ``livar_merge``'s other top-level modules: the merging maths, tables, signals
 methods       ``livar_merge/aggregation``: the aggregation methods and their registry
+tracking      ``livar_merge/tracking``: experiment trackers mirroring folders (core only)
 runtime       ``livar_merge/federated``: flwr-free config, data, model, client, server, runs
 engines       ``livar_merge/engines`` (in process, Ray) and ``livar_merge/flower`` (Flower)
 apps          ``livar_merge/apps`` (livar-fed, livar-sweep, livar-export), ``livar_calib``,
@@ -34,16 +35,29 @@ CORE = [
     if p.name not in ("__init__.py", "lora_view.py")  # __init__: the lazy public API
 ]
 METHODS = sorted((PACKAGE / "aggregation").rglob("*.py"))
+TRACKING = sorted((PACKAGE / "tracking").rglob("*.py"))
 RUNTIME = sorted((PACKAGE / "federated").rglob("*.py"))
 ENGINES = sorted((PACKAGE / "engines").rglob("*.py"))
 FLOWER = sorted((PACKAGE / "flower").rglob("*.py"))
 APPS = sorted((PACKAGE / "apps").rglob("*.py"))
 CALIB = sorted((ROOT / "livar_calib").rglob("*.py"))
 ANALYSIS = sorted((ROOT / "analysis").rglob("*.py"))
-ALL = [*PEFT_VIEW, *CORE, *METHODS, *RUNTIME, *ENGINES, *FLOWER, *APPS, *CALIB, *ANALYSIS]
+ALL = [
+    *PEFT_VIEW,
+    *CORE,
+    *METHODS,
+    *TRACKING,
+    *RUNTIME,
+    *ENGINES,
+    *FLOWER,
+    *APPS,
+    *CALIB,
+    *ANALYSIS,
+]
 # module prefixes of each layer
 M_PEFT_VIEW = ("livar_merge.lora_view",)
 M_METHODS = ("livar_merge.aggregation",)
+M_TRACKING = ("livar_merge.tracking",)
 M_RUNTIME = ("livar_merge.federated",)
 M_ENGINES = ("livar_merge.engines", "livar_merge.flower")
 M_APPS = ("livar_merge.apps", "livar_calib", "analysis")
@@ -97,6 +111,15 @@ def test_the_core_and_the_methods_import_no_runtime_engine_or_app():
     forbidden = (*M_RUNTIME, *M_ENGINES, *M_APPS, "flwr", "ray")
     assert offenders([*CORE, *METHODS], forbidden) == []
     assert offenders(CORE, M_METHODS) == []  # the methods build on the core, not back
+
+
+def test_the_trackers_import_only_the_core():
+    forbidden = (*M_PEFT_VIEW, *M_METHODS, *M_RUNTIME, *M_ENGINES, *M_APPS, "flwr", "ray", "torch")
+    assert (
+        offenders(TRACKING, forbidden, allow={"livar_merge/tracking/sinks/tensorboard_sink.py"})
+        == []
+    )
+    assert offenders([*CORE, *METHODS, *PEFT_VIEW], M_TRACKING) == []
 
 
 def test_the_runtime_imports_no_engine_or_app():

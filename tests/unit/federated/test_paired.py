@@ -31,7 +31,7 @@ def test_paired_changes_the_config_hash_only_when_given():
     import hashlib
 
     ignore = {"out", "progress", "threads", "num_workers", "eval_batch_size", "engine"}
-    ignore |= {"client_cpus", "client_gpus"}
+    ignore |= {"client_cpus", "client_gpus", "track"}
     later = {"ccvr_rounds", "protocol", "sigma_inputs", "clients_per_round", "fraction_train"}
     later |= {"client_ranks"}
     body = {k: v for k, v in plain.items() if k not in ignore and k not in later}
