@@ -15,11 +15,16 @@ from livar_merge.federated.config import (
     DataOptions,
     LoraMerge,
     ModelOptions,
+    PartitionOptions,
     RuntimeOptions,
     TrainingOptions,
     check_dataset_name,
 )
-from livar_merge.federated.migrations import legacy_training_hash_body
+from livar_merge.federated.migrations import (
+    legacy_calibration_hash_body,
+    legacy_training_hash_body,
+)
+from livar_merge.federated.partition import check_partitioner
 from livar_merge.tracking.base import check_trackers
 
 DISCRETISE_HELP = (
@@ -30,7 +35,7 @@ DISCRETISE_HELP = (
 
 
 @dataclass
-class CalibConfig(RuntimeOptions, TrainingOptions, DataOptions, ModelOptions):
+class CalibConfig(RuntimeOptions, TrainingOptions, PartitionOptions, DataOptions, ModelOptions):
     """Every option of ``livar-calibrate``. Defaults: the embedded default proxy, sized for a slow
     2-core laptop: Fashion-MNIST at 42 px on the offline pretrained DINOv2 ViT-S/14
     (``dinov2-s14-imgfocus``: a saliency fine-tune of DINOv2, not the paper's in21k ViT-B/16),
@@ -105,7 +110,9 @@ class CalibConfig(RuntimeOptions, TrainingOptions, DataOptions, ModelOptions):
 
     def config_hash(self) -> str:
         skip = ("progress", "threads", "track")
-        body = {k: v for k, v in self.to_dict().items() if k not in skip}
+        body = legacy_calibration_hash_body(
+            {k: v for k, v in self.to_dict().items() if k not in skip}
+        )
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def training_hash(self) -> str:
@@ -235,6 +242,7 @@ def validate_calib_config(config: CalibConfig) -> None:
     check_dataclass(config)
     check_dataset_name(config.proxy, "proxy")
     check_trackers(config.track)
+    check_partitioner(config.partitioner)
     if config.max_train is not None and config.max_train < config.num_clients:
         raise ConfigError(
             f"option max_train ({config.max_train}) is below num_clients ({config.num_clients})"

@@ -30,6 +30,7 @@ from livar_merge.aggregation.options import (
 from livar_merge.aggregation.registry import MethodSpec, available_methods, method_spec
 from livar_merge.errors import ConfigError, DatasetError, PairedMethodError, TableError
 from livar_merge.federated.migrations import legacy_hash_body, upgrade_options
+from livar_merge.federated.partition import check_partitioner
 from livar_merge.federated.sampling import clients_per_round
 from livar_merge.tracking.base import check_trackers
 
@@ -38,6 +39,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 OmegaReduction = Literal["matrix", "elementwise"]
 LoraMerge = Literal["product", "svd", "factors"]
 Augment = Literal["off", "pad-crop", "rrc"]
+Partitioner = Literal["dirichlet", "iid", "shards", "pathological", "flwr-dirichlet"]
 AUGMENT_HELP = (
     "training augmentation: 'off' (the paper's presets: Section 5.1 names none), 'pad-crop' "
     "(random crop after reflect-padding by 1/8, horizontal flip) or 'rrc' (RandomResizedCrop, "
@@ -140,6 +142,30 @@ class DataOptions:
     max_train: int | None = option(None, "stratified subsample of the training set", ge=1)
     max_test: int | None = option(None, "stratified subsample of the test set", ge=1)
     augment: Augment = option("off", AUGMENT_HELP)
+    test_fraction: float = option(
+        0.2,
+        "datasets without a test split (class folders, a single Hugging Face split): the "
+        "seeded stratified fraction held out for testing",
+        gt=0,
+        lt=1,
+    )
+    image_column: str = option("image", "dataset hf: the column of the images")
+    label_column: str = option("label", "dataset hf: the column of the integer labels")
+
+
+@dataclass
+class PartitionOptions:
+    """How the training set is split across the clients (``partition.csv`` records it)."""
+
+    partitioner: Partitioner = option(
+        "dirichlet",
+        "'dirichlet' (the paper's label skew with beta; today's split, unchanged), or a "
+        "flwr-datasets partitioner (the flower extra): 'iid', 'shards' (shards_per_client "
+        "label-sorted shards), 'pathological' (classes_per_client classes each), "
+        "'flwr-dirichlet' (its DirichletPartitioner with alpha = beta)",
+    )
+    shards_per_client: int = option(2, "partitioner 'shards': shards per client", ge=1)
+    classes_per_client: int = option(2, "partitioner 'pathological': classes per client", ge=1)
 
 
 @dataclass
@@ -186,6 +212,7 @@ class FedConfig(
     RegMeanOptions,
     RuntimeOptions,
     TrainingOptions,
+    PartitionOptions,
     DataOptions,
     ModelOptions,
 ):
@@ -567,6 +594,7 @@ def validate_config(config: FedConfig) -> None:
     check_dataclass(config)
     check_dataset_name(config.dataset)
     check_trackers(config.track)
+    check_partitioner(config.partitioner)
     try:
         config.participants_per_round()
     except ConfigError as err:

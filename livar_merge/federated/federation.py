@@ -18,16 +18,17 @@ import pandas as pd
 import torch
 
 from livar_merge.federated.client import evaluate
-from livar_merge.federated.config import LoraMerge, Precision, TrainSettings
+from livar_merge.federated.config import LoraMerge, Partitioner, Precision, TrainSettings
 from livar_merge.federated.data import BatchSource, derive_seed
 from livar_merge.federated.datasets import (
     LabeledImages,
     load_dataset,
+    loader_options,
     stratified_subsample,
     subset,
 )
 from livar_merge.federated.model import ModelInfo, build_model
-from livar_merge.federated.partition import class_count_table, dirichlet_partition
+from livar_merge.federated.partition import class_count_table, partition_clients
 from livar_merge.federated.statistics import feature_moments
 from livar_merge.lora_view import base_weight, peft_scalings
 
@@ -54,6 +55,9 @@ class DataInputs(Protocol):
     image_size: int
     max_train: int | None
     max_test: int | None
+    test_fraction: float
+    image_column: str
+    label_column: str
 
 
 class FederationInputs(ModelInputs, DataInputs, Protocol):
@@ -61,6 +65,9 @@ class FederationInputs(ModelInputs, DataInputs, Protocol):
 
     num_clients: int
     min_client_samples: int
+    partitioner: Partitioner
+    shards_per_client: int
+    classes_per_client: int
     device: str
     precision: Precision
     threads: int | None
@@ -95,7 +102,12 @@ def load_train_test(
     """``(splits, train, test)`` with the stratified subsamples ``max_train``/``max_test``;
     ``data_root`` overrides the config's dataset folder (e.g. on a Flower node)."""
     root = data_root if data_root else config.data_root
-    splits = load_dataset(dataset, root, image_size=config.image_size, seed=seed)
+    options = {
+        name: getattr(config, name)
+        for name in loader_options(dataset)
+        if name in ("test_fraction", "image_column", "label_column")
+    }
+    splits = load_dataset(dataset, root, image_size=config.image_size, seed=seed, **options)
     train, test = splits.train, splits.test
     max_train, max_test = config.max_train, config.max_test
     if max_train is not None and max_train < len(train):
@@ -206,8 +218,15 @@ def build_federation(
     precision = resolve_precision(config.precision, device)
     splits, train, test = load_train_test(dataset, config, seed, data_root=data_root)
     labels = np.asarray(train.labels)
-    parts = dirichlet_partition(
-        labels, config.num_clients, beta, seed=seed, min_samples=config.min_client_samples
+    parts = partition_clients(
+        labels,
+        config.num_clients,
+        partitioner=config.partitioner,
+        beta=beta,
+        seed=seed,
+        min_samples=config.min_client_samples,
+        shards_per_client=config.shards_per_client,
+        classes_per_client=config.classes_per_client,
     )
     model, info = build_seeded_model(config, splits.num_classes, seed)
     model.to(device)

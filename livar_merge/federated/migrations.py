@@ -14,7 +14,8 @@ run options              options version 1 (no ``options_version`` in config.jso
 option hashes            options added after run folders existed are left out of a hash at
                          their default, and ``augment`` hashes as the boolean it once was, so
                          earlier runs keep their hash and resume: :func:`legacy_hash_body`
-                         (``livar-fed``), :func:`legacy_training_hash_body` (calibrations)
+                         (``livar-fed``), :func:`legacy_training_hash_body` and
+                         :func:`legacy_calibration_hash_body` (calibrations)
 client memory            the omega tracker's state was stored raw (``tracker_state``) before
                          the codec of ``ClientMemory``: :func:`upgrade_memory_record`
 =======================  =====================================================================
@@ -42,8 +43,18 @@ HASH_OMITS_DEFAULT: dict[str, Any] = {
     "sigma_inputs": "normalised",
     "client_ranks": [],
 }
+# options of both commands added after run folders and calibrations existed (same rule)
+DATA_HASH_OMITS_DEFAULT: dict[str, Any] = {
+    "test_fraction": 0.2,
+    "image_column": "image",
+    "label_column": "label",
+    "partitioner": "dirichlet",
+    "shards_per_client": 2,
+    "classes_per_client": 2,
+}
+HASH_OMITS_DEFAULT.update(DATA_HASH_OMITS_DEFAULT)
 # livar-calibrate training options added after calibrations existed (same rule)
-TRAINING_HASH_OMITS_DEFAULT: dict[str, Any] = {"augment": "off"}
+TRAINING_HASH_OMITS_DEFAULT: dict[str, Any] = {"augment": "off", **DATA_HASH_OMITS_DEFAULT}
 
 
 def upgrade_augment(value: Any) -> Any:
@@ -99,6 +110,11 @@ def legacy_hash_body(body: Mapping[str, Any]) -> dict[str, Any]:
         legacy = {choice: flag for flag, choice in LEGACY_AUGMENT.items()}
         hashed["augment"] = legacy.get(hashed["augment"], hashed["augment"])
     return _omit_later_defaults(hashed, HASH_OMITS_DEFAULT)
+
+
+def legacy_calibration_hash_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a calibration's config hash covers, as earlier versions hashed them."""
+    return _omit_later_defaults(dict(body), DATA_HASH_OMITS_DEFAULT)
 
 
 def legacy_training_hash_body(body: Mapping[str, Any]) -> dict[str, Any]:

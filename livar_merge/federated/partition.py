@@ -1,13 +1,15 @@
-"""Splitting a labelled dataset across federated clients: Dirichlet label skew.
+"""Splitting a labelled dataset across federated clients.
 
-The Dirichlet protocol (as used by the LIVAR authors): for each class c, client proportions
-``p_c ~ Dir(beta * 1_M)``; every sample of class c goes to a client drawn from ``p_c``. Small
-``beta`` gives strongly skewed clients, large ``beta`` near-uniform ones.
+The Dirichlet protocol (as used by the LIVAR authors, the default): for each class c, client
+proportions ``p_c ~ Dir(beta * 1_M)``; every sample of class c goes to a client drawn from
+``p_c``. Small ``beta`` gives strongly skewed clients, large ``beta`` near-uniform ones. The
+partitioners of flwr-datasets (IID, shards, pathological, its Dirichlet) are options
+(:func:`partition_clients`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,7 +18,13 @@ from livar_merge.errors import PartitionError
 if TYPE_CHECKING:
     import pandas
 
-__all__ = ["PartitionError", "class_count_table", "dirichlet_partition"]
+__all__ = [
+    "PartitionError",
+    "class_count_table",
+    "dirichlet_partition",
+    "flwr_partition",
+    "partition_clients",
+]
 
 
 def _check_count(name: str, value: int, low: int) -> int:
@@ -124,3 +132,107 @@ def class_count_table(
     )
     table["total"] = counts.sum(axis=1)
     return table
+
+
+FLWR_PARTITIONERS = ("iid", "shards", "pathological", "flwr-dirichlet")
+
+
+def check_partitioner(name: str) -> None:
+    """Refuse a flwr-datasets partitioner when flwr-datasets is not installed."""
+    if name in FLWR_PARTITIONERS:
+        try:
+            import flwr_datasets.partitioner  # noqa: F401
+        except ImportError as err:
+            raise PartitionError(
+                f"option partitioner {name!r} needs flwr-datasets (the flower extra: pip install "
+                f"'livar[flower]'): {err}"
+            ) from err
+
+
+def flwr_partition(
+    labels: np.ndarray,
+    num_clients: int,
+    partitioner: str,
+    *,
+    seed: int,
+    beta: float = 0.5,
+    min_samples: int = 1,
+    shards_per_client: int = 2,
+    classes_per_client: int = 2,
+) -> list[np.ndarray]:
+    """A flwr-datasets split of ``labels`` [N] -> ``num_clients`` sorted index arrays.
+
+    ``iid``: ``IidPartitioner`` on the samples shuffled with ``seed`` (it cuts contiguous
+    blocks); ``shards``: ``ShardPartitioner`` (``shards_per_client`` label-sorted shards each);
+    ``pathological``: ``PathologicalPartitioner`` (``classes_per_client`` classes each, assigned
+    at random); ``flwr-dirichlet``: ``DirichletPartitioner`` with ``alpha = beta`` and its own
+    ``min_partition_size = min_samples``. Every one is seeded; a client left with fewer than
+    ``min_samples`` samples is refused, naming it.
+    """
+    import datasets
+    from flwr_datasets import partitioner as flwr
+
+    labels = _check_labels(labels).astype(np.int64)
+    num_clients = _check_count("num_clients", num_clients, 1)
+    table = datasets.Dataset.from_dict({"label": labels, "index": np.arange(labels.shape[0])})
+    split: Any
+    if partitioner == "iid":
+        table = table.shuffle(seed=seed)
+        split = flwr.IidPartitioner(num_partitions=num_clients)
+    elif partitioner == "shards":
+        split = flwr.ShardPartitioner(
+            num_clients, "label", num_shards_per_partition=shards_per_client, seed=seed
+        )
+    elif partitioner == "pathological":
+        split = flwr.PathologicalPartitioner(
+            num_clients, "label", num_classes_per_partition=classes_per_client, seed=seed
+        )
+    elif partitioner == "flwr-dirichlet":
+        split = flwr.DirichletPartitioner(
+            num_clients, "label", alpha=beta, min_partition_size=min_samples, seed=seed
+        )
+    else:
+        raise PartitionError(f"unknown flwr-datasets partitioner {partitioner!r}")
+    split.dataset = table
+    try:
+        parts = [
+            np.sort(np.asarray(split.load_partition(m)["index"], dtype=np.int64))
+            for m in range(num_clients)
+        ]
+    except ValueError as err:  # the partitioners' own refusals (too few samples or classes)
+        raise PartitionError(f"partitioner {partitioner!r}: {err}") from err
+    for m, part in enumerate(parts):
+        if part.shape[0] < min_samples:
+            raise PartitionError(
+                f"partitioner {partitioner!r} gave client_{m} {part.shape[0]} samples, fewer "
+                f"than min_client_samples {min_samples}; change its options or num_clients"
+            )
+    return parts
+
+
+def partition_clients(
+    labels: np.ndarray,
+    num_clients: int,
+    *,
+    partitioner: str = "dirichlet",
+    beta: float,
+    seed: int,
+    min_samples: int,
+    shards_per_client: int = 2,
+    classes_per_client: int = 2,
+) -> list[np.ndarray]:
+    """The clients' sample indices under ``partitioner`` (``dirichlet``:
+    :func:`dirichlet_partition`, unchanged; the others: :func:`flwr_partition`)."""
+    if partitioner == "dirichlet":
+        return dirichlet_partition(labels, num_clients, beta, seed=seed, min_samples=min_samples)
+    check_partitioner(partitioner)
+    return flwr_partition(
+        labels,
+        num_clients,
+        partitioner,
+        seed=seed,
+        beta=beta,
+        min_samples=min_samples,
+        shards_per_client=shards_per_client,
+        classes_per_client=classes_per_client,
+    )

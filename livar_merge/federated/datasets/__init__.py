@@ -28,6 +28,7 @@ from livar_merge.federated.datasets.registry import (
     DatasetInfo,
     available_datasets,
     load_dataset,
+    loader_options,
     register_dataset,
 )
 from livar_merge.federated.datasets.splits import DatasetSplits, stratified_subsample, subset
@@ -43,6 +44,7 @@ __all__ = [
     "LabeledImages",
     "available_datasets",
     "load_dataset",
+    "loader_options",
     "read_idx",
     "register_dataset",
     "stratified_subsample",

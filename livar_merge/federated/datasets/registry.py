@@ -73,11 +73,7 @@ def load_dataset(
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     ):
         raise DatasetError(f"image_size must be a positive int or None, got {image_size!r}")
-    accepted = [
-        p.name
-        for p in inspect.signature(info.loader).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("image_size", "seed")
-    ]
+    accepted = loader_options(name)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise DatasetError(
@@ -86,6 +82,18 @@ def load_dataset(
         )
     root = Path(data_root).expanduser() if data_root is not None else None
     return info.loader(root, image_size=image_size, seed=seed, **options)
+
+
+def loader_options(name: str) -> list[str]:
+    """The dataset-specific options the loader of ``name`` accepts (``test_fraction``, ...)."""
+    info = DATASETS.get(name)
+    if info is None:
+        return []
+    return [
+        p.name
+        for p in inspect.signature(info.loader).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("image_size", "seed")
+    ]
 
 
 def dataset_error(dataset: str, problem: str, *, hint: bool = True) -> DatasetError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,10 @@ import numpy as np
 from livar_merge.federated.datasets.registry import dataset_error
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+# torchvision.datasets.folder.IMG_EXTENSIONS: what an ImageFolder reads
+IMAGEFOLDER_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+)
 
 
 def need_root(dataset: str, root: Path | None) -> Path:
@@ -38,12 +43,14 @@ def archive_folder(dataset: str, root: Path | None, name: str, marker: str) -> P
     return root
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Sorted image files (jpg/jpeg/png, any case) directly inside ``folder``."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def image_files(folder: Path, suffixes: frozenset[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """Sorted image files (``suffixes``, any case) directly inside ``folder``."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
 
 
-def class_folders(dataset: str, folder: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+def class_folders(
+    dataset: str, folder: Path, suffixes: frozenset[str] = IMAGE_SUFFIXES
+) -> tuple[list[Path], np.ndarray, list[str]]:
     """Image paths, labels [N] and class names (sorted sub-folder names) of class folders."""
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not subdirs:
@@ -53,11 +60,30 @@ def class_folders(dataset: str, folder: Path) -> tuple[list[Path], np.ndarray, l
     paths: list[Path] = []
     labels: list[int] = []
     for label, sub in enumerate(subdirs):
-        files = image_files(sub)
+        files = image_files(sub, suffixes)
         if not files:
             raise dataset_error(
-                dataset, f"class folder {sub} contains no images (.jpg/.jpeg/.png)."
+                dataset, f"class folder {sub} contains no images ({'/'.join(sorted(suffixes))})."
             )
         paths += files
         labels += [label] * len(files)
     return paths, np.asarray(labels, dtype=np.int64), [p.name for p in subdirs]
+
+
+def check_decodable(
+    dataset: str, sources: Sequence[Path | bytes], origins: Sequence[str] | None = None
+) -> None:
+    """Decode every image once (PIL ``load``) and refuse the first that fails, naming it: a
+    corrupt file fails here, before any training, not mid-run."""
+    import io
+
+    from PIL import Image
+
+    for i, source in enumerate(sources):
+        what = origins[i] if origins is not None else str(source)
+        try:
+            handle = source if isinstance(source, Path) else io.BytesIO(source)
+            with Image.open(handle) as im:
+                im.load()
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for bad files
+            raise dataset_error(dataset, f"cannot decode image {what}: {exc}", hint=False) from exc

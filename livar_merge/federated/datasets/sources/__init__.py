@@ -11,4 +11,6 @@ from livar_merge.federated.datasets.sources import (  # noqa: F401, I001 (import
     digits,
     fashion_mnist,
     synthetic,
+    imagefolder,
+    huggingface,
 )
