@@ -76,6 +76,8 @@ BUILTIN_DATASETS = (
     "digits",
     "eurosat",
     "fashion-mnist",
+    "hf",
+    "imagefolder",
     "imagenet-r",
     "synthetic",
     "tiny-imagenet",

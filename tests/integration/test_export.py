@@ -274,21 +274,26 @@ def test_peft_adapter_folder(exported):
     assert "Exact: yes" in (folder / "README.md").read_text()
 
 
+def cumulative_update(run, w0, name: str) -> np.ndarray:
+    """``W_final - W0`` of layer ``name`` in float64 with numpy, from the checkpoint's folded
+    weights and current LoRA and the written W0."""
+    checkpoint = run["checkpoint"]
+    scaling = run["config"].lora_alpha / run["config"].lora_rank
+    base = checkpoint[f"base/base_model.model.{name}.base_layer.weight"].double().numpy()
+    b = checkpoint[f"lora/base_model.model.{name}.lora_B.weight"].double().numpy()
+    a = checkpoint[f"lora/base_model.model.{name}.lora_A.weight"].double().numpy()
+    return base - w0[f"{name}.weight"].double().numpy() + scaling * b @ a
+
+
 def test_product_adapter_defaults_to_the_exact_rank(exported):
     """Without --rank a product run's adapter takes the largest numerical rank of a layer's
     update (numpy's matrix_rank on W_final - W0 from the files, float32 tolerance)."""
     runs, records, _ = exported
     run, record = runs["product"], records["product-peft"]
     w0 = load_file(str(run["folder"].parent / "exports" / "product-peft" / BASE_FILE))
-    checkpoint = run["checkpoint"]
-    scaling = run["config"].lora_alpha / run["config"].lora_rank
     ranks = []
     for layer in record["layers"]:
-        name = layer["layer"]
-        base = checkpoint[f"base/base_model.model.{name}.base_layer.weight"].double().numpy()
-        b = checkpoint[f"lora/base_model.model.{name}.lora_B.weight"].double().numpy()
-        a = checkpoint[f"lora/base_model.model.{name}.lora_A.weight"].double().numpy()
-        delta = base - w0[f"{name}.weight"].double().numpy() + scaling * b @ a
+        delta = cumulative_update(run, w0, layer["layer"])
         s = np.linalg.svd(delta, compute_uv=False)
         ranks.append(
             np.linalg.matrix_rank(delta, tol=s[0] * max(delta.shape) * np.finfo(np.float32).eps)
@@ -305,15 +310,8 @@ def test_product_adapter_at_a_smaller_rank_is_lossy_and_says_so(exported):
     assert f"leave --rank out (rank {record['max_update_rank']} here)" in record["exactness"]
     folder = run["folder"].parent / "exports" / "product-peft-r4"
     w0 = load_file(str(folder / BASE_FILE))
-    checkpoint = run["checkpoint"]
-    scaling = run["config"].lora_alpha / run["config"].lora_rank
     for layer in record["layers"]:  # the errors recomputed with numpy from the files
-        name = layer["layer"]
-        base = checkpoint[f"base/base_model.model.{name}.base_layer.weight"].double().numpy()
-        b = checkpoint[f"lora/base_model.model.{name}.lora_B.weight"].double().numpy()
-        a = checkpoint[f"lora/base_model.model.{name}.lora_A.weight"].double().numpy()
-        delta = base - w0[f"{name}.weight"].double().numpy() + scaling * b @ a
-        s = np.linalg.svd(delta, compute_uv=False)
+        s = np.linalg.svd(cumulative_update(run, w0, layer["layer"]), compute_uv=False)
         expected = np.sqrt((s[4:] ** 2).sum() / (s**2).sum())
         assert layer["relative_error"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
         assert 0.01 < layer["relative_error"] < 1

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from livar_calib.folder import FIGURES_DIR, SUMMARY, TABLE_DIR
 from livar_merge.apps.report.page import Page, esc, figure_png, frame_html, png_file
 
 
@@ -40,12 +41,12 @@ def table_figure(
 
 
 def calibration_report(root: Path) -> Page:
-    summary = json.loads((root / "summary.json").read_text())
+    summary = json.loads((root / SUMMARY).read_text())
     table = (
         json.loads(Path(summary["table"]).read_text()) if Path(summary["table"]).is_file() else None
     )
     if table is None:
-        found = sorted((root / "table").glob("*.json"))
+        found = sorted((root / TABLE_DIR).glob("*.json"))
         table = json.loads(found[-1].read_text()) if found else None
     page = Page(
         f"LIVAR calibration {root.name}",
@@ -91,7 +92,7 @@ def calibration_report(root: Path) -> Page:
             frame_html(frame[keep])
             + f'<p class="note">resampling unit: {esc(summary.get("resampling_unit"))}</p>',
         )
-    figures = sorted((root / "figures").glob("*.png"))
+    figures = sorted((root / FIGURES_DIR).glob("*.png"))
     trends = summary.get("shap_trend_spearman") or {}
     body = "".join(png_file(p.read_bytes(), p.stem) for p in figures)
     body += (

@@ -14,17 +14,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from livar_calib.folder import is_finished_calibration
 from livar_merge._io import write_text
 from livar_merge.errors import LivarError, RunFolderError
+from livar_merge.federated.run_layout import RunLayout, RunReader
 
 
 def report_kind(path: Path) -> str:
     """``run``, ``sweep`` or ``calibration``, from what the folder holds."""
     if not path.is_dir():
         raise RunFolderError(f"{path} is not a folder")
-    if (path / "stages.json").is_file() and (path / "summary.json").is_file():
+    if is_finished_calibration(path):
         return "calibration"
-    if (path / "config.json").is_file() and (path / "metrics.csv").is_file():
+    if RunLayout(path).holds_run():
         return "run"
     from livar_merge.apps.grid_results import finished_runs
 
@@ -45,7 +47,6 @@ def build_report(path: Path) -> str:
         return calibration_report(path).render()
     if kind == "run":
         from livar_merge.apps.report.run import run_report
-        from livar_merge.federated.run_layout import RunReader
 
         return run_report(RunReader(path)).render()
     from livar_merge.apps.report.sweep import sweep_report

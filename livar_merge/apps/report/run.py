@@ -13,6 +13,7 @@ import pandas as pd
 
 from livar_merge.apps.report.page import Page, esc, figure_png, frame_html
 from livar_merge.federated.run_layout import RunReader
+from livar_merge.lora_view import short_layer_name
 
 CHAIN_SCRIPT = (Path(__file__).parent / "chain.js").read_text()  # selects, the chain
 
@@ -90,7 +91,7 @@ def alpha_heatmaps(alpha: pd.DataFrame) -> str:
 
 
 def _short(layer: str) -> str:
-    return layer.replace("base_model.model.", "").replace("blocks.", "b")
+    return short_layer_name(layer).replace("blocks.", "b")
 
 
 def percentiles(omega: np.ndarray) -> np.ndarray:
@@ -176,7 +177,7 @@ def heads(run: RunReader) -> str:
 
 def partition(run: RunReader) -> str:
     plt = _plt()
-    table = pd.read_csv(run.path / "partition.csv", index_col=0)
+    table = pd.read_csv(run.layout.partition, index_col=0)
     counts = table.drop(columns=["total"], errors="ignore")
     fig, ax = plt.subplots(figsize=(10, 0.6 + 0.35 * len(counts)))
     left = np.zeros(len(counts))
@@ -230,7 +231,7 @@ def run_report(run: RunReader) -> Page:
             page.add("why", "Why a client got its weight", chain_section(chain))
     if run.has_table("head_weights"):
         page.add("heads", "Head weights", heads(run))
-    if (run.path / "partition.csv").is_file():
+    if (run.layout.partition).is_file():
         page.add("partition", "Partition", partition(run))
     if run.has_table("clients"):
         page.add("clients", "Clients: training, bytes, replies", clients(run))

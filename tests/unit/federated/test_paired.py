@@ -33,7 +33,8 @@ def test_paired_changes_the_config_hash_only_when_given():
     ignore = {"out", "progress", "threads", "num_workers", "eval_batch_size", "engine"}
     ignore |= {"client_cpus", "client_gpus", "track"}
     later = {"ccvr_rounds", "protocol", "sigma_inputs", "clients_per_round", "fraction_train"}
-    later |= {"client_ranks"}
+    later |= {"client_ranks", "test_fraction", "image_column", "label_column", "partitioner"}
+    later |= {"shards_per_client", "classes_per_client"}
     body = {k: v for k, v in plain.items() if k not in ignore and k not in later}
     body["augment"] = False  # the boolean 'augment' of earlier versions ('off')
     legacy = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
