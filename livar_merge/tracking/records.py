@@ -14,6 +14,8 @@ A round ``r`` of a run (:func:`round_scalars`, :func:`round_histograms`):
 ``client/<id>/<column>_mean``       ``alpha.csv`` over the client's layers: ``weight`` (alpha),
                                     ``omega_a``/``omega_b`` and their table bins
                                     ``bin_a``/``bin_b`` (the omega quantile cells)
+``client/<id>/omega_{a,b}_pct_mean``  the mean over the client's layers of each omega's
+                                    percentile in the round's pool (all clients and layers)
 ``head/weight_spread``              ``head_weights.csv``: mean over classes of the largest minus
                                     the smallest client weight of the class
 ``client/<id>/alpha`` (histogram)   the client's alpha per layer
@@ -86,6 +88,13 @@ def round_scalars(rows: Any, r: int) -> dict[str, float]:
     for client, columns in by_client.items():
         for column, values in columns.items():
             out[tag("client", client, f"{column}_mean")] = float(np.mean(values))
+    for side in ("omega_a", "omega_b"):  # each (client, layer)'s percentile in the round's pool
+        pooled = [(c, x) for c, columns in by_client.items() for x in columns.get(side, [])]
+        if pooled:
+            ranks = percentiles(np.asarray([x for _, x in pooled]))
+            for client in by_client:
+                mine = [p for (c, _), p in zip(pooled, ranks, strict=True) if c == client]
+                out[tag("client", client, f"{side}_pct_mean")] = float(np.mean(mine))
     by_class: dict[Any, list[float]] = defaultdict(list)
     for row in _of_round(rows.head_weights, r):
         if (x := number(row.get("weight"))) is not None:
@@ -93,6 +102,13 @@ def round_scalars(rows: Any, r: int) -> dict[str, float]:
     if by_class:
         out["head/weight_spread"] = float(np.mean([max(v) - min(v) for v in by_class.values()]))
     return out
+
+
+def percentiles(omega: np.ndarray) -> np.ndarray:
+    """Each entry's percentile rank (0-100: the share of the pooled ``omega`` at or below it),
+    the position LIVAR's table edges cut (paper Appendix A)."""
+    pooled = np.sort(np.ravel(omega))
+    return 100.0 * np.searchsorted(pooled, omega, side="right") / pooled.size
 
 
 def round_histograms(rows: Any, r: int) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import percentileofscore
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -60,6 +61,11 @@ def expected_scalars(out: Path) -> dict[str, dict[int, float]]:
     for (r, client), row in means.iterrows():
         for column in ("weight", "omega_a", "bin_b"):
             put(f"client/{client}/{column}_mean", r, row[column])
+    for r, rows in alpha.groupby("round"):  # percentile ranks in the round's pool, with scipy
+        pooled = rows["omega_b"].to_numpy()
+        ranks = [percentileofscore(pooled, v, kind="weak") for v in pooled]
+        for client, value in rows.assign(rank=ranks).groupby("client")["rank"].mean().items():
+            put(f"client/{client}/omega_b_pct_mean", r, value)
     heads = pd.read_csv(out / "head_weights.csv")
     spread = heads.groupby(["round", "class"])["weight"].agg(lambda w: w.max() - w.min())
     for r, value in spread.groupby(level="round").mean().items():
@@ -155,9 +161,9 @@ def test_round_scalars_on_hand_made_rows():
         paired=[{"round": 1, "method": "livar+ccvr", "test_accuracy": 0.6, "difference": 0.1}],
         clients=[{"round": 1, "client": "a", "train_loss": 2.0, "node_id": 7}],
         alpha=[
-            {"round": 1, "client": "a", "layer": "l0", "weight": 0.2, "bin_a": 0},
-            {"round": 1, "client": "a", "layer": "l1", "weight": 0.6, "bin_a": 2},
-            {"round": 1, "client": "b", "layer": "l0", "weight": 0.8, "bin_a": 1},
+            {"round": 1, "client": "a", "layer": "l0", "weight": 0.2, "bin_a": 0, "omega_a": 1.0},
+            {"round": 1, "client": "a", "layer": "l1", "weight": 0.6, "bin_a": 2, "omega_a": 3.0},
+            {"round": 1, "client": "b", "layer": "l0", "weight": 0.8, "bin_a": 1, "omega_a": 2.0},
             {"round": 2, "client": "b", "layer": "l0", "weight": 9.0, "bin_a": 1},
         ],
         head_weights=[
@@ -179,8 +185,13 @@ def test_round_scalars_on_hand_made_rows():
             "client/a/download_bytes": 100.0,
             "client/a/weight_mean": 0.4,
             "client/a/bin_a_mean": 1.0,
+            "client/a/omega_a_mean": 2.0,
             "client/b/weight_mean": 0.8,
             "client/b/bin_a_mean": 1.0,
+            "client/b/omega_a_mean": 2.0,
+            # omega_a pool {1, 2, 3} (a: layers 1 and 3, b: 2): percentiles 100/3, 100, 200/3
+            "client/a/omega_a_pct_mean": (100 / 3 + 100) / 2,
+            "client/b/omega_a_pct_mean": 200 / 3,
             "head/weight_spread": (0.4 + 0.0 + 1.0) / 3,
         }
     )

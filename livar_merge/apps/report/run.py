@@ -14,6 +14,7 @@ import pandas as pd
 from livar_merge.apps.report.page import Page, esc, figure_png, frame_html
 from livar_merge.federated.run_layout import RunReader
 from livar_merge.lora_view import short_layer_name
+from livar_merge.tracking.records import percentiles
 
 CHAIN_SCRIPT = (Path(__file__).parent / "chain.js").read_text()  # selects, the chain
 
@@ -92,12 +93,6 @@ def alpha_heatmaps(alpha: pd.DataFrame) -> str:
 
 def _short(layer: str) -> str:
     return short_layer_name(layer).replace("blocks.", "b")
-
-
-def percentiles(omega: np.ndarray) -> np.ndarray:
-    """Each entry's percentile rank (0-100, share at or below it) in the pooled ``omega``."""
-    pooled = np.sort(omega.ravel())
-    return 100.0 * np.searchsorted(pooled, omega, side="right") / pooled.size
 
 
 def chain_data(run: RunReader, alpha: pd.DataFrame) -> dict[str, Any] | None:
