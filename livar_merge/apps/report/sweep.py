@@ -9,6 +9,7 @@ import pandas as pd
 
 from livar_merge.apps.grid_results import collect_results, finished_runs
 from livar_merge.apps.report.page import Page, esc, figure_png, frame_html
+from livar_merge.federated.run_layout import GridLayout
 
 
 def sweep_report(root: Path) -> Page:
@@ -42,12 +43,12 @@ def sweep_report(root: Path) -> Page:
         )
         ax.legend(fontsize=8)
         page.add("figure", "Top-1 against beta", figure_png(fig))
-    for name, heading in (
-        ("table", "Mean (std) over seeds"),
-        ("paired", "Paired differences"),
-        ("costs", "Costs"),
+    layout = GridLayout(root)
+    for name, heading, path in (
+        ("table", "Mean (std) over seeds", layout.table_csv),
+        ("paired", "Paired differences", layout.paired_csv),
+        ("costs", "Costs", layout.costs_csv),
     ):
-        path = root / f"{name}.csv"
         if path.is_file():
             page.add(name, heading, frame_html(pd.read_csv(path)))
     if len(results):
@@ -57,6 +58,6 @@ def sweep_report(root: Path) -> Page:
         "note",
         "Reading the tables",
         '<p class="note">Intervals are over whole runs (seeds), never rounds of one run; '
-        f"{esc(root / 'paired.md')} says how they are computed.</p>",
+        f"{esc(layout.paired_md)} says how they are computed.</p>",
     )
     return page
