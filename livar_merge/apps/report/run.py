@@ -4,7 +4,6 @@ value -> normalised alpha), head weights, the partition, per-client training and
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -232,5 +231,4 @@ def run_report(run: RunReader) -> Page:
         page.add("clients", "Clients: training, bytes, replies", clients(run))
     page.script = CHAIN_SCRIPT
     page.data.setdefault("kind", "run")
-    json.dumps(page.data)
     return page
